@@ -1,0 +1,45 @@
+"""degrade: keep a Starlette / FastAPI API answering when its backing services fail.
+
+Every backing service is a :class:`Dependency` with a health state; every safety
+net consults it before touching the service and feeds it with what real traffic
+sees. See ``docs/`` for the guide.
+"""
+
+from __future__ import annotations
+
+from . import checks
+from .dependency import CheckResult, Dependency, Severity, Site
+from .exceptions import (
+    CheckFailed,
+    ConfigurationError,
+    DegradeError,
+    DependencyUnavailable,
+    MissingExtraError,
+)
+from .health import health_routes
+from .modes import fail_loud, fail_soft, site_of
+from .registry import Registry
+from .responses import exception_handlers, unavailable_response
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckFailed",
+    "CheckResult",
+    "ConfigurationError",
+    "DegradeError",
+    "Dependency",
+    "DependencyUnavailable",
+    "MissingExtraError",
+    "Registry",
+    "Severity",
+    "Site",
+    "__version__",
+    "checks",
+    "exception_handlers",
+    "fail_loud",
+    "fail_soft",
+    "health_routes",
+    "site_of",
+    "unavailable_response",
+]

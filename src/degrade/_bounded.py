@@ -1,0 +1,74 @@
+"""Hard time bounds.
+
+``asyncio.timeout`` cancels the awaited code and then waits for it to finish
+unwinding; a driver that shields its clean-up (SQLAlchemy's graceful close) can
+overrun the bound by seconds. :func:`hard_timeout` runs the work in its own task
+and stops waiting at the bound: the caller gets ``TimeoutError`` on time while
+the cancelled task unwinds in the background. Such abandoned tasks are counted
+and capped, so a blackholed service cannot make them pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Most abandoned (cancelled, still unwinding) tasks kept at once per process.
+MAX_ABANDONED = 256
+
+_abandoned: set[asyncio.Task[Any]] = set()
+
+
+class Abandoned:
+    """Counters of work abandoned at a bound."""
+
+    total = 0
+    refused = 0
+
+
+def abandoned_in_flight() -> int:
+    """How many abandoned tasks are still unwinding."""
+    return len(_abandoned)
+
+
+def _reap(task: asyncio.Task[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieve it, so asyncio does not log "never retrieved"
+
+
+def can_abandon() -> bool:
+    """False when the cap of unwinding abandoned tasks is reached."""
+    return len(_abandoned) < MAX_ABANDONED
+
+
+async def hard_timeout(coro: Coroutine[Any, Any, T], timeout: float) -> T:  # noqa: ASYNC109 - this is the bound
+    """Await ``coro`` for at most ``timeout`` seconds, then raise ``TimeoutError``.
+
+    The work is cancelled at the bound; its clean-up finishes in the background.
+    Cancelling the caller cancels the work too, and the CancelledError propagates.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        _abandon(task)
+        raise
+    if done:
+        return task.result()
+    task.cancel()
+    _abandon(task)
+    raise TimeoutError(f"gave up after {timeout:g}s")
+
+
+def _abandon(task: asyncio.Task[Any]) -> None:
+    if task.done():
+        _reap(task)
+        return
+    Abandoned.total += 1
+    _abandoned.add(task)
+    task.add_done_callback(_reap)

@@ -1,0 +1,121 @@
+"""Health checks: small async callables that raise when a service is unhealthy.
+
+Give one to ``registry.dependency(..., check=...)``. Each check is bounded by its
+own ``timeout`` (a hard bound: it stops waiting even if the driver's clean-up is
+slow) and the dependency bounds it again by its ``check_timeout``. A check only
+reads: it writes nothing to the service.
+
+Failure mode: a check raises (``TimeoutError``, the driver's error, or
+:class:`~degrade.exceptions.CheckFailed`); it never returns a false "healthy".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._bounded import hard_timeout
+from ._extras import require
+from .exceptions import CheckFailed, ConfigurationError
+
+__all__ = ["amqp", "disk", "http", "redis", "sqlalchemy", "tcp"]
+
+Check = Callable[[], Awaitable[None]]
+
+
+def _positive(label: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
+    return float(value)
+
+
+def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") -> Check:
+    """Check a SQLAlchemy ``AsyncEngine``: check out a pooled connection and run ``query``."""
+    sa = require("sqlalchemy", "postgres", feature="checks.sqlalchemy")
+    timeout = _positive("timeout", timeout)
+    statement = sa.text(query)
+
+    async def check() -> None:
+        async def run() -> None:
+            async with engine.connect() as conn:
+                await conn.execute(statement)
+
+        await hard_timeout(run(), timeout)
+
+    return check
+
+
+def redis(client: Any, *, timeout: float = 0.8) -> Check:
+    """Check a ``redis.asyncio.Redis`` client with ``PING``."""
+    require("redis", "redis", feature="checks.redis")
+    timeout = _positive("timeout", timeout)
+
+    async def check() -> None:
+        await hard_timeout(client.ping(), timeout)
+
+    return check
+
+
+def amqp(url: str, *, timeout: float = 0.8) -> Check:
+    """Check an AMQP broker: open a connection (handshake and login), then close it."""
+    aiormq = require("aiormq", "rabbitmq", feature="checks.amqp")
+    timeout = _positive("timeout", timeout)
+
+    async def run() -> None:
+        connection = await aiormq.connect(url)
+        await connection.close()
+
+    async def check() -> None:
+        await hard_timeout(run(), timeout)
+
+    return check
+
+
+def tcp(host: str, port: int, *, timeout: float = 0.8) -> Check:
+    """Check that ``host:port`` accepts a TCP connection."""
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigurationError(f"port must be an int in 1..65535; got {port!r}")
+    timeout = _positive("timeout", timeout)
+
+    async def run() -> None:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+        await writer.wait_closed()
+
+    async def check() -> None:
+        await hard_timeout(run(), timeout)
+
+    return check
+
+
+def http(url: str, *, timeout: float = 0.8, expect: Callable[[int], bool] | None = None) -> Check:
+    """Check an HTTP endpoint with ``GET``; a status outside 200-399 (or ``expect``) fails."""
+    httpx = require("httpx", "http", feature="checks.http")
+    timeout = _positive("timeout", timeout)
+    accept = expect or (lambda status: 200 <= status < 400)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(url)
+        if not accept(response.status_code):
+            raise CheckFailed(f"HTTP check answered {response.status_code}")
+
+    async def check() -> None:
+        await hard_timeout(run(), timeout)
+
+    return check
+
+
+def disk(path: str, min_free_bytes: int) -> Check:
+    """Check that the filesystem holding ``path`` has at least ``min_free_bytes`` free."""
+    if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
+        raise ConfigurationError(f"min_free_bytes must be an int >= 0; got {min_free_bytes!r}")
+
+    async def check() -> None:
+        free = shutil.disk_usage(path).free
+        if free < min_free_bytes:
+            raise CheckFailed(f"{free} bytes free, want {min_free_bytes}")
+
+    return check

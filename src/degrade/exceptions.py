@@ -1,0 +1,65 @@
+"""Exceptions raised by degrade.
+
+The tree::
+
+    DegradeError
+    ├── ConfigurationError (also a ValueError): bad arguments, found at construction
+    ├── MissingExtraError (also an ImportError): an optional extra is not installed
+    ├── CheckFailed: a health check reached the service and found it unhealthy
+    └── DependencyUnavailable: a fail-loud site refused or failed to reach a dependency
+
+Only :class:`DependencyUnavailable` is raised on the request path; the others are
+raised while the host builds its app, so a mistake shows at start-up, not mid-outage.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckFailed",
+    "ConfigurationError",
+    "DegradeError",
+    "DependencyUnavailable",
+    "MissingExtraError",
+]
+
+
+class DegradeError(Exception):
+    """Base class of every exception that degrade raises itself."""
+
+
+class ConfigurationError(DegradeError, ValueError):
+    """An argument is out of range or of the wrong kind; the message says which."""
+
+
+class MissingExtraError(DegradeError, ImportError):
+    """A module needs an optional extra that is not installed.
+
+    The message names the extra, e.g. ``pip install 'degrade[redis]'``.
+    """
+
+
+class CheckFailed(DegradeError):
+    """A check reached its service and found it unhealthy (disk nearly full, lag too high).
+
+    Health output shows only the class name, never the message.
+    """
+
+
+class DependencyUnavailable(DegradeError):
+    """A dependency is down (or just failed) and the call site is FAIL-LOUD.
+
+    ``exception_handlers()`` turns it into a 503 JSON response with a
+    ``Retry-After`` header. The message never holds the driver's own error text
+    (which may carry a DSN); the original exception is kept as ``__cause__``.
+
+    Attributes:
+        dependency: The dependency's name.
+        detail: A short, credential-free explanation fit for a response body.
+        retry_after: Seconds a client should wait before retrying.
+    """
+
+    def __init__(self, dependency: str, detail: str = "", *, retry_after: int = 5) -> None:
+        self.dependency = dependency
+        self.detail = detail or f"{dependency} is unavailable"
+        self.retry_after = retry_after
+        super().__init__(f"dependency {dependency!r} is unavailable: {self.detail}")

@@ -1,0 +1,220 @@
+"""``/health`` and ``/health/deep``.
+
+``/health`` touches nothing: it says the process serves. ``/health/deep`` runs
+every dependency's check concurrently, each bounded by its ``check_timeout``,
+caches the outcome (failures too) for ``cache_ttl`` seconds and lets concurrent
+callers share one run. A dependency already known down is reported down without
+being probed. Answers: 200 ``ok``; 200 ``degraded`` when only non-critical
+dependencies are down; 503 ``down`` when a critical one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .dependency import CheckResult, Dependency
+from .exceptions import ConfigurationError
+from .registry import Registry
+
+__all__ = ["DeepHealth", "HealthReport", "health_routes"]
+
+HEALTH_JSON = "application/health+json"
+Authorize = Callable[[Request], bool | Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """One run of every check: per-dependency results and the overall status."""
+
+    results: dict[str, CheckResult]
+    status: str  # "ok" | "degraded" | "down"
+    at: float  # time.time() of the run
+
+    @property
+    def http_status(self) -> int:
+        """503 when a critical dependency is down, else 200."""
+        return 503 if self.status == "down" else 200
+
+
+class DeepHealth:
+    """Runs and caches the deep check of a registry (single-flight).
+
+    Failure mode: never raises on a dependency's account; a check that raises
+    or outlives its ``check_timeout`` is reported ``down``.
+    """
+
+    def __init__(
+        self, registry: Registry, *, cache_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ):
+        if cache_ttl < 0:
+            raise ConfigurationError(f"cache_ttl must be >= 0 seconds; got {cache_ttl!r}")
+        self.registry = registry
+        self.cache_ttl = cache_ttl
+        self._clock = clock
+        self._cached: HealthReport | None = None
+        self._cached_at = 0.0
+        self._running: asyncio.Task[HealthReport] | None = None
+
+    async def report(self) -> HealthReport:
+        """The cached report if fresh, else the result of one shared run."""
+        cached = self._cached
+        if cached is not None and self._clock() - self._cached_at < self.cache_ttl:
+            return cached
+        task = self._running
+        if task is None or task.done():
+            task = self._running = asyncio.ensure_future(self._run())
+        # shield: a caller that disconnects must not cancel the run others share
+        return await asyncio.shield(task)
+
+    async def _run(self) -> HealthReport:
+        deps = list(self.registry)
+        results = await asyncio.gather(*(self._check(dep) for dep in deps))
+        by_name = dict(zip((d.name for d in deps), results, strict=True))
+        if any(not r.ok and d.critical for d, r in zip(deps, results, strict=True)):
+            status = "down"
+        elif any(not r.ok for r in results):
+            status = "degraded"
+        else:
+            status = "ok"
+        report = HealthReport(results=by_name, status=status, at=time.time())
+        self._cached, self._cached_at = report, self._clock()
+        return report
+
+    @staticmethod
+    async def _check(dep: Dependency) -> CheckResult:
+        if dep.is_down:
+            return CheckResult(ok=False, latency=0.0, error=dep.last_error)
+        return await dep.run_check(reason="health")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dep in registry:
+        result = report.results.get(dep.name)
+        if result is None:
+            continue
+        out[dep.name] = {
+            "status": "ok" if result.ok else "down",
+            "severity": dep.severity.label,
+            "critical": dep.critical,
+            "latency_ms": round(result.latency * 1000, 2) if dep.check is not None else None,
+            "since": _iso(dep.changed_at),
+            "error": result.error,
+            "impact": dep.impact or None,
+            "runbook": dep.runbook,
+        }
+    return out
+
+
+_IETF_STATUS = {"ok": "pass", "degraded": "warn", "down": "fail"}
+
+
+def _ietf_body(registry: Registry, report: HealthReport, details: bool) -> dict[str, Any]:
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for dep in registry:
+        result = report.results.get(dep.name)
+        if result is None:
+            continue
+        entry: dict[str, Any] = {
+            "componentId": dep.name,
+            "status": "pass" if result.ok else ("fail" if dep.critical else "warn"),
+            "time": _iso(report.at),
+        }
+        if details:
+            entry["observedValue"] = round(result.latency * 1000, 2)
+            entry["observedUnit"] = "ms"
+            if result.error:
+                entry["output"] = result.error
+        checks[f"{dep.name}:connection"] = [entry]
+    return {
+        "status": _IETF_STATUS[report.status],
+        "version": registry.version,
+        "checks": checks,
+    }
+
+
+def health_routes(
+    registry: Registry,
+    prefix: str = "",
+    *,
+    details: bool | Authorize = False,
+    cache_ttl: float = 1.0,
+) -> list[Route]:
+    """``GET {prefix}/health`` and ``GET {prefix}/health/deep`` for a Starlette app.
+
+    Args:
+        registry: The app's dependencies.
+        prefix: e.g. ``"/api/v1"``; no trailing slash.
+        details: Add per-dependency details (severity, latency, since, error
+            class, impact, runbook) to ``/health/deep``: ``True``, or a callable
+            given the request that says whether this caller may see them.
+            Raw exception text and credentials are never shown.
+        cache_ttl: Seconds a deep result (failures too) is reused.
+
+    ``Accept: application/health+json`` gets the IETF draft format
+    (``pass``/``warn``/``fail``).
+
+    Failure mode: ``/health`` cannot fail on a dependency's account; ``/health/deep``
+    answers within the largest ``check_timeout`` and never raises.
+    """
+    if prefix.endswith("/"):
+        raise ConfigurationError(f"prefix must not end with '/': {prefix!r}")
+    if prefix and not prefix.startswith("/"):
+        raise ConfigurationError(f"prefix must start with '/': {prefix!r}")
+    deep = DeepHealth(registry, cache_ttl=cache_ttl)
+    shallow_body = json.dumps({"status": "ok", "version": registry.version}, separators=(",", ":")).encode()
+    no_store = {"Cache-Control": "no-store"}
+
+    async def health(request: Request) -> Response:
+        return Response(shallow_body, media_type="application/json", headers=no_store)
+
+    async def may_see_details(request: Request) -> bool:
+        if isinstance(details, bool):
+            return details
+        allowed = details(request)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        return bool(allowed)
+
+    async def health_deep(request: Request) -> Response:
+        report = await deep.report()
+        show = await may_see_details(request)
+        if HEALTH_JSON in request.headers.get("accept", ""):
+            body = _ietf_body(registry, report, show)
+            media_type = HEALTH_JSON
+        else:
+            body = {
+                "status": report.status,
+                "checks": {name: ("ok" if r.ok else "down") for name, r in report.results.items()},
+                "version": registry.version,
+                "uptime_seconds": int(registry.uptime),
+            }
+            if show:
+                body["details"] = _details(registry, report)
+            media_type = "application/json"
+        return Response(
+            json.dumps(body, separators=(",", ":")).encode(),
+            status_code=report.http_status,
+            media_type=media_type,
+            headers=no_store,
+        )
+
+    return [
+        Route(f"{prefix}/health", health, methods=["GET"], name="degrade_health"),
+        Route(f"{prefix}/health/deep", health_deep, methods=["GET"], name="degrade_health_deep"),
+    ]

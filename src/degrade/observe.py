@@ -1,0 +1,165 @@
+"""Signals: every log line, Sentry event and metric that degrade emits.
+
+Everything observable goes through this module, so its volume is easy to reason
+about: one log line and (for SEV-1/SEV-2) one Sentry event per state transition,
+never one per request while a dependency stays down. Per-call outcomes only move
+counters.
+
+The host owns Sentry and structlog: degrade never calls ``sentry_sdk.init``,
+never sets global tags, and never reconfigures logging. Sentry events are sent
+only when the host initialised a client; metrics exist only when
+``prometheus_client`` is installed (extra ``prometheus``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from ._extras import optional
+
+if TYPE_CHECKING:
+    from .dependency import Dependency, Site
+
+__all__ = ["logger", "metrics", "report_to_sentry"]
+
+logger = structlog.get_logger("degrade")
+
+_sentry: Any = optional("sentry_sdk")
+_prometheus: Any = optional("prometheus_client")
+
+
+class _Inc(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Metrics:
+    """The Prometheus metrics, or no-ops when prometheus_client is missing."""
+
+    def __init__(self) -> None:
+        self.enabled = _prometheus is not None
+        if not self.enabled:
+            return
+        p = _prometheus
+        self.dependency_up = p.Gauge(
+            "degrade_dependency_up",
+            "1 while the dependency is ok, 0 while degrade treats it as down.",
+            ["dependency"],
+        )
+        self.transitions = p.Counter(
+            "degrade_dependency_transitions_total",
+            "State transitions of a dependency, by target state.",
+            ["dependency", "to"],
+        )
+        self.fallback = p.Counter(
+            "degrade_fallback_total",
+            "Calls of a FAIL-SOFT site answered by its fallback.",
+            ["dependency", "site"],
+        )
+        self.fail_loud = p.Counter(
+            "degrade_fail_loud_total",
+            "Calls of a FAIL-LOUD site that raised DependencyUnavailable.",
+            ["dependency", "site"],
+        )
+
+    def site_counter(self, site: Site) -> _Inc | None:
+        """The labelled counter a site bumps on each fallback / refusal, bound once."""
+        if not self.enabled:
+            return None
+        family = self.fallback if site.mode == "fail_soft" else self.fail_loud
+        counter: _Inc = family.labels(dependency=site.dependency, site=site.name)
+        return counter
+
+    def state(self, dep: Dependency) -> None:
+        if self.enabled:
+            self.dependency_up.labels(dependency=dep.name).set(0 if dep.is_down else 1)
+
+    def transition(self, dep: Dependency) -> None:
+        if self.enabled:
+            self.transitions.labels(dependency=dep.name, to=dep.state).inc()
+            self.state(dep)
+
+
+metrics = _Metrics()
+
+
+def sentry_active() -> bool:
+    """True when the host initialised a Sentry client."""
+    return _sentry is not None and bool(_sentry.get_client().is_active())
+
+
+def report_to_sentry(
+    message: str,
+    *,
+    level: str,
+    tags: Mapping[str, str],
+    fingerprint: list[str],
+    extras: Mapping[str, Any] | None = None,
+) -> None:
+    """Send one Sentry event with per-capture tags, if the host initialised Sentry.
+
+    Tags and fingerprint are passed to this capture only (never set on a shared
+    scope), so they cannot leak into the host's own events.
+    """
+    if not sentry_active():
+        return
+    _sentry.capture_message(
+        message,
+        level=level,
+        tags=dict(tags),
+        fingerprint=fingerprint,
+        extras=dict(extras or {}),
+    )
+
+
+def dependency_down(dep: Dependency, error: BaseException | None, reason: str) -> None:
+    """One dependency went from ok to down."""
+    error_class = type(error).__name__ if error is not None else None
+    logger.warning(
+        "dependency.down",
+        dependency=dep.name,
+        severity=dep.severity.label,
+        error=error_class,
+        reason=reason,
+        failures=dep.failures,
+        impact=dep.impact or None,
+    )
+    metrics.transition(dep)
+    if dep.severity <= 2:
+        report_to_sentry(
+            f"degrade: dependency {dep.name} is down",
+            level="error" if dep.severity == 1 else "warning",
+            tags={
+                "degrade.dependency": dep.name,
+                "degrade.severity": dep.severity.label,
+                "degrade.transition": "down",
+            },
+            fingerprint=["degrade", "dependency", dep.name, "down"],
+            extras={"error_class": error_class, "reason": reason, "impact": dep.impact},
+        )
+
+
+def dependency_recovered(dep: Dependency, down_for: float) -> None:
+    """One dependency went from down back to ok."""
+    logger.info(
+        "dependency.recovered",
+        dependency=dep.name,
+        severity=dep.severity.label,
+        duration_s=round(down_for, 3),
+        error=dep.last_error,
+    )
+    metrics.transition(dep)
+    if dep.severity <= 2:
+        report_to_sentry(
+            f"degrade: dependency {dep.name} recovered",
+            level="info",
+            tags={
+                "degrade.dependency": dep.name,
+                "degrade.severity": dep.severity.label,
+                "degrade.transition": "recovered",
+            },
+            fingerprint=["degrade", "dependency", dep.name, "recovered"],
+            extras={"down_for_s": round(down_for, 3), "error_class": dep.last_error},
+        )

@@ -1,0 +1,226 @@
+"""The registry: every dependency of an app, their probes and managed components."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from .dependency import Check, Clock, Dependency, Severity, Sleep
+from .exceptions import ConfigurationError
+from .observe import logger
+
+__all__ = ["Component", "Registry"]
+
+Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+
+
+@runtime_checkable
+class Component(Protocol):
+    """Something the lifespan starts and stops (an event publisher, say).
+
+    ``start()`` must not wait on its backing service: it starts background work
+    and returns. ``aclose()`` stops it within its own bound.
+    """
+
+    async def start(self) -> None:
+        """Start background work and return at once."""
+
+    async def aclose(self) -> None:
+        """Stop, within the component's own bound."""
+
+
+class Registry:
+    """All dependencies of one app, and the lifespan that runs their probes.
+
+    Failure mode: start-up never raises or blocks on a dependency; an app starts
+    with every dependency down. Shutdown cancels probes and stops managed
+    components, each within ``shutdown_timeout``.
+
+    Args:
+        version: The app's version, shown by ``/health/deep``.
+        shutdown_timeout: Seconds each managed component gets to stop.
+        clock, sleep, rng: Injected into every dependency (tests pass fakes).
+    """
+
+    def __init__(
+        self,
+        version: str = "",
+        *,
+        shutdown_timeout: float = 5.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not shutdown_timeout > 0:
+            raise ConfigurationError(f"shutdown_timeout must be > 0 seconds; got {shutdown_timeout!r}")
+        self.version = version
+        self.shutdown_timeout = shutdown_timeout
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._deps: dict[str, Dependency] = {}
+        self._components: list[Component] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started_at = time.monotonic()
+
+    # -- dependencies --------------------------------------------------------
+
+    def dependency(
+        self,
+        name: str,
+        *,
+        severity: Severity,
+        impact: str = "",
+        runbook: str | None = None,
+        check: Check | None = None,
+        critical: bool | None = None,
+        failure_threshold: int = 3,
+        recovery_interval: float = 0.5,
+        check_timeout: float = 0.8,
+        retry_after: int = 5,
+    ) -> Dependency:
+        """Declare a backing service and return its :class:`Dependency`.
+
+        Args:
+            name: Unique, e.g. ``"db"``, ``"redis"``.
+            severity: ``Severity.SEV1`` (worst) to ``SEV3``.
+            impact: What users see while it is down (goes into the runbook).
+            runbook: Path or URL of the sub-runbook.
+            check: Async callable that raises when the service is unhealthy
+                (see :mod:`degrade.checks`).
+            critical: Down => ``/health/deep`` 503. Defaults to ``severity == SEV1``.
+            failure_threshold: Consecutive failures that open it.
+            recovery_interval: Seconds between probes while down (jittered).
+            check_timeout: Bound of each check run, in seconds.
+            retry_after: ``Retry-After`` seconds of 503s caused by it.
+
+        Raises:
+            ValueError: empty or duplicate name, non-positive interval or timeout.
+        """
+        if isinstance(name, str) and name in self._deps:
+            raise ConfigurationError(f"a dependency named {name!r} is already registered")
+        dep = Dependency(
+            name,
+            severity=severity,
+            impact=impact,
+            runbook=runbook,
+            check=check,
+            critical=critical,
+            failure_threshold=failure_threshold,
+            recovery_interval=recovery_interval,
+            check_timeout=check_timeout,
+            retry_after=retry_after,
+            registry=self,
+            clock=self._clock,
+            sleep=self._sleep,
+            rng=self._rng,
+        )
+        self._deps[name] = dep
+        return dep
+
+    @property
+    def dependencies(self) -> Mapping[str, Dependency]:
+        """The dependencies by name, in registration order (read-only view)."""
+        return self._deps.copy()
+
+    def __getitem__(self, name: str) -> Dependency:
+        return self._deps[name]
+
+    def __iter__(self) -> Iterator[Dependency]:
+        return iter(list(self._deps.values()))
+
+    def __len__(self) -> int:
+        return len(self._deps)
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the registry was created."""
+        return time.monotonic() - self._started_at
+
+    # -- components and tasks ------------------------------------------------
+
+    def manage(self, component: Component) -> Component:
+        """Have the lifespan start and stop ``component``; returns it."""
+        if not isinstance(component, Component):
+            raise ConfigurationError(
+                f"{component!r} cannot be managed: it needs async start() and aclose() methods"
+            )
+        self._components.append(component)
+        return component
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Stop every probe and managed component (idempotent)."""
+        for dep in self._deps.values():
+            await dep.stop_probe()
+        for component in reversed(self._components):
+            await self._stop(component)
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+
+    async def _stop(self, component: Component) -> None:
+        try:
+            async with asyncio.timeout(self.shutdown_timeout):
+                await component.aclose()
+        except Exception as exc:  # one component's failure must not block the others
+            logger.error(
+                "component.stop_failed", component=type(component).__name__, error=type(exc).__name__
+            )
+
+    async def start(self) -> None:
+        """Start managed components and the probes of dependencies already down.
+
+        Never raises on a dependency's account: a component whose ``start()``
+        fails is logged and left stopped.
+        """
+        for component in self._components:
+            try:
+                async with asyncio.timeout(self.shutdown_timeout):
+                    await component.start()
+            except Exception as exc:
+                logger.error(
+                    "component.start_failed", component=type(component).__name__, error=type(exc).__name__
+                )
+        for dep in self._deps.values():
+            if dep.is_down and not dep._forced:
+                dep._start_probe()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """A Starlette lifespan: ``Starlette(lifespan=registry.lifespan)``.
+
+        To combine it with a lifespan of your own, use :meth:`wrap`.
+        """
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    def wrap(self, host_lifespan: Lifespan) -> Lifespan:
+        """Compose with the host's lifespan: ours starts first and stops last.
+
+        ``Starlette(lifespan=registry.wrap(my_lifespan))``; the state that
+        ``my_lifespan`` yields is passed through to Starlette.
+        """
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[Any]:
+            async with self.lifespan(app), host_lifespan(app) as state:
+                yield state
+
+        return lifespan
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{d.name}={d.state}" for d in self._deps.values())
+        return f"<Registry version={self.version!r} {states}>"

@@ -1,0 +1,1 @@
+"""Outage simulation for tests: a fault-injecting TCP proxy and pytest fixtures."""

@@ -43,7 +43,9 @@ class Registry:
     Args:
         version: The app's version, shown by ``/health/deep``.
         shutdown_timeout: Seconds each managed component gets to stop.
-        clock, sleep, rng: Injected into every dependency (tests pass fakes).
+        clock: Monotonic clock injected into every dependency (tests pass a fake).
+        sleep: Async sleep used by probes (tests pass a controllable one).
+        rng: Source of probe jitter, returning floats in [0, 1).
     """
 
     def __init__(

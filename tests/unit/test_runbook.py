@@ -1,0 +1,164 @@
+"""The generated runbook and alert rules, and the ``python -m degrade`` CLI."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from degrade import Registry, Severity, checks, fail_loud, fail_soft
+from degrade.__main__ import main
+from degrade.runbook import render_alerts, render_runbook
+
+
+@pytest.fixture
+def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A throwaway module holding a registry with one site of each mode."""
+    name = f"rb_app_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            from degrade import Registry, Severity, checks, fail_loud, fail_soft
+
+            registry = Registry(version="9.9")
+            db = registry.dependency(
+                "db", severity=Severity.SEV1, impact="Writes fail | 503",
+                runbook="docs/runbooks/db.md", check=checks.tcp("127.0.0.1", 1),
+            )
+            cache = registry.dependency("cache", severity=Severity.SEV3, impact="Slower reads")
+            not_a_registry = 42
+
+            @fail_loud(db, reason="writes answer 503")
+            async def save(): ...
+
+            @fail_soft(cache, fallback=None, reason="cache miss: read from Postgres")
+            async def lookup(): ...
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _registry() -> Registry:
+    registry = Registry(version="1.0")
+    db = registry.dependency("db", severity=Severity.SEV1, impact="All writes fail", runbook="db.md")
+    cache = registry.dependency(
+        "redis-cache", severity=Severity.SEV3, check=checks.tcp("127.0.0.1", 1), recovery_interval=2
+    )
+
+    @fail_loud(db, reason="writes answer 503")
+    def write() -> None: ...
+
+    @fail_soft(cache, fallback=None, reason="cache miss")
+    def read() -> None: ...
+
+    return registry
+
+
+class TestRenderRunbook:
+    def test_quick_lookup_lists_every_dependency_worst_first(self) -> None:
+        """The quick lookup has one row per dependency, SEV-1 first, with impact and sub-runbook."""
+        text = render_runbook(_registry())
+        rows = [
+            line
+            for line in text.splitlines()
+            if line.startswith("| db |") or line.startswith("| redis-cache |")
+        ]
+        assert rows == [
+            "| db | All writes fail | SEV-1 | 503 (critical) | `db.md` |",
+            "| redis-cache | — | SEV-3 | 200 `degraded` | — |",
+        ]
+
+    def test_every_site_is_listed_with_its_mode_and_reason(self) -> None:
+        """Each decorated site appears under its dependency with FAIL-SOFT / FAIL-LOUD and its reason."""
+        text = render_runbook(_registry())
+        assert (
+            "| `tests.unit.test_runbook._registry.<locals>.write` | FAIL-LOUD | — | writes answer 503 |"
+            in text
+        )
+        assert (
+            "| `tests.unit.test_runbook._registry.<locals>.read` | FAIL-SOFT | `None` | cache miss |" in text
+        )
+
+    def test_detection_describes_probe_or_trial(self) -> None:
+        """A dependency with a check recovers by probe, one without by trial calls."""
+        text = render_runbook(_registry())
+        assert "a background check every 2 s (each bounded by 0.8 s)" in text
+        assert "one trial call every 0.5 s (no check configured)" in text
+
+    def test_pipes_in_impact_do_not_break_the_table(self) -> None:
+        """A '|' in free text is escaped."""
+        registry = Registry()
+        registry.dependency("x", severity=Severity.SEV2, impact="a | b\nc")
+        assert "| x | a \\| b c | SEV-2 |" in render_runbook(registry)
+
+
+class TestRenderAlerts:
+    def test_rules_are_valid_yaml_with_severity_and_runbook(self) -> None:
+        """Two rules per dependency, labelled and annotated, parse as YAML."""
+        rules = yaml.safe_load(render_alerts(_registry(), runbook_base="https://runbooks.example/"))
+        by_name = {r["alert"]: r for r in rules["groups"][0]["rules"]}
+        assert set(by_name) == {
+            "DegradeDbDown",
+            "DegradeDbDegrading",
+            "DegradeRedisCacheDown",
+            "DegradeRedisCacheDegrading",
+        }
+        down = by_name["DegradeDbDown"]
+        assert down["expr"] == 'degrade_dependency_up{dependency="db"} == 0'
+        assert down["labels"]["severity"] == "critical"
+        assert down["annotations"]["runbook_url"] == "https://runbooks.example/db.md"
+        assert by_name["DegradeRedisCacheDown"]["labels"]["severity"] == "info"
+        assert "degrade_fallback_total" in by_name["DegradeDbDegrading"]["expr"]
+
+
+class TestCli:
+    def test_runbook_prints_markdown(self, app_module: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`runbook module:attr` prints the runbook and exits 0."""
+        assert main(["runbook", f"{app_module}:registry"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("# Runbook")
+        assert f"`{app_module}.save` | FAIL-LOUD" in out
+
+    def test_check_passes_on_a_current_file_and_fails_on_a_stale_one(
+        self, app_module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`--check FILE` exits 0 when FILE is current, 1 with a diff when it is stale."""
+        assert main(["runbook", f"{app_module}:registry"]) == 0
+        current = tmp_path / "runbook.md"
+        current.write_text(capsys.readouterr().out)
+        assert main(["runbook", f"{app_module}:registry", "--check", str(current)]) == 0
+        current.write_text(current.read_text().replace("Writes fail", "Nothing fails"))
+        assert main(["runbook", f"{app_module}:registry", "--check", str(current)]) == 1
+        out = capsys.readouterr().out
+        assert "-| db | Nothing fails" in out
+        assert "is stale" in out
+
+    def test_alerts_prints_yaml(self, app_module: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`alerts module:attr` prints rules that parse."""
+        assert main(["alerts", f"{app_module}:registry"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["groups"][0]["name"] == "degrade"
+
+    @pytest.mark.parametrize(
+        ("spec", "message"),
+        [
+            ("no_colon", "expected module:attribute"),
+            ("no_such_module_xyz:registry", "cannot import module"),
+            ("{mod}:missing", "has no attribute"),
+            ("{mod}:not_a_registry", "is a int, not a degrade.Registry"),
+        ],
+    )
+    def test_bad_arguments_exit_2_with_one_line(
+        self, app_module: str, spec: str, message: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Bad module:attr specs exit 2 with a one-line message, not a traceback."""
+        assert main(["runbook", spec.format(mod=app_module)]) == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert len(err.strip().splitlines()) == 1
+        assert "Traceback" not in err

@@ -233,9 +233,12 @@ class Dependency:
     def forced_down(self) -> Iterator[Dependency]:
         """Hold it down in-process until the block exits (no network involved).
 
-        While forced, neither probes nor successes close it. Used by the
-        ``simulate_outage`` pytest fixture and by drills.
+        While forced, neither probes nor successes close it. On exit it goes
+        back up, unless it was already down before the block: then it stays
+        down and its probe resumes. Used by the ``simulate_outage`` pytest
+        fixture and by drills.
         """
+        was_down = self._down
         self._forced += 1
         try:
             if not self._down:
@@ -245,8 +248,12 @@ class Dependency:
         finally:
             self._forced -= 1
             if not self._forced and self._down:
-                self._failures = 0
-                self._go_up()
+                if was_down:
+                    # It was really down before the simulation: stay down, let the probe decide.
+                    self._start_probe()
+                else:
+                    self._failures = 0
+                    self._go_up()
 
     # -- transitions ---------------------------------------------------------
 

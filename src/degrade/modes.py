@@ -52,6 +52,17 @@ def _validate(dep: Dependency, timeout: float | None, reason: str) -> None:
         raise ConfigurationError(f"timeout must be a positive number of seconds or None; got {timeout!r}")
 
 
+def _with_timeouts(is_failure: ErrorPredicate, timeout: float | None) -> ErrorPredicate:
+    # timeout= asks for a bound, so its expiry (a TimeoutError) is a failure whatever on= lists.
+    if timeout is None:
+        return is_failure
+
+    def failure(exc: BaseException) -> bool:
+        return isinstance(exc, TimeoutError) or is_failure(exc)
+
+    return failure
+
+
 def _register(dep: Dependency, fn: Callable[..., Any], mode: Any, reason: str, fallback: str | None) -> Site:
     site = Site(name=_site_name(fn), dependency=dep.name, mode=mode, reason=reason, fallback=fallback)
     site._counter = metrics.site_counter(site)
@@ -111,6 +122,8 @@ class _FailSoft(Generic[T]):
             async def soft_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 if dep._down and not dep.admit():
                     site.count()
+                    if not call_fallback:
+                        return fallback  # the hot path of an outage: no extra coroutine
                     return await fallback_async(args, kwargs)
                 try:
                     if timeout is None:
@@ -299,7 +312,7 @@ def fail_soft(
         reason: What the user gets while degraded, for the runbook.
     """
     _validate(dep, timeout, reason)
-    return _FailSoft(dep, fallback, predicate(on), timeout, reason)
+    return _FailSoft(dep, fallback, _with_timeouts(predicate(on), timeout), timeout, reason)
 
 
 def fail_loud(
@@ -331,4 +344,4 @@ def fail_loud(
         retry_after = dep.retry_after
     elif isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
         raise ConfigurationError(f"retry_after must be a whole number of seconds >= 0; got {retry_after!r}")
-    return _FailLoud(dep, predicate(on), timeout, reason, retry_after)
+    return _FailLoud(dep, _with_timeouts(predicate(on), timeout), timeout, reason, retry_after)

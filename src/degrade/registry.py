@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from ._bounded import settle_abandoned
 from .dependency import Check, Clock, Dependency, Severity, Sleep
 from .exceptions import ConfigurationError
 from .observe import logger
@@ -169,6 +170,11 @@ class Registry:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+        # Checks cut off by a cancelled probe unwind in the background; wait for
+        # them so the loop is left with no pending task (bounded, and reported).
+        unwinding = await settle_abandoned(self.shutdown_timeout)
+        if unwinding:
+            logger.warning("shutdown.tasks_still_unwinding", count=unwinding)
 
     async def _stop(self, component: Component) -> None:
         try:

@@ -1,0 +1,85 @@
+"""The public surface: degrade.__all__ and each public module's __all__."""
+
+from __future__ import annotations
+import __future__
+
+import importlib
+import types
+
+import pytest
+
+import degrade
+
+PUBLIC_MODULES = [
+    "degrade.checks",
+    "degrade.dependency",
+    "degrade.exceptions",
+    "degrade.health",
+    "degrade.modes",
+    "degrade.observe",
+    "degrade.registry",
+    "degrade.responses",
+]
+
+
+def test_all_is_sorted() -> None:
+    """degrade.__all__ is sorted and has no duplicates."""
+    assert degrade.__all__ == sorted(set(degrade.__all__))
+
+
+def test_every_name_in_all_is_importable() -> None:
+    """Every name in __all__ exists on the package."""
+    for name in degrade.__all__:
+        assert getattr(degrade, name) is not None, name
+
+
+def test_every_public_attribute_is_exported() -> None:
+    """Every public attribute of the package (except submodules and __future__ flags) is in __all__."""
+    public = {
+        name
+        for name, value in vars(degrade).items()
+        if not name.startswith("_")
+        and not isinstance(value, __future__._Feature)
+        and not (isinstance(value, types.ModuleType) and name != "checks")
+    }
+    assert public == set(degrade.__all__) - {"__version__"}
+
+
+def test_design_names_are_exported() -> None:
+    """The names DESIGN.md promises are part of the public API."""
+    promised = {
+        "Registry",
+        "Severity",
+        "fail_soft",
+        "fail_loud",
+        "DependencyUnavailable",
+        "checks",
+        "health_routes",
+        "exception_handlers",
+    }
+    assert promised <= set(degrade.__all__)
+
+
+def test_version_is_a_string() -> None:
+    """__version__ is exported as a string."""
+    assert isinstance(degrade.__version__, str)
+    assert degrade.__version__
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_module_all_is_sorted_and_importable(module_name: str) -> None:
+    """Each public module's __all__ is sorted and names only what it defines."""
+    module = importlib.import_module(module_name)
+    names = module.__all__
+    assert names == sorted(set(names))
+    for name in names:
+        assert hasattr(module, name), f"{module_name}.{name}"
+
+
+def test_exported_objects_come_from_their_modules() -> None:
+    """Names re-exported by the package are the same objects as in their modules."""
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            if name in degrade.__all__:
+                assert getattr(degrade, name) is getattr(module, name), name

@@ -1,0 +1,370 @@
+"""/health and /health/deep: status codes, cache, single-flight, timeouts, no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from structlog.testing import capture_logs
+
+from degrade import ConfigurationError, Registry, Severity, health_routes
+from degrade.health import DeepHealth
+
+PASSWORD = "hunter2-s3cret"
+DSN = f"postgresql+asyncpg://app:{PASSWORD}@db.internal:5432/app"
+
+
+async def parked(_: float) -> None:
+    """An injected sleep that never returns: probes started by a test never run a check."""
+    await asyncio.Event().wait()
+
+
+class Check:
+    """A counting check: passes, fails with a DSN in its message, or hangs."""
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+        self.calls = 0
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.mode == "fail":
+            raise ConnectionRefusedError(f"could not connect to {DSN}")
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[Registry]:
+    reg = Registry(version="1.4.2", sleep=parked)
+    try:
+        yield reg
+    finally:
+        await reg.aclose()
+
+
+def client_for(registry: Registry, **options: Any) -> httpx.AsyncClient:
+    app = Starlette(routes=health_routes(registry, **options))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def get(registry: Registry, path: str = "/health/deep", **options: Any) -> httpx.Response:
+    async with client_for(registry, **options) as client:
+        return await client.get(path)
+
+
+class TestShallow:
+    async def test_answers_200_without_touching_dependencies(self, registry: Registry) -> None:
+        """/health answers 200 and runs no check, even with every dependency down or hanging."""
+        check = Check("hang")
+        registry.dependency("db", severity=Severity.SEV1, check=check)
+        registry.dependency("redis", severity=Severity.SEV1, check=Check()).mark_down()
+        response = await get(registry, "/health")
+        assert response.status_code == 200
+        assert response.json() == {"status": "ok", "version": "1.4.2"}
+        assert response.headers["cache-control"] == "no-store"
+        assert check.calls == 0
+
+    async def test_prefix(self, registry: Registry) -> None:
+        """prefix= mounts both routes under it."""
+        async with client_for(registry, prefix="/api/v1") as client:
+            assert (await client.get("/api/v1/health")).status_code == 200
+            assert (await client.get("/api/v1/health/deep")).status_code == 200
+            assert (await client.get("/health")).status_code == 404
+
+    @pytest.mark.parametrize("prefix", ["/api/", "api"])
+    def test_bad_prefix(self, prefix: str) -> None:
+        """A prefix must start with '/' and not end with one."""
+        with pytest.raises(ConfigurationError, match="prefix must"):
+            health_routes(Registry(), prefix=prefix)
+
+
+class TestDeepStatus:
+    async def test_all_ok(self, registry: Registry) -> None:
+        """Every check passing gives 200 ok with the seed runbook's body shape."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.dependency("redis", severity=Severity.SEV2, check=Check())
+        response = await get(registry)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["cache-control"] == "no-store"
+        body = response.json()
+        assert body == {
+            "status": "ok",
+            "checks": {"db": "ok", "redis": "ok"},
+            "version": "1.4.2",
+            "uptime_seconds": body["uptime_seconds"],
+        }
+        assert isinstance(body["uptime_seconds"], int)
+
+    async def test_critical_down_is_503(self, registry: Registry) -> None:
+        """A failing critical (SEV1) dependency gives 503 down."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check("fail"))
+        registry.dependency("redis", severity=Severity.SEV2, check=Check())
+        response = await get(registry)
+        assert response.status_code == 503
+        assert response.json()["status"] == "down"
+        assert response.json()["checks"] == {"db": "down", "redis": "ok"}
+
+    async def test_only_non_critical_down_is_degraded(self, registry: Registry) -> None:
+        """Only non-critical dependencies failing gives 200 degraded."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.dependency("amqp", severity=Severity.SEV2, check=Check("fail"))
+        registry.dependency("replica", severity=Severity.SEV3, check=Check("fail"))
+        response = await get(registry)
+        assert response.status_code == 200
+        assert response.json()["status"] == "degraded"
+        assert response.json()["checks"] == {"db": "ok", "amqp": "down", "replica": "down"}
+
+    @pytest.mark.parametrize(
+        ("severity", "critical", "status"),
+        [(Severity.SEV3, True, 503), (Severity.SEV1, False, 200)],
+    )
+    async def test_critical_flag_decides(
+        self, registry: Registry, severity: Severity, critical: bool, status: int
+    ) -> None:
+        """An explicit critical= decides 503 vs degraded, not the severity."""
+        registry.dependency("svc", severity=severity, critical=critical, check=Check("fail"))
+        assert (await get(registry)).status_code == status
+
+    async def test_down_by_traffic_is_reported_without_probing(self, registry: Registry) -> None:
+        """A dependency already down by traffic is reported down and its check is not run."""
+        check = Check()
+        registry.dependency("redis", severity=Severity.SEV1, check=check).mark_down(OSError())
+        response = await get(registry, details=True)
+        assert response.status_code == 503
+        assert response.json()["details"]["redis"]["error"] == "OSError"
+        assert check.calls == 0
+
+    async def test_dependency_without_check_reports_its_state(self, registry: Registry) -> None:
+        """A dependency without a check is reported by its current state."""
+        dep = registry.dependency("cache", severity=Severity.SEV3)
+        assert (await get(registry)).json()["checks"] == {"cache": "ok"}
+        dep.mark_down()
+        assert (await get(registry, cache_ttl=0)).json()["checks"] == {"cache": "down"}
+
+    async def test_failed_checks_feed_the_dependency(self, registry: Registry) -> None:
+        """Each deep check's failure counts towards the dependency's threshold."""
+        dep = registry.dependency("db", severity=Severity.SEV1, check=Check("fail"), failure_threshold=2)
+        async with client_for(registry, cache_ttl=0) as client:
+            await client.get("/health/deep")
+            assert dep.state == "ok"
+            await client.get("/health/deep")
+        assert dep.is_down
+
+
+class TestDeepTimeouts:
+    async def test_blackholed_check_is_bounded(self, registry: Registry) -> None:
+        """A hanging check is reported down after its check_timeout, well under a second."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check("hang"), check_timeout=0.1)
+        registry.dependency("redis", severity=Severity.SEV1, check=Check())
+        start = time.perf_counter()
+        response = await get(registry, details=True)
+        assert time.perf_counter() - start < 0.9
+        assert response.status_code == 503
+        details = response.json()["details"]
+        assert (details["db"]["status"], details["db"]["error"]) == ("down", "TimeoutError")
+        assert details["redis"]["status"] == "ok"
+
+    async def test_checks_run_concurrently(self, registry: Registry) -> None:
+        """Four hanging checks of 0.25 s each answer in about 0.25 s, not 1 s."""
+        for i in range(4):
+            registry.dependency(f"dep{i}", severity=Severity.SEV2, check=Check("hang"), check_timeout=0.25)
+        start = time.perf_counter()
+        response = await get(registry)
+        elapsed = time.perf_counter() - start
+        assert response.json()["status"] == "degraded"
+        assert 0.2 < elapsed < 0.75
+
+
+class TestDeepCache:
+    async def test_results_are_cached(self, registry: Registry) -> None:
+        """Within cache_ttl, a second request reuses the first run."""
+        check = Check()
+        registry.dependency("db", severity=Severity.SEV1, check=check)
+        async with client_for(registry, cache_ttl=60) as client:
+            first = await client.get("/health/deep")
+            second = await client.get("/health/deep")
+        assert first.json() == second.json()
+        assert check.calls == 1
+
+    async def test_failures_are_cached_too(self, registry: Registry) -> None:
+        """A failed run is cached as well: a blackholed service costs one timeout per ttl."""
+        check = Check("hang")
+        registry.dependency("db", severity=Severity.SEV1, check=check, check_timeout=0.05)
+        async with client_for(registry, cache_ttl=60) as client:
+            assert (await client.get("/health/deep")).status_code == 503
+            assert (await client.get("/health/deep")).status_code == 503
+        assert check.calls == 1
+
+    async def test_zero_ttl_reruns(self, registry: Registry) -> None:
+        """cache_ttl=0 runs the checks on every request."""
+        check = Check()
+        registry.dependency("db", severity=Severity.SEV1, check=check)
+        async with client_for(registry, cache_ttl=0) as client:
+            await client.get("/health/deep")
+            await client.get("/health/deep")
+        assert check.calls == 2
+
+    async def test_cache_expires_on_the_clock(self, registry: Registry) -> None:
+        """A report older than cache_ttl is replaced by a new run (injected clock)."""
+        now = [0.0]
+        check = Check()
+        registry.dependency("db", severity=Severity.SEV1, check=check)
+        deep = DeepHealth(registry, cache_ttl=1.0, clock=lambda: now[0])
+        first = await deep.report()
+        now[0] = 0.99
+        assert await deep.report() is first
+        now[0] = 1.0
+        assert await deep.report() is not first
+        assert check.calls == 2
+
+    def test_negative_ttl(self) -> None:
+        """A negative cache_ttl is refused."""
+        with pytest.raises(ConfigurationError, match="cache_ttl"):
+            DeepHealth(Registry(), cache_ttl=-1)
+
+    async def test_concurrent_callers_share_one_run(self, registry: Registry) -> None:
+        """Concurrent requests while a run is in flight share it: each check runs once."""
+        check = Check()
+        check.gate = asyncio.Event()
+        registry.dependency("db", severity=Severity.SEV1, check=check)
+        async with client_for(registry, cache_ttl=0) as client:
+            requests = [asyncio.create_task(client.get("/health/deep")) for _ in range(10)]
+            await check.entered.wait()
+            await asyncio.sleep(0.01)  # every request is now waiting on the run
+            check.gate.set()
+            responses = await asyncio.gather(*requests)
+        assert check.calls == 1
+        assert {r.status_code for r in responses} == {200}
+
+    async def test_a_cancelled_caller_does_not_cancel_the_shared_run(self, registry: Registry) -> None:
+        """One caller giving up does not cancel the run that others wait for."""
+        check = Check()
+        check.gate = asyncio.Event()
+        registry.dependency("db", severity=Severity.SEV1, check=check)
+        deep = DeepHealth(registry, cache_ttl=0)
+        quitter = asyncio.create_task(deep.report())
+        stayer = asyncio.create_task(deep.report())
+        await check.entered.wait()
+        quitter.cancel()
+        await asyncio.sleep(0)
+        check.gate.set()
+        report = await stayer
+        assert report.status == "ok"
+        assert quitter.cancelled()
+
+
+class TestDetails:
+    async def test_off_by_default(self, registry: Registry) -> None:
+        """Without details=, the body has no details."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        assert "details" not in (await get(registry)).json()
+
+    async def test_fields(self, registry: Registry) -> None:
+        """details=True adds severity, critical, latency, since, error, impact and runbook."""
+        registry.dependency(
+            "db",
+            severity=Severity.SEV1,
+            check=Check("fail"),
+            impact="All writes fail (503)",
+            runbook="docs/runbooks/db-failover.md",
+        )
+        registry.dependency("cache", severity=Severity.SEV3)
+        details = (await get(registry, details=True)).json()["details"]
+        db = details["db"]
+        assert set(db) == {
+            "status",
+            "severity",
+            "critical",
+            "latency_ms",
+            "since",
+            "error",
+            "impact",
+            "runbook",
+        }
+        assert (db["status"], db["severity"], db["critical"], db["error"]) == (
+            "down",
+            "SEV-1",
+            True,
+            "ConnectionRefusedError",
+        )
+        assert (db["impact"], db["runbook"]) == ("All writes fail (503)", "docs/runbooks/db-failover.md")
+        assert isinstance(db["latency_ms"], float)
+        assert db["since"].endswith("Z")
+        assert details["cache"]["latency_ms"] is None
+
+    @pytest.mark.parametrize("asynchronous", [False, True])
+    async def test_authoriser_decides_per_request(self, registry: Registry, asynchronous: bool) -> None:
+        """A details= callable (sync or async) given the request decides who sees details."""
+
+        def allowed(request: Request) -> bool:
+            return request.headers.get("x-ops-token") == "letmein"
+
+        async def allowed_async(request: Request) -> bool:
+            return allowed(request)
+
+        authorise: Callable[[Request], Any] = allowed_async if asynchronous else allowed
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        async with client_for(registry, details=authorise) as client:
+            hidden = await client.get("/health/deep")
+            shown = await client.get("/health/deep", headers={"x-ops-token": "letmein"})
+        assert "details" not in hidden.json()
+        assert "db" in shown.json()["details"]
+
+
+class TestIetfFormat:
+    @pytest.mark.parametrize(
+        ("checks", "status", "code"),
+        [(("ok", "ok"), "pass", 200), (("ok", "fail"), "warn", 200), (("fail", "ok"), "fail", 503)],
+    )
+    async def test_status_mapping(
+        self, registry: Registry, checks: tuple[str, str], status: str, code: int
+    ) -> None:
+        """Accept: application/health+json gets pass / warn / fail."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check(checks[0]))
+        registry.dependency("amqp", severity=Severity.SEV2, check=Check(checks[1]))
+        async with client_for(registry) as client:
+            response = await client.get("/health/deep", headers={"accept": "application/health+json"})
+        assert response.status_code == code
+        assert response.headers["content-type"] == "application/health+json"
+        body = response.json()
+        assert body["status"] == status
+        assert body["version"] == "1.4.2"
+        assert set(body["checks"]) == {"db:connection", "amqp:connection"}
+        (amqp,) = body["checks"]["amqp:connection"]
+        assert amqp["componentId"] == "amqp"
+        assert amqp["status"] == ("pass" if checks[1] == "ok" else "warn")
+
+
+class TestNoSecrets:
+    @pytest.mark.parametrize("accept", ["application/json", "application/health+json"])
+    async def test_dsn_in_a_check_error_never_leaks(self, registry: Registry, accept: str) -> None:
+        """A check raising with a DSN holding a password leaks it nowhere: body, headers or logs."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check("fail"), failure_threshold=1)
+        with capture_logs() as logs:
+            async with client_for(registry, details=True, cache_ttl=0) as client:
+                responses = [
+                    await client.get("/health/deep", headers={"accept": accept}),
+                    await client.get("/health/deep", headers={"accept": accept}),
+                ]
+        for response in responses:
+            assert response.status_code == 503
+            assert PASSWORD not in response.text
+            assert "db.internal" not in response.text
+            assert PASSWORD not in json.dumps(dict(response.headers))
+        assert "ConnectionRefusedError" in responses[0].text
+        assert [e["event"] for e in logs] == ["dependency.down"]
+        assert PASSWORD not in repr(logs)

@@ -1,0 +1,653 @@
+"""@fail_soft and @fail_loud on sync and async functions."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import pytest
+
+from degrade import (
+    ConfigurationError,
+    Dependency,
+    DependencyUnavailable,
+    Registry,
+    Severity,
+    fail_loud,
+    fail_soft,
+    site_of,
+)
+
+DSN = "redis://:hunter2@cache.internal:6379/0"
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Bug(Exception):
+    """An application bug: not a dependency failure."""
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def dep(clock: FakeClock) -> Dependency:
+    """A check-less dependency on a frozen clock: while down, no trial call is ever admitted."""
+    registry = Registry(clock=clock)
+    return registry.dependency("cache", severity=Severity.SEV2, failure_threshold=2, retry_after=7)
+
+
+class TestFailSoftAsync:
+    async def test_passes_through_when_ok(self, dep: Dependency) -> None:
+        """While ok, the function is called with its arguments and its value returned."""
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        async def get(key: str, *, scale: int = 1) -> int:
+            return len(key) * scale
+
+        assert await get("abc", scale=2) == 6
+        assert site_of(get).degraded_calls == 0
+
+    async def test_dependency_error_returns_value_fallback_and_counts(self, dep: Dependency) -> None:
+        """A connection error answers the fallback value and counts one failure."""
+
+        @fail_soft(dep, fallback="fallback", reason="cache miss")
+        async def get() -> str:
+            raise ConnectionRefusedError(DSN)
+
+        assert await get() == "fallback"
+        assert dep.failures == 1
+        assert site_of(get).degraded_calls == 1
+
+    async def test_sync_callable_fallback_gets_the_same_arguments(self, dep: Dependency) -> None:
+        """A sync callable fallback is called with the call's arguments."""
+        seen: list[tuple[Any, ...]] = []
+
+        def fallback(key: str, *, scale: int = 1) -> str:
+            seen.append((key, scale))
+            return f"fb:{key}"
+
+        @fail_soft(dep, fallback=fallback, reason="cache miss")
+        async def get(key: str, *, scale: int = 1) -> str:
+            raise TimeoutError
+
+        assert await get("k", scale=3) == "fb:k"
+        assert seen == [("k", 3)]
+
+    async def test_async_callable_fallback_is_awaited(self, dep: Dependency) -> None:
+        """An async callable fallback is awaited."""
+
+        async def fallback(key: str) -> str:
+            await asyncio.sleep(0)
+            return f"db:{key}"
+
+        @fail_soft(dep, fallback=fallback, reason="cache miss falls back to Postgres")
+        async def get(key: str) -> str:
+            raise OSError
+
+        assert await get("k") == "db:k"
+
+    async def test_other_exceptions_propagate_and_do_not_count(self, dep: Dependency) -> None:
+        """A bug is not an outage: it propagates unchanged and is not counted."""
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        async def get() -> None:
+            raise Bug("boom")
+
+        with pytest.raises(Bug, match="boom"):
+            await get()
+        assert dep.failures == 0
+        assert site_of(get).degraded_calls == 0
+
+    async def test_cancellation_propagates(self, dep: Dependency) -> None:
+        """Cancelling the caller cancels the call; nothing is counted, no fallback."""
+        started = asyncio.Event()
+
+        @fail_soft(dep, fallback="fallback", reason="cache miss")
+        async def get() -> str:
+            started.set()
+            await asyncio.Event().wait()
+            return "never"
+
+        task = asyncio.create_task(get())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert dep.failures == 0
+        assert site_of(get).degraded_calls == 0
+
+    async def test_cancelled_error_raised_inside_propagates(self, dep: Dependency) -> None:
+        """A CancelledError raised by the function is never turned into a fallback."""
+
+        @fail_soft(dep, fallback="fallback", on=lambda exc: True, reason="cache miss")
+        async def get() -> str:
+            raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            await get()
+        assert dep.failures == 0
+
+    async def test_down_means_not_called(self, dep: Dependency) -> None:
+        """While down, the function is not called and the fallback answers."""
+        calls = 0
+
+        @fail_soft(dep, fallback=lambda key: f"fb:{key}", reason="cache miss")
+        async def get(key: str) -> str:
+            nonlocal calls
+            calls += 1
+            return key
+
+        dep.mark_down()
+        assert [await get(str(i)) for i in range(5)] == [f"fb:{i}" for i in range(5)]
+        assert calls == 0
+        assert site_of(get).degraded_calls == 5
+
+    async def test_threshold_failures_open_it(self, dep: Dependency) -> None:
+        """failure_threshold failing calls open the dependency; the next call is not made."""
+        calls = 0
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        async def get() -> int:
+            nonlocal calls
+            calls += 1
+            raise ConnectionResetError
+
+        await get()
+        await get()
+        assert dep.is_down
+        await get()
+        assert calls == 2
+
+    async def test_success_resets_failures(self, dep: Dependency) -> None:
+        """A successful call resets the consecutive-failure count."""
+        fail = True
+
+        @fail_soft(dep, fallback=0, reason="cache miss")
+        async def get() -> int:
+            if fail:
+                raise OSError
+            return 1
+
+        await get()
+        assert dep.failures == 1
+        fail = False
+        assert await get() == 1
+        assert dep.failures == 0
+
+    async def test_timeout_returns_fallback_and_counts(self, dep: Dependency) -> None:
+        """A call outliving timeout= answers the fallback and counts a failure."""
+
+        @fail_soft(dep, fallback="slow", timeout=0.02, reason="cache miss")
+        async def get() -> str:
+            await asyncio.sleep(10)
+            return "late"
+
+        assert await get() == "slow"
+        assert (dep.failures, dep.last_error) == (1, "TimeoutError")
+
+    async def test_timeout_counts_even_with_custom_on(self, dep: Dependency) -> None:
+        """Timeout expiry is a failure even when on= lists other exceptions."""
+
+        @fail_soft(dep, fallback="slow", on=KeyError, timeout=0.02, reason="cache miss")
+        async def get() -> str:
+            await asyncio.sleep(10)
+            return "late"
+
+        assert await get() == "slow"
+        assert dep.failures == 1
+
+    async def test_custom_on_types(self, dep: Dependency) -> None:
+        """on= replaces the default set: listed types count, OSError then propagates."""
+
+        @fail_soft(dep, fallback="fb", on=(KeyError,), reason="cache miss")
+        async def get(exc: Exception) -> str:
+            raise exc
+
+        assert await get(KeyError("k")) == "fb"
+        with pytest.raises(OSError):
+            await get(OSError())
+        assert dep.failures == 1
+
+    async def test_custom_on_predicate(self, dep: Dependency) -> None:
+        """on= may be a predicate given the exception."""
+
+        @fail_soft(dep, fallback="fb", on=lambda exc: "transient" in str(exc), reason="cache miss")
+        async def get(message: str) -> str:
+            raise Bug(message)
+
+        assert await get("transient glitch") == "fb"
+        with pytest.raises(Bug):
+            await get("real bug")
+
+    async def test_driver_connection_errors_count_by_default(self, dep: Dependency) -> None:
+        """The default on= includes installed drivers' connection errors."""
+        redis_exceptions = pytest.importorskip("redis.exceptions")
+
+        @fail_soft(dep, fallback="fb", reason="cache miss")
+        async def get() -> str:
+            raise redis_exceptions.ConnectionError("down")
+
+        assert await get() == "fb"
+        assert dep.failures == 1
+
+    async def test_invalidated_dbapi_error_counts_but_other_dbapi_errors_do_not(
+        self, dep: Dependency
+    ) -> None:
+        """A DBAPIError counts only when its connection was invalidated."""
+        sa_exc = pytest.importorskip("sqlalchemy.exc")
+
+        @fail_soft(dep, fallback="fb", reason="db read")
+        async def run(invalidated: bool) -> str:
+            raise sa_exc.DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=invalidated)
+
+        assert await run(True) == "fb"
+        with pytest.raises(sa_exc.DBAPIError):
+            await run(False)
+        assert dep.failures == 1
+
+    async def test_nested_fail_loud_counts_once(self, dep: Dependency) -> None:
+        """A fail-loud site inside a fail-soft site on the same dependency counts one failure."""
+
+        @fail_loud(dep, reason="inner")
+        async def inner() -> str:
+            raise OSError
+
+        @fail_soft(dep, fallback="fb", reason="outer")
+        async def outer() -> str:
+            return await inner()
+
+        assert await outer() == "fb"
+        assert dep.failures == 1
+
+    async def test_trial_call_while_down_recovers(self, dep: Dependency, clock: FakeClock) -> None:
+        """Without a probe, one call per recovery_interval is let through and its success closes it."""
+
+        @fail_soft(dep, fallback="fb", reason="cache miss")
+        async def get() -> str:
+            return "fresh"
+
+        dep.mark_down()
+        assert await get() == "fb"
+        clock.now += dep.recovery_interval
+        assert await get() == "fresh"
+        assert dep.state == "ok"
+
+
+class TestFailSoftSync:
+    def test_passes_through_when_ok(self, dep: Dependency) -> None:
+        """While ok, the function is called with its arguments."""
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        def get(key: str) -> str:
+            return key.upper()
+
+        assert get("a") == "A"
+
+    def test_dependency_error_returns_value_fallback(self, dep: Dependency) -> None:
+        """A connection error answers the fallback value and counts a failure."""
+
+        @fail_soft(dep, fallback=[], reason="cache miss")
+        def get() -> list[int]:
+            raise ConnectionRefusedError(DSN)
+
+        assert get() == []
+        assert dep.failures == 1
+        assert site_of(get).degraded_calls == 1
+
+    def test_callable_fallback_gets_the_same_arguments(self, dep: Dependency) -> None:
+        """A callable fallback is called with the call's arguments."""
+
+        @fail_soft(dep, fallback=lambda a, b=0: a + b, reason="cache miss")
+        def add(a: int, b: int = 0) -> int:
+            raise TimeoutError
+
+        assert add(2, b=3) == 5
+
+    def test_other_exceptions_propagate(self, dep: Dependency) -> None:
+        """A bug propagates unchanged and is not counted."""
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        def get() -> None:
+            raise Bug
+
+        with pytest.raises(Bug):
+            get()
+        assert dep.failures == 0
+
+    def test_cancelled_error_propagates(self, dep: Dependency) -> None:
+        """CancelledError is never caught, even by a predicate that accepts anything."""
+
+        @fail_soft(dep, fallback=None, on=lambda exc: True, reason="cache miss")
+        def get() -> None:
+            raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            get()
+        assert dep.failures == 0
+
+    def test_down_means_not_called(self, dep: Dependency) -> None:
+        """While down, the function is not called; a callable fallback answers."""
+        calls = 0
+
+        @fail_soft(dep, fallback=lambda key: "fb", reason="cache miss")
+        def get(key: str) -> str:
+            nonlocal calls
+            calls += 1
+            return key
+
+        dep.mark_down()
+        assert get("a") == "fb"
+        assert calls == 0
+
+    def test_success_resets_failures(self, dep: Dependency) -> None:
+        """A success resets the failure count."""
+        results: list[object] = [OSError(), "ok"]
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        def get() -> object:
+            result = results.pop(0)
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        get()
+        assert dep.failures == 1
+        assert get() == "ok"
+        assert dep.failures == 0
+
+    def test_timeout_needs_async(self, dep: Dependency) -> None:
+        """timeout= on a sync function is a configuration error."""
+        with pytest.raises(ConfigurationError, match="timeout= needs an async function"):
+
+            @fail_soft(dep, fallback=None, timeout=1.0, reason="cache miss")
+            def get() -> None: ...
+
+    def test_async_fallback_needs_async_function(self, dep: Dependency) -> None:
+        """An async fallback on a sync function is a configuration error."""
+
+        async def fallback() -> None: ...
+
+        with pytest.raises(ConfigurationError, match="must be a value or a sync callable"):
+
+            @fail_soft(dep, fallback=fallback, reason="cache miss")
+            def get() -> None: ...
+
+
+class TestFailLoudAsync:
+    async def test_passes_through_when_ok(self, dep: Dependency) -> None:
+        """While ok, the function's value is returned."""
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        async def load(token: str) -> str:
+            return f"session:{token}"
+
+        assert await load("t") == "session:t"
+
+    async def test_down_raises_without_calling(self, dep: Dependency) -> None:
+        """While down, DependencyUnavailable is raised and the function is not called."""
+        calls = 0
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        async def load() -> None:
+            nonlocal calls
+            calls += 1
+
+        dep.mark_down()
+        with pytest.raises(DependencyUnavailable) as info:
+            await load()
+        assert calls == 0
+        assert (info.value.dependency, info.value.retry_after) == ("cache", 7)
+        assert site_of(load).degraded_calls == 1
+
+    async def test_failure_raises_unavailable_from_the_cause(self, dep: Dependency) -> None:
+        """A dependency error becomes DependencyUnavailable, the original kept as __cause__."""
+        original = ConnectionRefusedError(DSN)
+
+        @fail_loud(dep, reason="sessions live in Redis", retry_after=30)
+        async def load() -> None:
+            raise original
+
+        with pytest.raises(DependencyUnavailable) as info:
+            await load()
+        assert info.value.__cause__ is original
+        assert info.value.retry_after == 30
+        assert "hunter2" not in str(info.value)
+        assert "hunter2" not in info.value.detail
+        assert dep.failures == 1
+
+    async def test_other_exceptions_propagate(self, dep: Dependency) -> None:
+        """A bug propagates unchanged and is not counted."""
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        async def load() -> None:
+            raise Bug
+
+        with pytest.raises(Bug):
+            await load()
+        assert dep.failures == 0
+        assert site_of(load).degraded_calls == 0
+
+    async def test_cancellation_propagates(self, dep: Dependency) -> None:
+        """Cancelling the caller propagates CancelledError and counts nothing."""
+        started = asyncio.Event()
+
+        @fail_loud(dep, timeout=5.0, reason="sessions live in Redis")
+        async def load() -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(load())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert dep.failures == 0
+
+    async def test_timeout_raises_unavailable(self, dep: Dependency) -> None:
+        """A call outliving timeout= counts a failure and raises DependencyUnavailable."""
+
+        @fail_loud(dep, timeout=0.02, on=KeyError, reason="sessions live in Redis")
+        async def load() -> None:
+            await asyncio.sleep(10)
+
+        with pytest.raises(DependencyUnavailable) as info:
+            await load()
+        assert isinstance(info.value.__cause__, TimeoutError)
+        assert dep.failures == 1
+
+    async def test_nested_unavailable_passes_through(self, dep: Dependency, clock: FakeClock) -> None:
+        """A DependencyUnavailable from an inner site propagates as is and is not counted again."""
+        other = Registry(clock=clock).dependency("db", severity=Severity.SEV1)
+        other.mark_down()
+
+        @fail_loud(other, reason="inner")
+        async def inner() -> None: ...
+
+        @fail_loud(dep, reason="outer")
+        async def outer() -> None:
+            await inner()
+
+        with pytest.raises(DependencyUnavailable) as info:
+            await outer()
+        assert info.value.dependency == "db"
+        assert dep.failures == 0
+        assert site_of(outer).degraded_calls == 0
+
+
+class TestFailLoudSync:
+    def test_passes_through_when_ok(self, dep: Dependency) -> None:
+        """While ok, the function's value is returned."""
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        def load(token: str) -> str:
+            return token
+
+        assert load("t") == "t"
+
+    def test_down_raises_without_calling(self, dep: Dependency) -> None:
+        """While down, DependencyUnavailable is raised and the function is not called."""
+        calls = 0
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        def load() -> None:
+            nonlocal calls
+            calls += 1
+
+        dep.mark_down()
+        with pytest.raises(DependencyUnavailable):
+            load()
+        assert calls == 0
+
+    def test_failure_raises_unavailable(self, dep: Dependency) -> None:
+        """A dependency error becomes DependencyUnavailable and counts."""
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        def load() -> None:
+            raise OSError(DSN)
+
+        with pytest.raises(DependencyUnavailable) as info:
+            load()
+        assert isinstance(info.value.__cause__, OSError)
+        assert dep.failures == 1
+
+    def test_other_exceptions_propagate(self, dep: Dependency) -> None:
+        """A bug propagates unchanged."""
+
+        @fail_loud(dep, reason="sessions live in Redis")
+        def load() -> None:
+            raise Bug
+
+        with pytest.raises(Bug):
+            load()
+        assert dep.failures == 0
+
+    def test_cancelled_error_propagates(self, dep: Dependency) -> None:
+        """CancelledError is never caught."""
+
+        @fail_loud(dep, on=lambda exc: True, reason="sessions live in Redis")
+        def load() -> None:
+            raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            load()
+        assert dep.failures == 0
+
+    def test_timeout_needs_async(self, dep: Dependency) -> None:
+        """timeout= on a sync function is a configuration error."""
+        with pytest.raises(ConfigurationError, match="timeout= needs an async function"):
+
+            @fail_loud(dep, timeout=1.0, reason="sessions live in Redis")
+            def load() -> None: ...
+
+
+class TestValidation:
+    def test_first_argument_must_be_a_dependency(self) -> None:
+        """Passing something else than a Dependency is refused with a hint."""
+        with pytest.raises(ConfigurationError, match=r"registry\.dependency\(\)"):
+            fail_soft("cache", fallback=None, reason="x")  # type: ignore[call-overload]
+
+    @pytest.mark.parametrize("reason", ["", "   "])
+    def test_reason_is_required(self, dep: Dependency, reason: str) -> None:
+        """An empty reason is refused: the runbook needs it."""
+        with pytest.raises(ConfigurationError, match="reason= is required"):
+            fail_soft(dep, fallback=None, reason=reason)
+        with pytest.raises(ConfigurationError, match="reason= is required"):
+            fail_loud(dep, reason=reason)
+
+    @pytest.mark.parametrize("timeout", [0, -1, True, "1"])
+    def test_timeout_must_be_positive(self, dep: Dependency, timeout: Any) -> None:
+        """timeout= must be a positive number."""
+        with pytest.raises(ConfigurationError, match="timeout must be a positive number"):
+            fail_soft(dep, fallback=None, timeout=timeout, reason="x")
+
+    @pytest.mark.parametrize("retry_after", [-1, 1.5, True])
+    def test_retry_after_must_be_whole_seconds(self, dep: Dependency, retry_after: Any) -> None:
+        """retry_after= must be a whole number of seconds >= 0."""
+        with pytest.raises(ConfigurationError, match="retry_after"):
+            fail_loud(dep, reason="x", retry_after=retry_after)
+
+    @pytest.mark.parametrize("on", [asyncio.CancelledError, (OSError, KeyboardInterrupt), (OSError, "x")])
+    def test_on_takes_exception_subclasses_only(self, dep: Dependency, on: Any) -> None:
+        """on= refuses BaseExceptions (CancelledError...) and non-types."""
+        with pytest.raises(ConfigurationError, match="Exception subclasses"):
+            fail_soft(dep, fallback=None, on=on, reason="x")
+
+    def test_on_refuses_other_objects(self, dep: Dependency) -> None:
+        """on= refuses something that is neither types nor a predicate."""
+        with pytest.raises(ConfigurationError, match="on= takes"):
+            fail_loud(dep, on=42, reason="x")  # type: ignore[arg-type]
+
+
+class TestSites:
+    def test_each_site_registers_on_its_dependency(self, dep: Dependency) -> None:
+        """Decorating registers a Site with qualified name, mode, reason and fallback."""
+
+        @fail_soft(dep, fallback=None, reason="cache miss falls back to Postgres")
+        async def cached() -> None: ...
+
+        @fail_loud(dep, reason="login unavailable")
+        def session() -> None: ...
+
+        soft, loud = dep.sites
+        assert soft is site_of(cached)
+        assert loud is site_of(session)
+        assert soft.name == f"{__name__}.{cached.__qualname__}"
+        assert (soft.dependency, soft.mode, soft.reason, soft.fallback) == (
+            "cache",
+            "fail_soft",
+            "cache miss falls back to Postgres",
+            "None",
+        )
+        assert (loud.mode, loud.reason, loud.fallback) == ("fail_loud", "login unavailable", None)
+
+    def test_fallback_description(self, dep: Dependency) -> None:
+        """A callable fallback is described by its qualified name, a long value is shortened."""
+
+        def from_db() -> None: ...
+
+        @fail_soft(dep, fallback=from_db, reason="x")
+        def a() -> None: ...
+
+        @fail_soft(dep, fallback="x" * 100, reason="x")
+        def b() -> None: ...
+
+        assert site_of(a).fallback == f"{__name__}.{from_db.__qualname__}"
+        description = site_of(b).fallback
+        assert description is not None
+        assert len(description) == 60
+        assert description.endswith("...")
+
+    def test_site_of_undecorated_raises(self) -> None:
+        """site_of on a plain function says it is not decorated."""
+
+        def plain() -> None: ...
+
+        with pytest.raises(ConfigurationError, match="not decorated"):
+            site_of(plain)
+
+    def test_wrappers_keep_name_doc_and_signature(self, dep: Dependency) -> None:
+        """functools.wraps keeps the name, docstring, signature and coroutine-ness."""
+
+        async def original(track_id: int, *, full: bool = False) -> dict[str, int]:
+            """Load a track."""
+            return {}
+
+        soft = fail_soft(dep, fallback=None, reason="x")(original)
+        loud = fail_loud(dep, reason="x")(original)
+        for wrapped in (soft, loud):
+            assert wrapped.__name__ == "original"
+            assert wrapped.__doc__ == "Load a track."
+            assert inspect.signature(wrapped) == inspect.signature(original)
+            assert inspect.iscoroutinefunction(wrapped)

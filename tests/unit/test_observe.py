@@ -1,0 +1,330 @@
+"""Signals: one log line and one Sentry event per transition, metrics that move."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sentry_sdk
+from prometheus_client import REGISTRY
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.transport import Transport
+from structlog.testing import capture_logs
+
+from degrade import Dependency, DependencyUnavailable, Registry, Severity, fail_loud, fail_soft, site_of
+from degrade.observe import report_to_sentry, sentry_active
+
+PASSWORD = "hunter2-s3cret"
+DSN = f"redis://:{PASSWORD}@cache.internal:6379/0"
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingTransport(Transport):
+    """A Sentry transport that keeps envelopes in memory (no network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.envelopes: list[Envelope] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        events = [envelope.get_event() for envelope in self.envelopes]
+        return [dict(event) for event in events if event is not None]
+
+
+@pytest.fixture
+def sentry() -> Iterator[RecordingTransport]:
+    """A real Sentry client, initialised as a host would, sending to a recording transport."""
+    transport = RecordingTransport()
+    sentry_sdk.init(
+        dsn="https://public@example.invalid/1",
+        transport=transport,
+        default_integrations=False,
+        auto_enabling_integrations=False,
+    )
+    try:
+        assert sentry_active()
+        yield transport
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+    assert not sentry_sdk.get_client().is_active()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def name() -> str:
+    """A dependency name unique to this test, so process-wide metrics do not mix."""
+    return f"dep_{uuid.uuid4().hex[:10]}"
+
+
+def dependency(name: str, clock: FakeClock, severity: Severity = Severity.SEV1, **options: Any) -> Dependency:
+    """A check-less dependency on a frozen clock (no probe, no trial call)."""
+    return Registry(clock=clock).dependency(name, severity=severity, failure_threshold=1, **options)
+
+
+async def eventually(condition: Callable[[], object], *, within: float = 2.0) -> None:
+    """Poll ``condition`` every 5 ms (real time) until it holds; fail after ``within`` seconds."""
+    for _ in range(int(within / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"condition not reached within {within}s")
+
+
+def sample(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+class TestLogs:
+    def test_one_event_per_transition(self, name: str, clock: FakeClock) -> None:
+        """Down then recovered logs exactly two events, with name, severity, duration and error class."""
+        dep = dependency(name, clock, impact="logins fail")
+        with capture_logs() as logs:
+            dep.record_failure(ConnectionRefusedError(DSN))
+            clock.now += 12.5
+            dep.record_success()
+        down, recovered = logs
+        assert down == {
+            "event": "dependency.down",
+            "log_level": "warning",
+            "dependency": name,
+            "severity": "SEV-1",
+            "error": "ConnectionRefusedError",
+            "reason": "traffic",
+            "failures": 1,
+            "impact": "logins fail",
+        }
+        assert recovered == {
+            "event": "dependency.recovered",
+            "log_level": "info",
+            "dependency": name,
+            "severity": "SEV-1",
+            "duration_s": 12.5,
+            "error": "ConnectionRefusedError",
+        }
+        assert PASSWORD not in repr(logs)
+
+    async def test_nothing_per_request_while_down(self, name: str, clock: FakeClock) -> None:
+        """Hundreds of calls while down add no log line."""
+        dep = dependency(name, clock)
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        async def soft() -> None:
+            raise OSError(DSN)
+
+        @fail_loud(dep, reason="logins fail")
+        def loud() -> None: ...
+
+        with capture_logs() as logs:
+            await soft()
+            for _ in range(300):
+                await soft()
+                with pytest.raises(DependencyUnavailable):
+                    loud()
+        assert [e["event"] for e in logs] == ["dependency.down"]
+
+    def test_failures_while_down_log_nothing(self, name: str, clock: FakeClock) -> None:
+        """Failures seen while already down (trial calls, checks) log nothing."""
+        dep = dependency(name, clock)
+        with capture_logs() as logs:
+            for _ in range(50):
+                dep.record_failure(OSError())
+            dep.mark_down()
+        assert [e["event"] for e in logs] == ["dependency.down"]
+
+    async def test_probe_rounds_log_nothing(self, name: str) -> None:
+        """A probe failing round after round logs nothing; its success logs one recovery."""
+        healthy = False
+        rounds = 0
+
+        async def check() -> None:
+            nonlocal rounds
+            rounds += 1
+            if not healthy:
+                raise ConnectionRefusedError(DSN)
+
+        registry = Registry()
+        dep = registry.dependency(
+            name, severity=Severity.SEV2, check=check, failure_threshold=1, recovery_interval=0.005
+        )
+        try:
+            with capture_logs() as logs:
+                dep.record_failure(OSError())
+                await eventually(lambda: rounds >= 5)
+                healthy = True
+                await eventually(lambda: not dep.is_down)
+        finally:
+            await registry.aclose()
+        assert [e["event"] for e in logs] == ["dependency.down", "dependency.recovered"]
+
+    def test_flapping_logs_each_transition(self, name: str, clock: FakeClock) -> None:
+        """Each real transition is logged: down, up, down."""
+        dep = dependency(name, clock)
+        with capture_logs() as logs:
+            dep.record_failure()
+            dep.record_success()
+            dep.record_failure()
+        assert [e["event"] for e in logs] == ["dependency.down", "dependency.recovered", "dependency.down"]
+
+
+class TestSentry:
+    @pytest.mark.parametrize(("severity", "level"), [(Severity.SEV1, "error"), (Severity.SEV2, "warning")])
+    def test_one_event_per_transition(
+        self, sentry: RecordingTransport, name: str, clock: FakeClock, severity: Severity, level: str
+    ) -> None:
+        """SEV1/SEV2 send one event going down and one recovering, with per-capture tags."""
+        dep = dependency(name, clock, severity=severity)
+        dep.record_failure(ConnectionRefusedError(DSN))
+        for _ in range(10):
+            dep.record_failure(OSError())
+        clock.now += 3.0
+        dep.record_success()
+        down, recovered = sentry.events
+        assert down["message"] == f"degrade: dependency {name} is down"
+        assert down["level"] == level
+        assert down["tags"] == {
+            "degrade.dependency": name,
+            "degrade.severity": severity.label,
+            "degrade.transition": "down",
+        }
+        assert down["fingerprint"] == ["degrade", "dependency", name, "down"]
+        assert down["extra"]["error_class"] == "ConnectionRefusedError"
+        assert recovered["message"] == f"degrade: dependency {name} recovered"
+        assert recovered["level"] == "info"
+        assert recovered["tags"]["degrade.transition"] == "recovered"
+        assert recovered["fingerprint"] == ["degrade", "dependency", name, "recovered"]
+        assert recovered["extra"]["down_for_s"] == 3.0
+
+    def test_fingerprint_is_stable_across_outages(
+        self, sentry: RecordingTransport, name: str, clock: FakeClock
+    ) -> None:
+        """Two outages with different errors group under the same fingerprint."""
+        dep = dependency(name, clock)
+        dep.record_failure(ConnectionRefusedError())
+        dep.record_success()
+        dep.record_failure(TimeoutError())
+        downs = [e for e in sentry.events if e["tags"]["degrade.transition"] == "down"]
+        assert len(downs) == 2
+        assert downs[0]["fingerprint"] == downs[1]["fingerprint"]
+
+    def test_sev3_sends_nothing(self, sentry: RecordingTransport, name: str, clock: FakeClock) -> None:
+        """SEV3 transitions are logged but not sent to Sentry."""
+        dep = dependency(name, clock, severity=Severity.SEV3)
+        dep.record_failure()
+        dep.record_success()
+        assert sentry.envelopes == []
+
+    def test_no_global_tags(self, sentry: RecordingTransport, name: str, clock: FakeClock) -> None:
+        """Tags go with degrade's own events only: the host's next event carries none of them."""
+        dependency(name, clock).record_failure()
+        sentry_sdk.capture_message("host event")
+        ours, host = sentry.events
+        assert "degrade.dependency" in ours["tags"]
+        assert not any(key.startswith("degrade.") for key in host.get("tags", {}))
+        assert "fingerprint" not in host or host["fingerprint"] != ours["fingerprint"]
+
+    def test_no_secret_in_any_envelope(self, sentry: RecordingTransport, name: str, clock: FakeClock) -> None:
+        """An error holding a DSN never reaches Sentry: only its class name does."""
+        dep = dependency(name, clock, impact="sessions lost")
+        dep.record_failure(ConnectionRefusedError(DSN))
+        dep.record_success()
+        assert len(sentry.envelopes) == 2
+        for envelope in sentry.envelopes:
+            assert PASSWORD.encode() not in envelope.serialize()
+
+    def test_nothing_without_a_host_client(self, name: str, clock: FakeClock) -> None:
+        """Without sentry_sdk.init by the host, transitions send nothing and raise nothing."""
+        assert not sentry_active()
+        dep = dependency(name, clock)
+        dep.record_failure()
+        dep.record_success()
+        report_to_sentry("x", level="error", tags={}, fingerprint=["x"])
+        assert dep.state == "ok"
+
+
+class TestMetrics:
+    def test_dependency_up_follows_the_state(self, name: str, clock: FakeClock) -> None:
+        """degrade_dependency_up is 1 while ok and 0 while down."""
+        dep = dependency(name, clock)
+        assert REGISTRY.get_sample_value("degrade_dependency_up", {"dependency": name}) == 1.0
+        dep.record_failure()
+        assert REGISTRY.get_sample_value("degrade_dependency_up", {"dependency": name}) == 0.0
+        dep.record_success()
+        assert REGISTRY.get_sample_value("degrade_dependency_up", {"dependency": name}) == 1.0
+
+    def test_transitions_are_counted(self, name: str, clock: FakeClock) -> None:
+        """degrade_dependency_transitions_total counts each transition by target state."""
+        dep = dependency(name, clock)
+        dep.record_failure()
+        dep.record_failure()
+        dep.record_success()
+        dep.record_failure()
+        total = "degrade_dependency_transitions_total"
+        assert sample(total, dependency=name, to="down") == 2
+        assert sample(total, dependency=name, to="ok") == 1
+
+    async def test_fallbacks_are_counted_per_site(self, name: str, clock: FakeClock) -> None:
+        """degrade_fallback_total moves once per fallback, not on success or on a bug."""
+        dep = Registry(clock=clock).dependency(name, severity=Severity.SEV2, failure_threshold=2)
+        outcome: BaseException | None = None
+
+        @fail_soft(dep, fallback=None, reason="cache miss")
+        async def get() -> str:
+            if outcome is not None:
+                raise outcome
+            return "ok"
+
+        labels = {"dependency": name, "site": site_of(get).name}
+        before = sample("degrade_fallback_total", **labels)
+        await get()
+        outcome = KeyError("bug")
+        with pytest.raises(KeyError):
+            await get()
+        assert sample("degrade_fallback_total", **labels) == before
+        outcome = OSError()
+        await get()
+        await get()  # opens it
+        await get()  # answered while down, not called
+        assert sample("degrade_fallback_total", **labels) - before == 3
+        assert site_of(get).degraded_calls == 3
+
+    def test_fail_loud_refusals_are_counted_per_site(self, name: str, clock: FakeClock) -> None:
+        """degrade_fail_loud_total moves once per DependencyUnavailable raised."""
+        dep = dependency(name, clock)
+
+        @fail_loud(dep, reason="logins fail")
+        def login() -> None:
+            raise ConnectionResetError
+
+        @fail_loud(dep, reason="refresh fails")
+        def refresh() -> None: ...
+
+        login_labels = {"dependency": name, "site": site_of(login).name}
+        refresh_labels = {"dependency": name, "site": site_of(refresh).name}
+        before = sample("degrade_fail_loud_total", **login_labels)
+        for call in (login, refresh, refresh):
+            with pytest.raises(DependencyUnavailable):
+                call()
+        assert sample("degrade_fail_loud_total", **login_labels) - before == 1
+        assert sample("degrade_fail_loud_total", **refresh_labels) == 2
+        assert sample("degrade_fallback_total", **login_labels) == 0

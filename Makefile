@@ -23,6 +23,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src
+	$(BIN)/mypy --strict tests/typing
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

@@ -66,10 +66,17 @@ class DeepHealth:
         self._cached_at = 0.0
         self._running: asyncio.Task[HealthReport] | None = None
 
-    async def report(self) -> HealthReport:
-        """The cached report if fresh, else the result of one shared run."""
+    def fresh(self) -> HealthReport | None:
+        """The cached report while it is fresh, else None (no await: the hot path)."""
         cached = self._cached
         if cached is not None and self._clock() - self._cached_at < self.cache_ttl:
+            return cached
+        return None
+
+    async def report(self) -> HealthReport:
+        """The cached report if fresh, else the result of one shared run."""
+        cached = self.fresh()
+        if cached is not None:
             return cached
         task = self._running
         if task is None or task.done():
@@ -148,6 +155,34 @@ def _ietf_body(registry: Registry, report: HealthReport, details: bool) -> dict[
     }
 
 
+_HEALTH_JSON_BYTES = HEALTH_JSON.encode("latin-1")
+
+
+def _accepts_health_json(raw_headers: Any) -> bool:
+    # The first Accept header, as request.headers.get("accept") reads it, without
+    # building a Headers object for one lookup (ASGI header names are lower-case).
+    for key, value in raw_headers:
+        if key == b"accept":
+            return _HEALTH_JSON_BYTES in value
+    return False
+
+
+def _render(registry: Registry, report: HealthReport, *, ietf: bool, details: bool, uptime: int) -> bytes:
+    body: dict[str, Any]
+    if ietf:
+        body = _ietf_body(registry, report, details)
+    else:
+        body = {
+            "status": report.status,
+            "checks": {name: ("ok" if r.ok else "down") for name, r in report.results.items()},
+            "version": registry.version,
+            "uptime_seconds": uptime,
+        }
+        if details:
+            body["details"] = _details(registry, report)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def health_routes(
     registry: Registry,
     prefix: str = "",
@@ -191,26 +226,37 @@ def health_routes(
             allowed = await allowed
         return bool(allowed)
 
+    # Bodies rendered from the current report, by (format, uptime second), so
+    # a cached answer costs about what a bare route does (bench/bench_core.py).
+    # Bodies with details are rendered each time: they read live dependency state.
+    rendered: dict[tuple[bool, int], bytes] = {}
+    rendered_from: list[HealthReport | None] = [None]
+
     async def health_deep(request: Request) -> Response:
-        report = await deep.report()
-        show = await may_see_details(request)
-        if HEALTH_JSON in request.headers.get("accept", ""):
-            body = _ietf_body(registry, report, show)
-            media_type = HEALTH_JSON
+        report = deep.fresh()
+        if report is None:
+            report = await deep.report()
+        show = details if isinstance(details, bool) else await may_see_details(request)
+        ietf = _accepts_health_json(request.scope["headers"])
+        uptime = int(registry.uptime)
+        if show:
+            body = _render(registry, report, ietf=ietf, details=True, uptime=uptime)
         else:
-            body = {
-                "status": report.status,
-                "checks": {name: ("ok" if r.ok else "down") for name, r in report.results.items()},
-                "version": registry.version,
-                "uptime_seconds": int(registry.uptime),
-            }
-            if show:
-                body["details"] = _details(registry, report)
-            media_type = "application/json"
+            if rendered_from[0] is not report:
+                rendered.clear()
+                rendered_from[0] = report
+            body_or_none = rendered.get((ietf, uptime))
+            if body_or_none is None:
+                if len(rendered) >= 4:  # bounded: bodies of past uptime seconds go
+                    rendered.clear()
+                body_or_none = rendered[(ietf, uptime)] = _render(
+                    registry, report, ietf=ietf, details=False, uptime=uptime
+                )
+            body = body_or_none
         return Response(
-            json.dumps(body, separators=(",", ":")).encode(),
+            body,
             status_code=report.http_status,
-            media_type=media_type,
+            media_type=HEALTH_JSON if ietf else "application/json",
             headers=no_store,
         )
 

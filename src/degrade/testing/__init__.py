@@ -1,1 +1,19 @@
-"""Outage simulation for tests: a fault-injecting TCP proxy and pytest fixtures."""
+"""Outage simulation for tests and drills: a fault-injecting TCP proxy.
+
+:class:`FaultProxy` sits in front of any TCP service and refuses, blackholes,
+delays, resets or cuts its connections on demand. The pytest fixtures
+``fault_proxy`` and ``simulate_outage`` live in :mod:`degrade.testing.plugin`,
+which pytest loads by itself once degrade is installed (entry point ``pytest11``);
+this package does not import pytest.
+"""
+
+from __future__ import annotations
+
+from .proxy import Fault, FaultProxy, Outage, ProxyStats
+
+__all__ = [
+    "Fault",
+    "FaultProxy",
+    "Outage",
+    "ProxyStats",
+]

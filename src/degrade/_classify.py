@@ -1,49 +1,52 @@
 """Which exceptions count as a dependency failure.
 
 A bug is not an outage: only connection, timeout and driver-availability errors
-count. The default set is built once, from the drivers that are installed.
+count. The default set holds the errors of the drivers the process has loaded.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
-
-from ._extras import optional
 
 ErrorPredicate = Callable[[BaseException], bool]
 
 
-@functools.cache
+_DRIVERS: dict[str, tuple[str, ...]] = {
+    "redis.exceptions": ("ConnectionError", "TimeoutError", "BusyLoadingError"),
+    "sqlalchemy.exc": ("OperationalError", "InterfaceError", "TimeoutError"),
+    "asyncpg.exceptions": (
+        "PostgresConnectionError",
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "TooManyConnectionsError",
+        "InterfaceError",
+    ),
+    "aiormq.exceptions": ("AMQPConnectionError", "ConnectionClosed", "ChannelInvalidStateError"),
+}
+
+
 def default_failure_types() -> tuple[type[BaseException], ...]:
     """The exception types that count as failures by default.
 
     ``OSError`` covers ``ConnectionError`` and the builtin ``TimeoutError``
-    (which ``asyncio.TimeoutError`` is, on Python 3.11+).
+    (which ``asyncio.TimeoutError`` is, on Python 3.11+). Driver exceptions are
+    taken from the drivers the process has *imported*: a driver that is not
+    loaded cannot have raised anything, and importing one here would block the
+    event loop (SQLAlchemy alone takes hundreds of milliseconds).
     """
+    loaded = tuple(name in sys.modules for name in _DRIVERS)
+    return _types_for(loaded)
+
+
+@functools.cache
+def _types_for(loaded: tuple[bool, ...]) -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [OSError, TimeoutError]
-    redis_exc = optional("redis.exceptions")
-    if redis_exc is not None:
-        types += [redis_exc.ConnectionError, redis_exc.TimeoutError, redis_exc.BusyLoadingError]
-    sa_exc = optional("sqlalchemy.exc")
-    if sa_exc is not None:
-        types += [sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError]
-    asyncpg_exc = optional("asyncpg.exceptions")
-    if asyncpg_exc is not None:
-        types += [
-            asyncpg_exc.PostgresConnectionError,
-            asyncpg_exc.ConnectionDoesNotExistError,
-            asyncpg_exc.CannotConnectNowError,
-            asyncpg_exc.TooManyConnectionsError,
-            asyncpg_exc.InterfaceError,
-        ]
-    aiormq_exc = optional("aiormq.exceptions")
-    if aiormq_exc is not None:
-        types += [
-            aiormq_exc.AMQPConnectionError,
-            aiormq_exc.ConnectionClosed,
-            aiormq_exc.ChannelInvalidStateError,
-        ]
+    for (module_name, names), present in zip(_DRIVERS.items(), loaded, strict=True):
+        module = sys.modules.get(module_name) if present else None
+        if module is not None:
+            types += [getattr(module, name) for name in names]
     return tuple(types)
 
 

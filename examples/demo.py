@@ -50,8 +50,12 @@ async def build(proxy: FaultProxy) -> tuple[Starlette, Registry, redis.Redis]:
         recovery_interval=0.5,
     )
 
-    @fail_soft(cache, fallback=lambda track_id: {"id": track_id, "source": "postgres"}, timeout=0.3,
-               reason="cache miss: the track is read from Postgres")
+    @fail_soft(
+        cache,
+        fallback=lambda track_id: {"id": track_id, "source": "postgres"},
+        timeout=0.3,
+        reason="cache miss: the track is read from Postgres",
+    )
     async def cached_track(track_id: int) -> dict[str, object]:
         await client.set(f"demo:track:{track_id}", "cached", ex=30)
         return {"id": track_id, "source": "redis"}
@@ -100,8 +104,11 @@ async def main() -> int:
                 try:
                     await client.ping()
                 except (redis.ConnectionError, redis.TimeoutError):
-                    print(f"demo: Redis is not answering on {REDIS[0]}:{REDIS[1]}; start it first "
-                          "(see .ci/run)", file=sys.stderr)
+                    print(
+                        f"demo: Redis is not answering on {REDIS[0]}:{REDIS[1]}; start it first "
+                        "(see .ci/run)",
+                        file=sys.stderr,
+                    )
                     return 1
                 say("Redis is healthy")
                 for method, path in [("GET", "/tracks/7"), ("POST", "/login"), ("GET", "/health/deep")]:
@@ -120,9 +127,11 @@ async def main() -> int:
                 say("Redis is back (FaultProxy.up); the background probe notices")
                 proxy.up()
                 start = time.perf_counter()
-                while registry["redis"].is_down and time.perf_counter() - start < 5:
+                # Poll the state to show how long recovery takes (a demo, not a pattern to copy).
+                while registry["redis"].is_down and time.perf_counter() - start < 5:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-                print(f"   recovered after {time.perf_counter() - start:.2f} s: state {registry['redis'].state}")
+                took = time.perf_counter() - start
+                print(f"   recovered after {took:.2f} s: state {registry['redis'].state}")
                 await asyncio.sleep(1.1)
                 for method, path in [("GET", "/tracks/7"), ("POST", "/login"), ("GET", "/health/deep")]:
                     await show(http, method, path)

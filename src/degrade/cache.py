@@ -1,0 +1,315 @@
+"""A read-through Redis cache that never fails a read on Redis's account.
+
+``await cache.get_or_load(key, loader)`` returns the cached value or runs
+``loader`` (your Postgres query), stores its result for ``ttl`` seconds and
+returns it. Redis is an optimisation here, never a requirement:
+
+* Redis down (known to the :class:`~degrade.Dependency`): no Redis call at all;
+  the loader runs and nothing is written.
+* Redis failing or slower than ``timeout``: the read counts as a failure on the
+  dependency, the loader runs, nothing is written.
+* Concurrent misses for one key in one process share one loader call
+  (single-flight), so an outage or an expiry does not stampede the database.
+* The loader's own errors propagate unchanged and are never cached.
+
+Failure mode: FAIL-SOFT. The runbook lists the cache's read, write and
+invalidate sites under the Redis dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
+
+from .dependency import Dependency
+from .exceptions import ConfigurationError
+from .modes import fail_soft
+from .observe import logger
+from .redis import warn_if_unsafe
+
+__all__ = ["CacheStats", "FailSoftCache", "JSONSerializer", "Serializer"]
+
+T = TypeVar("T")
+
+
+class Serializer(Protocol):
+    """How values are stored: ``dumps`` to bytes or str, ``loads`` back.
+
+    ``loads`` may raise on data it cannot read; the cache then treats the entry
+    as a miss and overwrites it.
+    """
+
+    def dumps(self, value: Any) -> bytes | str:
+        """Encode one value for Redis."""
+        ...
+
+    def loads(self, data: bytes | str) -> Any:
+        """Decode what :meth:`dumps` produced."""
+        ...
+
+
+class JSONSerializer:
+    """The default serializer: compact UTF-8 JSON (dicts, lists, str, numbers, bool, None).
+
+    A value JSON cannot encode raises ``TypeError`` from :meth:`dumps`: that is a
+    bug in the caller, not an outage, so it is not swallowed.
+    """
+
+    def dumps(self, value: Any) -> bytes:
+        """Encode ``value`` as compact JSON."""
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def loads(self, data: bytes | str) -> Any:
+        """Decode JSON."""
+        return json.loads(data)
+
+
+class _LeaderGone(Exception):
+    """The caller loading a shared key was cancelled; its waiters load again."""
+
+
+def _settle(shared: asyncio.Future[Any], exc: BaseException) -> None:
+    shared.set_exception(exc)
+    shared.exception()  # mark it retrieved: there may be no waiter to read it
+
+
+class _Skipped(enum.Enum):
+    WRITE = "nothing written"
+    INVALIDATE = "nothing deleted: the entry lives until its ttl"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+class _Read(enum.Enum):
+    MISS = "cache miss"  # Redis answered: no such key
+    UNAVAILABLE = "cache miss: the loader answers, nothing is written"  # Redis down, failing or slow
+
+    def __repr__(self) -> str:  # the runbook shows a site's fallback by its repr
+        return self.value
+
+
+@dataclass
+class CacheStats:
+    """Counters of one cache, for tests, metrics and debugging."""
+
+    hits: int = 0
+    misses: int = 0
+    #: Reads answered without Redis (down, failing or too slow).
+    unavailable: int = 0
+    #: Loader calls made.
+    loads: int = 0
+    #: Callers that shared another caller's in-flight load instead of loading.
+    coalesced: int = 0
+    #: Misses that could not join the single-flight map because it was full.
+    uncoalesced: int = 0
+    #: Entries that could not be decoded and were treated as misses.
+    decode_errors: int = 0
+
+
+class FailSoftCache:
+    """A read-through cache in Redis whose failures cost a cache miss, never an error.
+
+    Failure mode: FAIL-SOFT. While ``dependency`` is down no Redis call is made;
+    a Redis error or a call slower than ``timeout`` counts as a failure on
+    ``dependency``; in both cases the loader answers and nothing is written.
+    Loader errors propagate unchanged (and are not cached). ``CancelledError``
+    always propagates.
+
+    Args:
+        client: A ``redis.asyncio.Redis`` (build it with :func:`degrade.redis.client`;
+            a client with slow-to-fail settings is warned about once).
+        dependency: The Redis dependency this cache consults and feeds.
+        ttl: Seconds an entry lives. It also bounds how stale an entry can
+            be when an :meth:`invalidate` could not reach Redis.
+        prefix: Prepended to every key.
+        serializer: Encodes values; :class:`JSONSerializer` by default.
+        timeout: Hard bound of each Redis call, in seconds (``None``: only the
+            client's own socket timeout).
+        max_inflight: Most keys loading at once in the single-flight map; a
+            miss beyond it loads on its own (counted in ``stats.uncoalesced``).
+        name: Shown in the runbook and logs.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        dependency: Dependency,
+        ttl: float,
+        *,
+        prefix: str = "degrade:cache:",
+        serializer: Serializer | None = None,
+        timeout: float | None = 0.25,
+        max_inflight: int = 1024,
+        name: str = "cache",
+    ) -> None:
+        if not isinstance(dependency, Dependency):
+            raise ConfigurationError(
+                f"dependency must be a Dependency (from registry.dependency()); got {dependency!r}"
+            )
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+            raise ConfigurationError(f"ttl must be a positive number of seconds; got {ttl!r}")
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ConfigurationError(f"max_inflight must be an int >= 1; got {max_inflight!r}")
+        if not isinstance(prefix, str):
+            raise ConfigurationError(f"prefix must be a str; got {prefix!r}")
+        if serializer is not None and not (
+            callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))
+        ):
+            raise ConfigurationError("serializer must have dumps(value) and loads(data) methods")
+        warn_if_unsafe(client, component=f"FailSoftCache[{name}]")
+        self.client = client
+        self.dependency = dependency
+        self.ttl = float(ttl)
+        self.prefix = prefix
+        self.serializer: Serializer = serializer if serializer is not None else JSONSerializer()
+        self.max_inflight = max_inflight
+        self.name = name
+        self.stats = CacheStats()
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._warned_full = False
+        self._warned_decode = False
+
+        async def read(full_key: str) -> bytes | str | _Read:
+            data: bytes | str | None = await client.get(full_key)
+            return _Read.MISS if data is None else data
+
+        async def write(full_key: str, data: bytes | str, ttl_ms: int) -> None:
+            await client.set(full_key, data, px=ttl_ms)
+
+        async def invalidate(full_key: str) -> None:
+            await client.delete(full_key)
+
+        _name(read, f"FailSoftCache[{name}].read")
+        _name(write, f"FailSoftCache[{name}].write")
+        _name(invalidate, f"FailSoftCache[{name}].invalidate")
+        self._read = fail_soft(
+            dependency,
+            fallback=_Read.UNAVAILABLE,
+            timeout=timeout,
+            reason="cache read fails soft: every read is a miss and the loader (e.g. Postgres) answers",
+        )(read)
+        self._write = fail_soft(
+            dependency,
+            fallback=_Skipped.WRITE,
+            timeout=timeout,
+            reason="cache write is skipped while Redis is down or slow; the next read loads again",
+        )(write)
+        self._invalidate = fail_soft(
+            dependency,
+            fallback=_Skipped.INVALIDATE,
+            timeout=timeout,
+            reason=f"invalidate cannot reach Redis: the old entry may be served until its ttl ({ttl:g}s)",
+        )(invalidate)
+
+    async def get_or_load(
+        self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: float | None = None
+    ) -> T:
+        """The cached value of ``key``, or ``await loader()`` (stored for ``ttl`` seconds).
+
+        Failure mode: FAIL-SOFT. Redis down, failing or slow: ``loader()``'s
+        result, nothing written, no error. ``loader``'s exceptions propagate
+        unchanged to every caller that shared the call. A value the serializer
+        cannot encode raises its error (``TypeError`` for JSON): a bug, not an outage.
+
+        Args:
+            key: The cache key (``prefix`` is prepended).
+            loader: Async callable taking no arguments that loads the value.
+            ttl: Overrides the cache's ttl for this entry.
+        """
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
+            raise ConfigurationError(f"ttl must be a positive number of seconds; got {ttl!r}")
+        while True:
+            shared = self._inflight.get(key)
+            if shared is None:
+                break
+            self.stats.coalesced += 1
+            try:
+                # shield: a waiter that goes away must not cancel the shared result
+                return cast(T, await asyncio.shield(shared))
+            except _LeaderGone:
+                continue  # the caller that was loading was cancelled: load (or join) anew
+        if len(self._inflight) >= self.max_inflight:
+            self.stats.uncoalesced += 1
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning(
+                    "cache.singleflight_full",
+                    cache=self.name,
+                    max_inflight=self.max_inflight,
+                    detail="misses beyond the bound load without sharing; see stats.uncoalesced",
+                )
+            return await self._fill(key, loader, ttl)
+        # This caller loads; later callers for the key wait on `shared`. The load
+        # runs inline (no task per call), so a known outage stays cheap.
+        shared = asyncio.get_running_loop().create_future()
+        self._inflight[key] = shared
+        try:
+            value = await self._fill(key, loader, ttl)
+        except Exception as exc:
+            _settle(shared, exc)
+            raise
+        except BaseException:  # cancelled (or exiting): waiters retry rather than inherit it
+            _settle(shared, _LeaderGone())
+            raise
+        else:
+            shared.set_result(value)
+            return value
+        finally:
+            if self._inflight.get(key) is shared:
+                del self._inflight[key]
+
+    async def _fill(self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None) -> T:
+        full_key = self.prefix + key
+        cached = await self._read(full_key)
+        if cached is _Read.UNAVAILABLE:
+            self.stats.unavailable += 1
+            self.stats.loads += 1
+            return await loader()
+        if cached is not _Read.MISS:
+            try:
+                value = self.serializer.loads(cached)
+            except Exception as exc:  # unreadable entry: a miss, overwritten below
+                self._decode_error(exc)
+            else:
+                self.stats.hits += 1
+                return cast(T, value)
+        self.stats.misses += 1
+        self.stats.loads += 1
+        value = await loader()
+        data = self.serializer.dumps(value)
+        ttl_ms = max(1, round((self.ttl if ttl is None else ttl) * 1000))
+        await self._write(full_key, data, ttl_ms)
+        return value
+
+    def _decode_error(self, exc: Exception) -> None:
+        self.stats.decode_errors += 1
+        if not self._warned_decode:
+            self._warned_decode = True
+            logger.warning(
+                "cache.decode_error",
+                cache=self.name,
+                error=type(exc).__name__,
+                detail="entries the serializer cannot read are treated as misses; see stats.decode_errors",
+            )
+
+    async def invalidate(self, key: str) -> bool:
+        """Delete ``key``; True when Redis confirmed it.
+
+        Failure mode: FAIL-SOFT. False while Redis is down or failing: the old
+        entry (if any) may then be served until its ttl runs out.
+        """
+        return await self._invalidate(self.prefix + key) is not _Skipped.INVALIDATE
+
+    def __repr__(self) -> str:
+        return f"<FailSoftCache {self.name!r} ttl={self.ttl:g}s dependency={self.dependency.name!r}>"
+
+
+def _name(fn: Callable[..., Any], qualname: str) -> None:
+    # The runbook names a site by module + qualname; give the closures readable ones.
+    fn.__qualname__ = qualname
+    fn.__name__ = qualname.rsplit(".", 1)[-1]

@@ -1,0 +1,518 @@
+"""Redis clients that fail fast, a start-up warning for clients that don't, and a Sentinel check.
+
+redis-py's own defaults are built for a script, not a request path: ``Redis()``
+waits 5 s for a socket and retries 10 times with backoff, so one call against a
+hung Redis takes about a minute (measured: 58 s; ``Redis.from_url`` with no
+options: 5 s; see docs/redis.md). :func:`client` and :func:`sentinel_client` build a
+``redis.asyncio.Redis`` that gives up after ``timeout`` (0.25 s by default) and
+never retries on its own: the :class:`~degrade.Dependency` state machine is the
+retry policy (it opens after a few failures, then probes off the request path).
+
+Failure mode: these clients raise ``redis.ConnectionError`` / ``redis.TimeoutError``
+within about ``timeout`` (``connect_timeout`` + ``timeout`` when a connection must
+be opened first); the safety nets that use them (cache, limiter, revocation list,
+``@fail_soft``/``@fail_loud``) turn that into their declared fail mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from ._bounded import hard_timeout
+from .checks import Check
+from .exceptions import CheckFailed, ConfigurationError, MissingExtraError
+from .observe import logger
+
+try:
+    from redis._defaults import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT
+    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ResponseError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingExtraError(
+        "degrade.redis needs the 'redis' package, which is not installed; "
+        "install it with: pip install 'degrade[redis]'"
+    ) from exc
+
+__all__ = [
+    "DEFAULT_HEALTH_CHECK_INTERVAL",
+    "SAFE_MAX_TIMEOUT",
+    "client",
+    "hung_call_seconds",
+    "sentinel_check",
+    "sentinel_client",
+    "unsafe_settings",
+    "warn_if_unsafe",
+]
+
+#: Longest socket / connect / pool wait (seconds) that :func:`unsafe_settings` accepts.
+SAFE_MAX_TIMEOUT = 1.0
+
+#: Default seconds between redis-py's PING on a connection that sat idle.
+DEFAULT_HEALTH_CHECK_INTERVAL = 30.0
+
+# Options that client() sets itself; passing them would defeat its purpose.
+_OWNED = frozenset(
+    {
+        "socket_timeout",
+        "socket_connect_timeout",
+        "retry",
+        "retry_on_timeout",
+        "retry_on_error",
+        "connection_pool",
+        "connection_pool_class",
+    }
+)
+
+
+def _no_retry() -> Retry:
+    # A fresh object each time: redis-py deep-copies and mutates Retry objects.
+    return Retry(NoBackoff(), 0)
+
+
+def _seconds(
+    label: str, value: float | None, *, allow_none: bool = False, upper: float | None = None
+) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
+    if upper is not None and value > upper:
+        raise ConfigurationError(
+            f"{label}={value!r}s is not a fail-fast setting (at most {upper:g}s). "
+            "If a slower Redis really is expected, build redis.asyncio.Redis yourself "
+            "and accept the start-up warning."
+        )
+
+
+def _check_options(
+    *,
+    timeout: float,
+    connect_timeout: float | None,
+    pool_timeout: float | None,
+    max_connections: int,
+    health_check_interval: float,
+    kwargs: dict[str, Any],
+) -> tuple[float, float]:
+    _seconds("timeout", timeout, upper=SAFE_MAX_TIMEOUT)
+    _seconds("connect_timeout", connect_timeout, allow_none=True, upper=SAFE_MAX_TIMEOUT)
+    _seconds("pool_timeout", pool_timeout, allow_none=True, upper=SAFE_MAX_TIMEOUT)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise ConfigurationError(f"max_connections must be an int >= 1; got {max_connections!r}")
+    if (
+        isinstance(health_check_interval, bool)
+        or not isinstance(health_check_interval, int | float)
+        or health_check_interval < 0
+    ):
+        raise ConfigurationError(
+            f"health_check_interval must be >= 0 seconds (0 turns it off); got {health_check_interval!r}"
+        )
+    owned = sorted(_OWNED.intersection(kwargs))
+    if owned:
+        raise ConfigurationError(
+            f"{', '.join(owned)} cannot be passed here: this client sets its own timeouts and "
+            "never retries (use timeout=, connect_timeout=, pool_timeout=)"
+        )
+    return (
+        float(connect_timeout if connect_timeout is not None else timeout),
+        float(pool_timeout if pool_timeout is not None else timeout),
+    )
+
+
+def client(
+    url: str,
+    *,
+    timeout: float = 0.25,
+    connect_timeout: float | None = None,
+    pool_timeout: float | None = None,
+    max_connections: int = 50,
+    health_check_interval: float = DEFAULT_HEALTH_CHECK_INTERVAL,
+    **kwargs: Any,
+) -> Redis:
+    """A ``redis.asyncio.Redis`` for the request path: short timeouts, no retries.
+
+    Failure mode: FAIL-FAST. A call raises ``redis.TimeoutError`` after
+    ``timeout`` seconds without an answer, ``redis.ConnectionError`` when Redis
+    refuses or is unreachable (within ``connect_timeout``), and
+    ``ConnectionError("No connection available.")`` after waiting
+    ``pool_timeout`` for a free pooled connection. It never retries: feed its
+    errors to a :class:`~degrade.Dependency` (the safety nets do) and let the
+    state machine decide when to try again.
+
+    Args:
+        url: ``redis://[[user]:[password]@]host:port/db`` (or ``rediss://``,
+            ``unix://``). Query options that set timeouts or retries are
+            refused, since they would win over these settings.
+        timeout: Seconds a command may wait for its answer (socket timeout).
+        connect_timeout: Seconds to open a connection; defaults to ``timeout``.
+        pool_timeout: Seconds to wait for a free connection when all
+            ``max_connections`` are busy; defaults to ``timeout``. (A burst then
+            queues briefly instead of failing at once.)
+        max_connections: Size of the connection pool.
+        health_check_interval: A connection idle for longer than this is
+            PINGed before its next command, so one that a proxy, NAT or the
+            server dropped is found on the PING. Keep it under the shortest idle
+            timeout between you and Redis; 0 turns it off.
+        **kwargs: Passed to ``BlockingConnectionPool`` (``decode_responses``,
+            ``client_name``, ``ssl_*``, ...).
+
+    Raises:
+        ConfigurationError: a timeout is not in (0, 1] seconds, or the URL or
+            ``kwargs`` set timeouts or retries.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError("url must be a Redis URL such as 'redis://127.0.0.1:6379/0'")
+    connect, pool_wait = _check_options(
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        pool_timeout=pool_timeout,
+        max_connections=max_connections,
+        health_check_interval=health_check_interval,
+        kwargs=kwargs,
+    )
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_wait,
+        socket_timeout=float(timeout),
+        socket_connect_timeout=connect,
+        retry=_no_retry(),
+        health_check_interval=health_check_interval,
+        **kwargs,
+    )
+    redis = Redis.from_pool(pool)
+    problems = unsafe_settings(redis)
+    if problems:
+        # The URL's query string won over our options (redis-py lets it): refuse
+        # rather than hand out a client that hangs. The URL itself is not echoed.
+        raise ConfigurationError(
+            "the Redis URL overrides fail-fast settings: "
+            + "; ".join(problems)
+            + ". Remove them from the URL."
+        )
+    return redis
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel-managed pool that waits (bounded) for a free connection instead of failing."""
+
+
+class _SentinelMaster(Redis):
+    """The master client of :func:`sentinel_client`; closing it closes its Sentinel connections too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            if manager is not None:
+                await manager.aclose()
+
+
+def _addresses(sentinels: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    nodes = list(sentinels)
+    if not nodes:
+        raise ConfigurationError("sentinels must list at least one (host, port) pair")
+    for node in nodes:
+        if (
+            not isinstance(node, tuple)
+            or len(node) != 2
+            or not isinstance(node[0], str)
+            or isinstance(node[1], bool)
+            or not isinstance(node[1], int)
+            or not 0 < node[1] < 65536
+        ):
+            raise ConfigurationError(f"each sentinel must be a (host, port) pair; got {node!r}")
+    return nodes
+
+
+def sentinel_client(
+    sentinels: Sequence[tuple[str, int]],
+    service_name: str,
+    *,
+    timeout: float = 0.25,
+    connect_timeout: float | None = None,
+    sentinel_timeout: float | None = None,
+    pool_timeout: float | None = None,
+    max_connections: int = 50,
+    health_check_interval: float = DEFAULT_HEALTH_CHECK_INTERVAL,
+    db: int = 0,
+    username: str | None = None,
+    password: str | None = None,
+    sentinel_username: str | None = None,
+    sentinel_password: str | None = None,
+    **kwargs: Any,
+) -> Redis:
+    """The master of a Sentinel-managed Redis, with fail-fast settings on every connection.
+
+    ``master_for`` is called once, here: keep the returned client for the
+    process's lifetime (a client per request would open a pool per request).
+    Each new connection asks the Sentinels for the current master, so after a
+    failover the client follows the promoted replica. Closing the client also
+    closes its connections to the Sentinels.
+
+    Failure mode: FAIL-FAST, as :func:`client`. While no Sentinel names a
+    healthy master (the master is down and not yet replaced), calls raise
+    ``MasterNotFoundError`` (a ``redis.ConnectionError``) within about
+    ``sentinel_timeout`` per unreachable Sentinel; the Dependency sees failures
+    and the safety nets degrade until a probe reaches the new master.
+
+    Args:
+        sentinels: ``[(host, port), ...]`` of the Sentinels.
+        service_name: The master's name in the Sentinel configuration.
+        timeout: Socket timeout of master connections, in seconds.
+        connect_timeout: Connect timeout of master connections; defaults to ``timeout``.
+        sentinel_timeout: Connect and socket timeout of each Sentinel query;
+            defaults to ``timeout``. Sentinels are asked one after another, so
+            finding the master can take up to ``len(sentinels) * sentinel_timeout``.
+        pool_timeout: As for :func:`client`.
+        max_connections: As for :func:`client`.
+        health_check_interval: As for :func:`client`.
+        db: Database number on the master.
+        username: ACL user of the master and replicas, if any.
+        password: Password of the master and replicas, if any.
+        sentinel_username: ACL user of the Sentinels, if they require AUTH.
+        sentinel_password: Password of the Sentinels, if they require AUTH.
+        **kwargs: Passed to the master's connection pool.
+
+    Raises:
+        ConfigurationError: as for :func:`client`, or a malformed sentinel list.
+    """
+    nodes = _addresses(sentinels)
+    if not isinstance(service_name, str) or not service_name:
+        raise ConfigurationError("service_name must be the master's name in the Sentinel configuration")
+    connect, pool_wait = _check_options(
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        pool_timeout=pool_timeout,
+        max_connections=max_connections,
+        health_check_interval=health_check_interval,
+        kwargs=kwargs,
+    )
+    _seconds("sentinel_timeout", sentinel_timeout, allow_none=True, upper=SAFE_MAX_TIMEOUT)
+    s_timeout = float(sentinel_timeout if sentinel_timeout is not None else timeout)
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": s_timeout,
+        "socket_connect_timeout": s_timeout,
+        "retry": _no_retry(),
+    }
+    if sentinel_username is not None:
+        sentinel_kwargs["username"] = sentinel_username
+    if sentinel_password is not None:
+        sentinel_kwargs["password"] = sentinel_password
+    manager = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    master: Redis = manager.master_for(
+        service_name,
+        redis_class=_SentinelMaster,
+        connection_pool_class=_BlockingSentinelPool,
+        socket_timeout=float(timeout),
+        socket_connect_timeout=connect,
+        retry=_no_retry(),
+        health_check_interval=health_check_interval,
+        max_connections=max_connections,
+        timeout=pool_wait,
+        db=db,
+        username=username,
+        password=password,
+        **kwargs,
+    )
+    return master
+
+
+# -- start-up check -----------------------------------------------------------
+
+
+def _retries(retry: object, retry_on_error: object) -> tuple[int, float]:
+    """(retries, longest backoff) that redis-py derives for each connection."""
+    if isinstance(retry, Retry):
+        backoff = getattr(retry, "_backoff", None)
+        cap = getattr(backoff, "_cap", None)
+        if cap is None:
+            cap = getattr(backoff, "_backoff", 0.0)  # ConstantBackoff keeps its wait here
+        count = int(getattr(retry, "_retries", 0))
+        return (count if count >= 0 else -1), float(cap or 0.0)
+    if retry_on_error:  # redis-py turns retry_on_error / retry_on_timeout into one retry
+        return 1, 0.0
+    return 0, 0.0
+
+
+def _pool_settings(pool: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}))
+    socket_timeout = kw.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
+    connect_timeout = kw.get("socket_connect_timeout", DEFAULT_SOCKET_CONNECT_TIMEOUT)
+    if connect_timeout is None:
+        connect_timeout = socket_timeout  # redis-py falls back to the socket timeout
+    retry_on_error = list(kw.get("retry_on_error") or [])
+    if kw.get("retry_on_timeout"):
+        retry_on_error.append(TimeoutError)
+    retries, backoff_cap = _retries(kw.get("retry"), retry_on_error)
+    return {
+        "socket_timeout": socket_timeout,
+        "connect_timeout": connect_timeout,
+        "retries": retries,
+        "backoff_cap": backoff_cap,
+        "pool_timeout": getattr(pool, "timeout", 0.0) if isinstance(pool, BlockingConnectionPool) else 0.0,
+    }
+
+
+def _problems(settings: dict[str, Any], max_timeout: float, where: str) -> list[str]:
+    out: list[str] = []
+    for key in ("socket_timeout", "connect_timeout"):
+        value = settings[key]
+        if value is None:
+            out.append(f"{where}{key}=None: a hung Redis blocks a call forever")
+        elif value > max_timeout:
+            out.append(f"{where}{key}={value:g}s (over {max_timeout:g}s)")
+    retries = settings["retries"]
+    if retries < 0:
+        out.append(f"{where}unlimited client-side retries")
+    elif retries > 0:
+        out.append(f"{where}{retries} client-side retries, each waiting out the timeout again")
+    pool_timeout = settings["pool_timeout"]
+    if pool_timeout is None:
+        out.append(f"{where}the pool waits forever for a free connection")
+    elif pool_timeout > max_timeout:
+        out.append(f"{where}the pool waits up to {pool_timeout:g}s for a free connection")
+    return out
+
+
+def hung_call_seconds(client: Redis) -> float:
+    """Roughly how long one call can take against a Redis that accepts but never answers.
+
+    ``(retries + 1) * socket_timeout + retries * backoff cap``; ``inf`` for a
+    client without a socket timeout or with unlimited retries.
+    """
+    s = _pool_settings(client.connection_pool)
+    if s["socket_timeout"] is None or s["retries"] < 0:
+        return math.inf
+    return float((s["retries"] + 1) * s["socket_timeout"] + s["retries"] * s["backoff_cap"])
+
+
+def unsafe_settings(client: Redis, *, max_timeout: float = SAFE_MAX_TIMEOUT) -> tuple[str, ...]:
+    """What makes ``client`` slow to fail, as short credential-free phrases (empty: safe).
+
+    Flags socket or connect timeouts over ``max_timeout`` (or none at all),
+    client-side retries, and a blocking pool that waits longer than
+    ``max_timeout``. For a Sentinel-managed client the Sentinel connections are
+    checked too.
+    """
+    pool = client.connection_pool
+    out = _problems(_pool_settings(pool), max_timeout, "")
+    manager = getattr(pool, "sentinel_manager", None)
+    for node in getattr(manager, "sentinels", ()):
+        for problem in _problems(_pool_settings(node.connection_pool), max_timeout, "sentinel "):
+            if problem not in out:
+                out.append(problem)
+    return tuple(out)
+
+
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def warn_if_unsafe(client: object, *, component: str | None = None) -> tuple[str, ...]:
+    """Log one ``redis.unsafe_client`` warning if ``client`` is slow to fail; once per client.
+
+    Call it at start-up (the cache, revocation list and limiter call it when they
+    are built). Returns what :func:`unsafe_settings` found. An object that is
+    not a redis-py client (no ``connection_pool``, e.g. a test double) is not
+    checked.
+
+    Failure mode: never raises on the client's account; it only reads settings.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or not isinstance(client, Redis):
+        return ()
+    problems = unsafe_settings(client)
+    if problems and pool not in _warned:
+        _warned.add(pool)
+        logger.warning(
+            "redis.unsafe_client",
+            problems=list(problems),
+            hung_call_up_to_s=hung_call_seconds(client),
+            component=component,
+            advice="build the client with degrade.redis.client() or degrade.redis.sentinel_client()",
+        )
+    return problems
+
+
+# -- Sentinel quorum check ----------------------------------------------------
+
+
+def sentinel_check(
+    sentinels: Sequence[tuple[str, int]],
+    service_name: str,
+    *,
+    timeout: float = 0.5,
+    min_reachable: int | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> Check:
+    """A health check that fails while Sentinel could not fail over automatically.
+
+    Each run asks every Sentinel ``SENTINEL CKQUORUM <service_name>``
+    concurrently, each on a fresh connection bounded by ``timeout``. It passes
+    when at least ``min_reachable`` Sentinels answer (default: a majority of
+    those listed) and at least one of them confirms quorum and failover
+    authorisation. Register it on a SEV-2 dependency: losing quorum does not stop
+    the master, it stops automatic recovery from the next master failure.
+
+    Failure mode: raises :class:`~degrade.exceptions.CheckFailed` (or a
+    connection error when no Sentinel answers); never a false "healthy".
+
+    Args:
+        sentinels: ``[(host, port), ...]`` of every Sentinel of the deployment.
+        service_name: The master's name in the Sentinel configuration.
+        timeout: Bound of each Sentinel query, in seconds (keep it under the
+            dependency's ``check_timeout``).
+        min_reachable: Sentinels that must answer; defaults to ``len // 2 + 1``.
+        username: Sentinel ACL user, if required.
+        password: Sentinel password, if required.
+    """
+    nodes = _addresses(sentinels)
+    if not isinstance(service_name, str) or not service_name:
+        raise ConfigurationError("service_name must be the master's name in the Sentinel configuration")
+    _seconds("timeout", timeout)
+    need = len(nodes) // 2 + 1 if min_reachable is None else min_reachable
+    if isinstance(need, bool) or not isinstance(need, int) or not 1 <= need <= len(nodes):
+        raise ConfigurationError(f"min_reachable must be an int in 1..{len(nodes)}; got {min_reachable!r}")
+
+    async def ask(host: str, port: int) -> bool:
+        node = Redis(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=_no_retry(),
+        )
+        try:
+            await node.execute_command("SENTINEL", "CKQUORUM", service_name)  # type: ignore[no-untyped-call]
+        except ResponseError:
+            return False  # reachable, but it says quorum or authorisation is lost
+        finally:
+            await node.aclose()
+        return True
+
+    async def check() -> None:
+        answers = await asyncio.gather(
+            *(hard_timeout(ask(host, port), timeout) for host, port in nodes), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # CancelledError and friends are never "unhealthy"
+        reachable = [a for a in answers if isinstance(a, bool)]
+        if len(reachable) < need:
+            raise CheckFailed(
+                f"{len(reachable)} of {len(nodes)} sentinels answered; automatic failover needs {need}"
+            )
+        if not any(reachable):
+            raise CheckFailed("no reachable sentinel can reach quorum and authorise a failover")
+
+    return check

@@ -179,6 +179,11 @@ class Dependency:
         return self._down
 
     @property
+    def forced(self) -> bool:
+        """True while held down by :meth:`forced_down` (a simulated outage)."""
+        return self._forced > 0
+
+    @property
     def failures(self) -> int:
         """Consecutive failures seen since the last success."""
         return self._failures

@@ -11,14 +11,21 @@ import pytest
 import degrade
 
 PUBLIC_MODULES = [
+    "degrade.cache",
     "degrade.checks",
     "degrade.dependency",
+    "degrade.eventbus",
     "degrade.exceptions",
     "degrade.health",
     "degrade.modes",
     "degrade.observe",
+    "degrade.redis",
     "degrade.registry",
     "degrade.responses",
+    "degrade.revocation",
+    "degrade.runbook",
+    "degrade.testing",
+    "degrade.testing.drill",
 ]
 
 

@@ -1,0 +1,23 @@
+"""RabbitMQ event publishing that never blocks a request: :class:`EventPublisher`.
+
+``await bus.publish(routing_key, payload)`` puts the event in a bounded
+in-process buffer and returns at once; a background sender publishes it with
+publisher confirms. When the broker stays unreachable for ``degrade_after``
+seconds the publisher degrades: events are dropped (or written to a
+:class:`DiskSpool`), each drop counted, logged in bounded summaries and reported
+to Sentry with the tag ``eventbus.status=degraded``. See ``docs/eventbus.md``.
+
+Needs the ``rabbitmq`` extra (aio-pika and tenacity): ``pip install 'degrade[rabbitmq]'``.
+"""
+
+from __future__ import annotations
+
+from .._extras import require
+
+require("aio_pika", "rabbitmq", feature="degrade.eventbus")
+require("tenacity", "rabbitmq", feature="degrade.eventbus")
+
+from .publisher import EventPublisher, PublisherStats, PublishResult  # noqa: E402 - after the extras check
+from .spool import DiskSpool  # noqa: E402 - after the extras check
+
+__all__ = ["DiskSpool", "EventPublisher", "PublishResult", "PublisherStats"]

@@ -13,6 +13,7 @@ import degrade
 PUBLIC_MODULES = [
     "degrade.cache",
     "degrade.checks",
+    "degrade.db",
     "degrade.dependency",
     "degrade.eventbus",
     "degrade.exceptions",

@@ -1,0 +1,239 @@
+"""Connections with hard bounds that cost nothing on the healthy path.
+
+Two measured facts shape this module (numbers in ``docs/postgres.md``):
+
+* Cancelling SQLAlchemy while it waits on a silent connection overruns: it
+  invalidates the connection and awaits a *shielded* graceful close (asyncpg
+  ``close(timeout=2)``). A hard bound therefore has to stop waiting instead of
+  cancelling, which :func:`degrade._bounded.hard_timeout` does by running the
+  work in its own task; that costs a task and a scheduling round trip.
+* A pooled connection is not proof that the server answers: checking it out
+  touches no socket (unless ``pool_pre_ping``, which costs a round trip).
+
+So :func:`acquire` takes an idle pooled connection directly when the pool
+would hand it over without any I/O (checked first, see
+:func:`_instant_checkout`), and otherwise checks out under
+:func:`~degrade._bounded.hard_timeout` (a task, but then the pool connects or
+pings anyway). It then proves the connection with the ``BEGIN`` its first
+statement would send anyway: no extra round trip. That ``BEGIN``, and the
+``ROLLBACK`` of :func:`release`, are bounded by *terminating* the asyncpg
+connection at the deadline: the pending operation fails at once, and the
+graceful close that follows finds the socket already gone. No task, no shield.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from .._bounded import hard_timeout
+
+__all__ = ["acquire", "discard", "release"]
+
+
+def _driver(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under ``conn``, or None (closed or invalidated: nothing to bound)."""
+    sync = conn.sync_connection
+    if sync is None or sync.closed or sync.invalidated:
+        return None
+    return sync.connection.driver_connection
+
+
+class _Deadlines:
+    """One event loop's bounded driver operations, and the timer that enforces them.
+
+    A per-operation ``call_later`` costs a timer-heap push and a cancelled
+    handle left behind on every request; here an operation costs a set
+    insert and delete, and one timer ticks every ``TICK`` seconds only while
+    some operation is in flight. A deadline is enforced at most ``TICK`` late.
+    """
+
+    TICK = 0.01
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ops: set[_Op] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, op: _Op) -> None:
+        self.ops.add(op)
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.TICK, self.tick)
+
+    def tick(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        for op in [op for op in self.ops if op.deadline <= now]:
+            self.ops.discard(op)
+            op.fired = True
+            op.driver.terminate()  # the pending operation fails at once
+        if self.ops:
+            self.handle = self.loop.call_later(self.TICK, self.tick)
+
+
+class _Op:
+    __slots__ = ("deadline", "driver", "fired")
+
+    def __init__(self, driver: Any, deadline: float) -> None:
+        self.driver = driver
+        self.deadline = deadline
+        self.fired = False
+
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = weakref.WeakKeyDictionary()
+_last: _Deadlines | None = None  # the common case: one loop; skips the weak-dict lookup
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    global _last  # noqa: PLW0603 - a one-entry cache
+    last = _last
+    if last is not None and last.loop is loop:
+        return last
+    found = _by_loop.get(loop)
+    if found is None:
+        found = _by_loop[loop] = _Deadlines(loop)
+    _last = found
+    return found
+
+
+async def _killing_after(driver: Any, timeout: float, op: Any, what: str) -> None:  # noqa: ASYNC109 - the bound
+    """Await ``op``; about ``timeout`` seconds in, terminate ``driver`` so that ``op`` fails at once."""
+    loop = asyncio.get_running_loop()
+    deadlines = _deadlines_of(loop)
+    entry = _Op(driver, loop.time() + timeout)
+    deadlines.add(entry)
+    try:
+        await op
+    except Exception as exc:
+        if entry.fired:
+            raise TimeoutError(f"{what}: no answer within {timeout:g}s") from exc
+        raise
+    finally:
+        deadlines.ops.discard(entry)
+
+
+async def _verify(conn: AsyncConnection, budget: float) -> None:
+    if budget <= 0:
+        raise TimeoutError("no time left to verify the connection")
+    sync = conn.sync_connection
+    if sync is None:  # pragma: no cover - start() sets it
+        raise RuntimeError("connection not started")
+    fairy = sync.connection
+    adapted = fairy.dbapi_connection
+    driver: Any = fairy.driver_connection
+    # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with the first statement
+    # of a transaction. Sending it now proves the server answers and spares the
+    # handler that round trip: SQLAlchemy sees a transaction already started.
+    start = getattr(adapted, "_start_transaction", None)
+    if (
+        start is not None
+        and getattr(adapted, "_transaction", False) is None
+        and getattr(adapted, "isolation_level", None) != "autocommit"
+    ):
+        op = start()
+    else:  # autocommit (no BEGIN to send) or an unknown adapter: a plain ping
+        op = driver.execute(";")
+    await _killing_after(driver, budget, op, "verifying the connection")
+
+
+def _instant_checkout(sync_engine: Engine) -> bool:
+    """True when checking out now takes an idle connection without touching any socket.
+
+    Mirrors SQLAlchemy's own fast path (``_ConnectionFairy._checkout`` and
+    ``_ConnectionRecord.get_connection``): an idle connection is queued, no
+    pre-ping, no checkout or engine_connect listener, and the connection the
+    queue hands out next is neither recycled nor invalidated. Anything
+    unexpected (another pool class, changed internals) answers False, which
+    is always safe: the caller then bounds the checkout with a task.
+    """
+    pool = sync_engine.pool
+    if type(pool) is not AsyncAdaptedQueuePool:
+        return False
+    try:
+        if pool._pre_ping or pool.dispatch.checkout or sync_engine.dispatch.engine_connect:
+            return False
+        queue: Any = pool._pool  # sqlalchemy.util.queue.AsyncAdaptedQueue
+        items = queue._queue._queue  # the asyncio.Queue's deque
+        if not items:
+            return False
+        record = items[-1] if queue.use_lifo else items[0]
+        started = record.starttime
+        recycle = pool._recycle
+        return bool(
+            record.dbapi_connection is not None
+            and pool._invalidate_time <= started
+            and record._soft_invalidate_time <= started
+            and (recycle < 0 or time.time() - started <= recycle)
+        )
+    except AttributeError:
+        return False
+
+
+async def acquire(engine: AsyncEngine, timeout: float) -> AsyncConnection:  # noqa: ASYNC109 - the bound
+    """Check out a connection of ``engine`` and prove it answers, within ``timeout`` (hard).
+
+    An idle pooled connection that turns out dead (the server restarted, a
+    failover or a load balancer reset it) is discarded and the next one is
+    tried, within the same bound, so one reset costs no request.
+
+    Failure mode: raises ``TimeoutError`` at the bound, or the driver's error;
+    a connection that failed its proof is terminated and returned to the pool
+    invalidated. Cancellation propagates the same way.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    sync = engine.sync_engine
+    retries = sync.pool.size() if isinstance(sync.pool, AsyncAdaptedQueuePool) else 0
+    while True:
+        instant = _instant_checkout(sync)
+        if instant:
+            conn = await engine.connect().start()  # no I/O happens here: nothing to bound
+        else:
+            conn = await hard_timeout(engine.connect().start(), max(deadline - loop.time(), 0.0))
+        try:
+            await _verify(conn, deadline - loop.time())
+        except Exception as exc:
+            await discard(conn)
+            if instant and retries > 0 and not isinstance(exc, TimeoutError):
+                retries -= 1
+                continue  # it died while idle; the pool may hold a live one, or make one
+            raise
+        except BaseException:  # cancelled: give the connection back before propagating
+            await discard(conn)
+            raise
+        return conn
+
+
+async def discard(conn: AsyncConnection) -> None:
+    """Terminate ``conn`` (no graceful close to wait for) and return it to the pool invalidated."""
+    try:
+        driver = _driver(conn)
+        if driver is not None:
+            driver.terminate()
+        if not conn.invalidated:
+            await conn.invalidate()
+    finally:
+        await conn.close()
+
+
+async def release(conn: AsyncConnection, timeout: float) -> None:  # noqa: ASYNC109 - the bound
+    """Return ``conn`` to its pool (rolling back what was not committed), within ``timeout``.
+
+    Failure mode: raises ``TimeoutError`` (the connection was terminated at the
+    bound) or the driver's error; the connection is back in the pool either way.
+    """
+    driver = _driver(conn)
+    try:
+        if driver is None:
+            await conn.close()
+        else:
+            await _killing_after(driver, timeout, conn.close(), "returning the connection")
+    finally:
+        if not conn.closed:
+            await discard(conn)

@@ -1,0 +1,383 @@
+"""ReadReplicaRouter: reads on the replica when it can serve them, on the primary otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections.abc import AsyncIterator, Callable
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+
+from .._bounded import Abandoned, can_abandon
+from ..dependency import Dependency
+from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable
+from ..observe import logger
+from ._conn import _driver, _killing_after, acquire, discard, release
+from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
+from ._errors import is_database_failure
+from ._lag import replica_check
+from ._settings import warn_if_unbounded
+from ._sites import register_site
+
+__all__ = ["ReadReplicaRouter"]
+
+SessionFactory = Callable[..., AsyncSession]
+
+
+def _seconds(label: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{label} must be a number of seconds; got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(f"{label} must be {'>=' if allow_zero else '>'} 0 seconds; got {value!r}")
+    return float(value)
+
+
+class ReadReplicaRouter:
+    """Route ``AsyncSession``s: writes to the primary, reads to a replica that can serve them.
+
+    ``async with router.for_write() as session`` runs on the primary;
+    ``async with router.for_read() as session`` runs on the replica, except:
+
+    * no replica configured (``replica=None``, no ``READ_DATABASE_URL``): the primary;
+    * read-your-writes: inside a ``for_write()`` block the read gets that same
+      session (it sees the uncommitted writes); within ``sticky_after_write``
+      seconds after a commit on the primary in the same request (the same
+      task, or the request gated by :class:`~degrade.db.DBHealthMiddleware`),
+      the primary;
+    * the replica is known down: the primary at once, no connect attempt;
+    * the replica gives no connection within ``connect_timeout`` (refused,
+      silent, reset, auth failure): the primary, and one failure counted on
+      ``dependency``.
+
+    On the primary, sessions use the connection the middleware checked out
+    for the request when it is free (one checkout per request), else the
+    engine's pool.
+
+    Health: unless ``dependency`` has a check of its own, the router installs
+    one (connect; with ``max_lag``, replication lag too, see
+    :func:`degrade.db.replica_lag`), so its background probe restores the
+    replica about one ``recovery_interval`` after it is back. With ``max_lag``
+    a monitor measures lag every ``lag_interval`` while the replica is up and
+    takes it down when over the limit; it runs with the registry's lifespan
+    (the router is managed by the dependency's registry), or between
+    ``await router.start()`` and ``await router.aclose()``.
+
+    FAIL-SOFT: a replica outage only moves reads to the primary; one
+    ``db.replica.fallback`` warning per transition (``db.replica.restored``
+    when reads are back on the replica), never one per request. A
+    database failure inside a block leaves it as
+    :class:`~degrade.DependencyUnavailable` (the driver's error as
+    ``__cause__``) once counted on the right dependency; with the primary
+    known down (``primary_dependency``), ``for_write()`` raises it at once.
+
+    Args:
+        primary: The primary ``AsyncEngine``.
+        replica: The replica ``AsyncEngine``, or None.
+        dependency: The replica's :class:`~degrade.Dependency` (required with a
+            replica; SEV-3 in the runbook).
+        primary_dependency: The primary's Dependency; set it (or let
+            ``DBHealthMiddleware(router=...)`` set it) so a primary known down
+            is not tried.
+        connect_timeout: Hard bound, in seconds, on getting a replica connection
+            that answers.
+        max_lag: Seconds of replication lag above which the replica counts as
+            down (None: not measured).
+        sticky_after_write: Seconds after a commit during which reads of the
+            same request stay on the primary (0 turns it off).
+        close_timeout: Hard bound on returning a session's connection.
+        lag_interval: Seconds between lag measurements while the replica is up.
+        session_factory: Called as ``session_factory(bind=connection_or_engine)``;
+            defaults to ``async_sessionmaker(expire_on_commit=False)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        primary: AsyncEngine,
+        replica: AsyncEngine | None = None,
+        dependency: Dependency | None = None,
+        primary_dependency: Dependency | None = None,
+        connect_timeout: float = 0.5,
+        max_lag: float | None = None,
+        sticky_after_write: float = 2.0,
+        close_timeout: float = 1.0,
+        lag_interval: float = 1.0,
+        session_factory: SessionFactory | None = None,
+    ) -> None:
+        if not isinstance(primary, AsyncEngine):
+            raise ConfigurationError(
+                f"primary must be a SQLAlchemy AsyncEngine; got {type(primary).__name__}"
+            )
+        if replica is not None and not isinstance(replica, AsyncEngine):
+            raise ConfigurationError(
+                f"replica must be a SQLAlchemy AsyncEngine or None; got {type(replica).__name__}"
+            )
+        if replica is not None and replica.sync_engine is primary.sync_engine:
+            raise ConfigurationError(
+                "replica is the primary engine; pass replica=None to read from the primary"
+            )
+        if replica is not None and dependency is None:
+            raise ConfigurationError(
+                "a replica needs its dependency: dependency=registry.dependency('db-replica', severity=...)"
+            )
+        for label, dep in (("dependency", dependency), ("primary_dependency", primary_dependency)):
+            if dep is not None and not isinstance(dep, Dependency):
+                raise ConfigurationError(f"{label} must be a degrade Dependency; got {dep!r}")
+        if dependency is not None and dependency is primary_dependency:
+            raise ConfigurationError("dependency (the replica's) and primary_dependency must differ")
+        self.primary = primary
+        self.replica = replica
+        self.dependency = dependency
+        self.primary_dependency = primary_dependency
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.max_lag = None if max_lag is None else _seconds("max_lag", max_lag)
+        self.sticky_after_write = _seconds("sticky_after_write", sticky_after_write, allow_zero=True)
+        self.close_timeout = _seconds("close_timeout", close_timeout)
+        self.lag_interval = _seconds("lag_interval", lag_interval)
+        self._factory: SessionFactory = session_factory or async_sessionmaker(expire_on_commit=False)
+        self._primary_sync = primary.sync_engine
+        self._on_primary = False  # reads fall back to the primary because of the replica
+        self._monitor: asyncio.Task[None] | None = None
+        self._site = None
+        if replica is not None and dependency is not None:
+            if dependency.check is None:
+                dependency.check = replica_check(
+                    replica, max_lag=self.max_lag, timeout=dependency.check_timeout
+                )
+            self._lag_check = replica_check(replica, max_lag=self.max_lag, timeout=dependency.check_timeout)
+            self._site = register_site(
+                dependency,
+                "degrade.db.ReadReplicaRouter.for_read",
+                "fail_soft",
+                "reads run on the primary instead (slower primary, no user-visible error)",
+                fallback="the primary",
+            )
+            registry = dependency._registry
+            if self.max_lag is not None and registry is not None:
+                registry.manage(self)
+            warn_if_unbounded(replica, acquire_timeout=self.connect_timeout, component="ReadReplicaRouter")
+        # Read-your-writes: remember commits on the primary in the request's context.
+        event.listen(self._primary_sync, "commit", self._on_commit)
+
+    # -- lifecycle (a degrade Component) ---------------------------------------
+
+    async def start(self) -> None:
+        """Start the lag monitor (only with a replica and ``max_lag``); idempotent."""
+        if self.max_lag is None or self.replica is None:
+            return
+        if self._monitor is not None and not self._monitor.done():
+            return
+        loop = asyncio.get_running_loop()
+        # A fresh context: the monitor must not inherit a request's connection.
+        self._monitor = loop.create_task(
+            self._watch_lag(), name="degrade.db.replica-lag", context=contextvars.Context()
+        )
+
+    async def aclose(self) -> None:
+        """Stop the lag monitor and wait for it (idempotent)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None or monitor.done():
+            return
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError  # we were cancelled too: do not swallow it
+
+    async def _watch_lag(self) -> None:
+        dep = self.dependency
+        if dep is None:  # pragma: no cover - start() requires a replica, which requires a dependency
+            return
+        while True:
+            await asyncio.sleep(self.lag_interval)
+            if dep.is_down:
+                continue  # the dependency's probe runs the check meanwhile
+            try:
+                await self._lag_check()
+            except CheckFailed as exc:
+                dep.mark_down(exc, reason="lag")
+            except Exception as exc:  # unreachable replica: an ordinary failure
+                dep.record_failure(exc, reason="lag-monitor")
+
+    # -- routing ---------------------------------------------------------------
+
+    def _attach_primary_dependency(self, dependency: Dependency) -> None:
+        """Called by DBHealthMiddleware(router=...): the gate's dependency is the primary's."""
+        if self.primary_dependency is None:
+            if dependency is self.dependency:
+                raise ConfigurationError("the middleware's dependency is the router's replica dependency")
+            self.primary_dependency = dependency
+        elif self.primary_dependency is not dependency:
+            raise ConfigurationError(
+                "the router's primary_dependency differs from the middleware's dependency; use the same one"
+            )
+
+    def _on_commit(self, conn: Connection) -> None:
+        ctx = REQUEST.get()
+        if ctx is not None:
+            ctx.last_write = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def for_write(self) -> AsyncIterator[AsyncSession]:
+        """An ``AsyncSession`` on the primary; commit it yourself.
+
+        In a gated request it runs on the connection the middleware checked
+        out; elsewhere it checks out from the primary's pool on first use,
+        bounded by the engine's settings (:func:`degrade.db.engine_options`).
+
+        Failure mode: with the primary known down (``primary_dependency``),
+        raises :class:`~degrade.DependencyUnavailable` at once. A database
+        failure inside the block leaves it as ``DependencyUnavailable`` too
+        (counted on ``primary_dependency``; without one, the driver's error
+        propagates). Other exceptions propagate unchanged.
+        """
+        active = ACTIVE_WRITE.get()
+        if active is not None:
+            yield active  # nested: one transaction
+            return
+        request_context()  # so the commit listener has somewhere to record
+        session, lease = self._primary_session()
+        token = ACTIVE_WRITE.set(session)
+        try:
+            yield session
+        except Exception as exc:
+            self._raise_unavailable(exc, self.primary_dependency, "the primary database failed")
+            raise
+        finally:
+            ACTIVE_WRITE.reset(token)
+            await self._finish(session, None, lease, self.primary_dependency)
+
+    @contextlib.asynccontextmanager
+    async def for_read(self) -> AsyncIterator[AsyncSession]:
+        """An ``AsyncSession`` for reads: the replica when it can serve them, else the primary.
+
+        Failure mode: FAIL-SOFT on the replica (see the class); with both the
+        replica and the primary unavailable, raises
+        :class:`~degrade.DependencyUnavailable` for the primary.
+        """
+        active = ACTIVE_WRITE.get()
+        if active is not None:
+            yield active  # a read inside a write transaction sees its writes
+            return
+        conn = None
+        if self.replica is not None:
+            ctx = REQUEST.get()
+            if ctx is None or not ctx.wrote_within(self.sticky_after_write):
+                conn = await self._replica_connection()
+        lease: Lease | None = None
+        if conn is None:
+            session, lease = self._primary_session()
+            dep = self.primary_dependency
+            detail = "the primary database failed"
+        else:
+            session = self._factory(bind=conn)
+            dep = self.dependency
+            detail = "the read replica failed mid-read"
+        try:
+            yield session
+        except Exception as exc:
+            self._raise_unavailable(exc, dep, detail)
+            raise
+        finally:
+            await self._finish(session, conn, lease, dep)
+
+    async def _replica_connection(self) -> AsyncConnection | None:
+        """A proven replica connection, or None when this read must go to the primary."""
+        dep = self.dependency
+        replica = self.replica
+        if dep is None or replica is None:  # pragma: no cover - checked by the caller
+            return None
+        if dep.is_down and not dep.admit():
+            self._fell_back(dep.last_error or "down")
+            return None
+        if not can_abandon():  # too many abandoned clean-ups unwinding: do not risk another
+            Abandoned.refused += 1
+            self._fell_back("abandoned-cap")
+            return None
+        try:
+            conn = await acquire(replica, self.connect_timeout)
+        except Exception as exc:  # refused, silent, reset, auth failure: read elsewhere
+            dep.record_failure(exc)
+            self._fell_back(type(exc).__name__)
+            return None
+        dep.record_success()
+        if self._on_primary:
+            self._on_primary = False
+            logger.info("db.replica.restored", replica=dep.name)
+        return conn
+
+    def _fell_back(self, error: str) -> None:
+        if self._site is not None:
+            self._site.count()
+        if not self._on_primary:
+            self._on_primary = True
+            dep = self.dependency
+            logger.warning(
+                "db.replica.fallback",
+                replica=dep.name if dep is not None else None,
+                error=error,
+                detail="reads run on the primary until the replica is back",
+            )
+
+    def _primary_session(self) -> tuple[AsyncSession, Lease | None]:
+        """A session on the request's leased connection when free, else on the primary's pool."""
+        lease = LEASE.get()
+        if lease is not None and lease.available_for(self._primary_sync):
+            lease.busy = True
+            return self._factory(bind=lease.conn), lease
+        dep = self.primary_dependency
+        if dep is not None and dep.is_down and not dep.admit():
+            raise DependencyUnavailable(dep.name, "the primary database is down", retry_after=dep.retry_after)
+        return self._factory(bind=self.primary), None
+
+    @staticmethod
+    def _raise_unavailable(exc: Exception, dep: Dependency | None, detail: str) -> None:
+        if dep is None or isinstance(exc, DependencyUnavailable) or not is_database_failure(exc):
+            return
+        dep.record_failure(exc)
+        raise DependencyUnavailable(dep.name, detail, retry_after=dep.retry_after) from exc
+
+    async def _finish(
+        self, session: AsyncSession, conn: AsyncConnection | None, lease: Lease | None, dep: Dependency | None
+    ) -> None:
+        """Close the session (and the replica connection ``conn``), bounded; failures only count.
+
+        A leased connection stays checked out (the middleware returns it); the
+        session's uncommitted work is rolled back here, like any session's.
+        """
+        try:
+            if conn is not None:  # the replica's
+                await _bounded_close(session, self.close_timeout, conn)
+                await release(conn, self.close_timeout)
+            elif lease is not None:
+                await _bounded_close(session, self.close_timeout, lease.conn)
+            else:  # the primary's pool, outside a gated request: bounded by the engine's settings
+                await session.close()
+        except Exception as exc:
+            if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
+                raise
+            if dep is not None:
+                dep.record_failure(exc)
+        finally:
+            if lease is not None:
+                lease.busy = False
+            if conn is not None and not conn.closed:
+                await discard(conn)
+
+    def __repr__(self) -> str:
+        replica = "none" if self.dependency is None else f"{self.dependency.name}={self.dependency.state}"
+        return f"<ReadReplicaRouter replica={replica} max_lag={self.max_lag}>"
+
+
+async def _bounded_close(session: AsyncSession, bound: float, conn: AsyncConnection) -> None:
+    """Close a session on ``conn``; a ROLLBACK it sends is bounded by terminating ``conn``."""
+    driver = _driver(conn)
+    if driver is None or not session.in_transaction():
+        await session.close()  # nothing to send, or nothing left to bound
+        return
+    await _killing_after(driver, bound, session.close(), "closing the session")

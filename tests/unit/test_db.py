@@ -1,0 +1,606 @@
+"""degrade.db without a database: configuration, pass-through, known-down 503s, classification."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy.exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+from structlog.testing import capture_logs
+
+from degrade import (
+    CheckFailed,
+    ConfigurationError,
+    DependencyUnavailable,
+    MissingExtraError,
+    Registry,
+    Severity,
+)
+from degrade.db import (
+    DBHealthMiddleware,
+    ReadReplicaRouter,
+    _conn,
+    current_connection,
+    engine_options,
+    engine_problems,
+    is_database_failure,
+    replica_check,
+    replica_lag,
+)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Attempts:
+    """An ``async_creator`` that counts connection attempts and always fails."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        raise ConnectionRefusedError("no database in unit tests")
+
+
+@pytest.fixture
+def attempts() -> _Attempts:
+    """Counts the engine fixture's connection attempts."""
+    return _Attempts()
+
+
+@pytest.fixture
+async def engine(attempts: _Attempts) -> AsyncIterator[AsyncEngine]:
+    """An asyncpg engine that never reaches a server (every attempt is counted and refused)."""
+    eng = create_async_engine(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/x",
+        async_creator=attempts,
+        **engine_options(acquire_timeout=0.5),
+    )
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+def _scope(path: str = "/api/x", *, kind: str = "http", method: str = "GET") -> Scope:
+    return {
+        "type": kind,
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "scheme": "http",
+        "query_string": b"",
+        "headers": [],
+        "server": ("test", 80),
+        "client": ("127.0.0.1", 1),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+
+async def _call(app: Any, scope: Scope) -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+class _Recorder:
+    """A tiny ASGI app that records the scopes it saw."""
+
+    def __init__(self) -> None:
+        self.scopes: list[Scope] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scopes.append(scope)
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+
+class TestImport:
+    @pytest.mark.parametrize("missing", ["asyncpg", "sqlalchemy"])
+    def test_missing_driver_names_the_extra(self, monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+        """Importing degrade.db without SQLAlchemy or asyncpg raises MissingExtraError naming [postgres]."""
+        for name in list(sys.modules):
+            if name == "degrade.db" or name.startswith("degrade.db."):
+                monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, missing, None)
+        with pytest.raises(MissingExtraError, match=r"degrade\[postgres\]"):
+            importlib.import_module("degrade.db")
+
+    def test_public_names(self) -> None:
+        """The names DESIGN.md promises are importable from degrade.db, each once in __all__."""
+        from degrade import db
+
+        assert {"DBHealthMiddleware", "ReadReplicaRouter"} <= set(db.__all__)
+        assert len(db.__all__) == len(set(db.__all__))
+        for name in db.__all__:
+            assert getattr(db, name) is not None
+
+
+class TestEngineOptions:
+    def test_bounds_every_wait(self) -> None:
+        """engine_options sets pool_timeout and asyncpg's connect and command timeouts."""
+        opts = engine_options(acquire_timeout=0.7, command_timeout=3)
+        assert opts["pool_timeout"] == 0.7
+        assert opts["connect_args"] == {"timeout": 0.7, "command_timeout": 3.0}
+        assert opts["pool_pre_ping"] is False
+        assert (opts["pool_size"], opts["max_overflow"]) == (5, 10)
+
+    def test_merges_connect_args_and_extra(self) -> None:
+        """Extra keywords pass through; extra connect_args are merged, not replaced."""
+        opts = engine_options(echo=True, connect_args={"server_settings": {"application_name": "x"}})
+        assert opts["echo"] is True
+        assert opts["connect_args"]["server_settings"] == {"application_name": "x"}
+        assert opts["connect_args"]["timeout"] == 1.0
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [{"acquire_timeout": 0}, {"command_timeout": -1}, {"pool_size": 0}, {"max_overflow": -1}],
+    )
+    def test_rejects_unbounded_values(self, kwargs: dict[str, Any]) -> None:
+        """Zero or negative bounds and an unbounded pool are configuration errors."""
+        with pytest.raises(ConfigurationError):
+            engine_options(**kwargs)
+
+
+class TestEngineProblems:
+    async def test_defaults_are_unbounded(self) -> None:
+        """A default engine: asyncpg's 60 s connect timeout and no command_timeout are reported."""
+        eng = create_async_engine(f"postgresql+asyncpg://u:secret@127.0.0.1:{_closed_port()}/x")
+        try:
+            problems = engine_problems(eng, acquire_timeout=1.0)
+        finally:
+            await eng.dispose()
+        text = " ".join(problems)
+        assert "60s" in text
+        assert "command_timeout" in text
+        assert "pool_timeout=30s" in text
+        assert "secret" not in text
+
+    async def test_engine_options_are_clean(self) -> None:
+        """An engine built with engine_options has no problem at the same bound."""
+        eng = create_async_engine(
+            f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x", **engine_options(acquire_timeout=1.0)
+        )
+        try:
+            assert engine_problems(eng, acquire_timeout=1.0) == []
+            assert any("exceeds" in p for p in engine_problems(eng, acquire_timeout=0.5))
+        finally:
+            await eng.dispose()
+
+    @pytest.mark.parametrize("kwargs", [{"poolclass": NullPool}, {"max_overflow": -1}])
+    async def test_unbounded_pools(self, kwargs: dict[str, Any]) -> None:
+        """NullPool and max_overflow=-1 leave connection attempts uncapped: reported."""
+        eng = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x", **kwargs)
+        try:
+            assert any("cap" in p for p in engine_problems(eng))
+        finally:
+            await eng.dispose()
+
+    async def test_warns_once_per_engine(self, registry: Registry) -> None:
+        """The middleware logs db.engine.unbounded once per engine, however often it is built."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        eng = create_async_engine(f"postgresql+asyncpg://u:pw@127.0.0.1:{_closed_port()}/x")
+        try:
+            with capture_logs() as logs:
+                for _ in range(3):
+                    DBHealthMiddleware(_Recorder(), engine=eng, dependency=dep)
+            warnings = [e for e in logs if e["event"] == "db.engine.unbounded"]
+            assert len(warnings) == 1
+            assert warnings[0]["log_level"] == "warning"
+            assert "pw" not in repr(warnings[0])
+        finally:
+            await eng.dispose()
+
+
+class TestMiddlewareConfig:
+    async def test_rejects_bad_arguments(self, engine: AsyncEngine, registry: Registry) -> None:
+        """Wrong types and ranges raise ConfigurationError at construction."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        app = _Recorder()
+        bad: list[dict[str, Any]] = [
+            {"engine": object(), "dependency": dep},
+            {"engine": engine, "dependency": object()},
+            {"engine": engine, "dependency": dep, "acquire_timeout": 0},
+            {"engine": engine, "dependency": dep, "acquire_timeout": True},
+            {"engine": engine, "dependency": dep, "include": ("api",)},
+            {"engine": engine, "dependency": dep, "include": ()},
+            {"engine": engine, "dependency": dep, "retry_after": -1},
+            {"engine": engine, "dependency": dep, "read_only_fallback": True},
+        ]
+        for kwargs in bad:
+            with pytest.raises(ConfigurationError):
+                DBHealthMiddleware(app, **kwargs)
+
+    async def test_rejects_other_drivers(self, registry: Registry) -> None:
+        """Only the asyncpg driver is supported (its connections are what the bound terminates)."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        eng = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x")
+        eng.sync_engine.dialect.driver = "psycopg"  # as a psycopg engine reports itself
+        try:
+            with pytest.raises(ConfigurationError, match="asyncpg"):
+                DBHealthMiddleware(_Recorder(), engine=eng, dependency=dep)
+        finally:
+            await eng.dispose()
+
+    async def test_starlette_builds_it(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry
+    ) -> None:
+        """Middleware(DBHealthMiddleware, ...) works through Starlette's factory (keyword-only options)."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+
+        async def home(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("home")
+
+        app = Starlette(
+            routes=[Route("/", home)],
+            middleware=[Middleware(DBHealthMiddleware, engine=engine, dependency=dep, include=("/api",))],
+        )
+        sent = await _call(app, _scope("/"))
+        assert sent[0]["status"] == 200
+        assert attempts.calls == 0
+
+
+class TestPassThrough:
+    @pytest.mark.parametrize(
+        ("kind", "path"),
+        [("http", "/static/app.js"), ("http", "/apix"), ("http", "/api/health"), ("websocket", "/api/ws")],
+    )
+    async def test_untouched(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry, kind: str, path: str
+    ) -> None:
+        """Paths outside include, under exclude, and non-HTTP scopes pass through without a checkout."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        app = _Recorder()
+        gate = DBHealthMiddleware(app, engine=engine, dependency=dep, include="/api", exclude="/api/health")
+        scope = _scope(path, kind=kind)
+        await _call(gate, scope)
+        assert app.scopes == [scope]
+        assert attempts.calls == 0
+        assert dep.state == "ok"
+
+    async def test_lifespan_passes(self, engine: AsyncEngine, registry: Registry) -> None:
+        """A lifespan scope reaches the app unchanged."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        app = _Recorder()
+        gate = DBHealthMiddleware(app, engine=engine, dependency=dep)
+        await gate({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+        assert app.scopes == [{"type": "lifespan"}]
+
+    def test_prefix_matching(self) -> None:
+        """'/api' matches '/api' and '/api/...', never '/apix'; exclude wins over include."""
+        from degrade.db._gate import _matcher
+
+        gated = _matcher(("/api",), ("/api/v1/health",))
+        assert gated("/api")
+        assert gated("/api/")
+        assert gated("/api/v1/tracks")
+        assert not gated("/apix")
+        assert not gated("/api/v1/health")
+        assert not gated("/api/v1/health/deep")
+        assert gated("/api/v1/healthz")
+        everything = _matcher(("/",), ())
+        assert everything("/")
+        assert everything("/x/y")
+
+
+class TestKnownDown:
+    async def test_503_without_pool_or_handler(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry, simulate_outage: Any
+    ) -> None:
+        """While the dependency is down: 503, shared body, Retry-After; no checkout, no handler call."""
+        dep = registry.dependency("db", severity=Severity.SEV1, retry_after=7)
+        app = _Recorder()
+        gate = DBHealthMiddleware(app, engine=engine, dependency=dep)
+        with simulate_outage(dep):
+            sent = await _call(gate, _scope())
+        assert app.scopes == []
+        assert attempts.calls == 0
+        start, body = sent
+        assert start["status"] == 503
+        headers = dict(start["headers"])
+        assert headers[b"retry-after"] == b"7"
+        assert headers[b"content-type"] == b"application/json"
+        assert (
+            body["body"]
+            == b'{"error":"dependency_unavailable","dependency":"db","detail":"db is unavailable"}'
+        )
+        site = next(s for s in dep.sites if s.name == "degrade.db.DBHealthMiddleware")
+        assert site.degraded_calls == 1
+        assert site.mode == "fail_loud"
+
+    async def test_refused_connect_counts_a_failure(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry
+    ) -> None:
+        """No connection: 503 and one failure; the threshold-th opens the dependency, then no attempts."""
+        dep = registry.dependency("db", severity=Severity.SEV1, failure_threshold=2)
+        app = _Recorder()
+        gate = DBHealthMiddleware(app, engine=engine, dependency=dep)
+        for _ in range(2):
+            sent = await _call(gate, _scope())
+            assert sent[0]["status"] == 503
+        assert dep.is_down
+        before = attempts.calls
+        for _ in range(5):
+            assert (await _call(gate, _scope()))[0]["status"] == 503
+        assert attempts.calls == before
+        assert app.scopes == []
+        assert engine.pool.checkedout() == 0
+
+    async def test_abandon_cap_refuses(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With the cap of abandoned clean-ups reached, the gate answers 503 without a new attempt."""
+        from degrade import _bounded
+
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        gate = DBHealthMiddleware(_Recorder(), engine=engine, dependency=dep)
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 0)
+        refused = _bounded.Abandoned.refused
+        assert (await _call(gate, _scope()))[0]["status"] == 503
+        assert _bounded.Abandoned.refused == refused + 1
+        assert attempts.calls == 0
+        assert dep.failures == 0  # self-protection, not a database failure
+
+
+class TestClassification:
+    def test_connection_errors_are_failures(self) -> None:
+        """OperationalError, InterfaceError, pool timeouts and invalidated connections count."""
+        assert is_database_failure(sa_exc.OperationalError("SELECT 1", {}, Exception("down")))
+        assert is_database_failure(sa_exc.InterfaceError("SELECT 1", {}, Exception("closed")))
+        assert is_database_failure(sa_exc.TimeoutError("QueuePool limit"))
+        lost = sa_exc.DBAPIError("SELECT 1", {}, Exception("x"), connection_invalidated=True)
+        assert is_database_failure(lost)
+
+    def test_bugs_are_not(self) -> None:
+        """Constraint violations, syntax errors and plain exceptions propagate as bugs."""
+        assert not is_database_failure(sa_exc.IntegrityError("INSERT", {}, Exception("dup")))
+        assert not is_database_failure(sa_exc.ProgrammingError("SELEC", {}, Exception("syntax")))
+        assert not is_database_failure(ValueError("bug"))
+        assert not is_database_failure(sa_exc.DBAPIError("SELECT 1", {}, Exception("x")))
+
+    def test_timeouts_count_only_from_the_driver(self) -> None:
+        """A bare TimeoutError counts when asyncpg or SQLAlchemy raised it, not from the handler."""
+        namespace: dict[str, Any] = {"__name__": "asyncpg.fake"}
+        exec("def boom():\n    raise TimeoutError()\n", namespace)  # noqa: S102 - a frame from 'asyncpg'
+        with pytest.raises(TimeoutError) as from_driver:
+            namespace["boom"]()
+        assert is_database_failure(from_driver.value)
+        with pytest.raises(TimeoutError) as from_handler:
+            raise TimeoutError("an HTTP call in the handler")
+        assert not is_database_failure(from_handler.value)
+
+
+class TestLagDecision:
+    @staticmethod
+    def _conn(**row: Any) -> Any:
+        class Result:
+            def one(self) -> Any:
+                return SimpleNamespace(**row)
+
+        class Conn:
+            async def execute(self, statement: Any) -> Result:
+                return Result()
+
+        return Conn()
+
+    async def test_primary_is_unknown(self) -> None:
+        """On a primary (not in recovery) lag is unknown (None), never zero."""
+        assert await replica_lag(self._conn(standby=False, caught_up=False, since_replay=None)) is None
+
+    async def test_idle_primary_is_not_lag(self) -> None:
+        """Everything received replayed: 0, however old the last transaction is."""
+        assert await replica_lag(self._conn(standby=True, caught_up=True, since_replay=3600.0)) == 0.0
+
+    async def test_pending_replay(self) -> None:
+        """WAL waiting: seconds since the last replayed commit; nothing replayed yet: unknown."""
+        assert await replica_lag(self._conn(standby=True, caught_up=False, since_replay=4.5)) == 4.5
+        assert await replica_lag(self._conn(standby=True, caught_up=False, since_replay=None)) is None
+
+    def test_replica_check_validates(self, engine: AsyncEngine) -> None:
+        """replica_check rejects non-positive timeouts and lags."""
+        with pytest.raises(ConfigurationError):
+            replica_check(engine, max_lag=0)
+        with pytest.raises(ConfigurationError):
+            replica_check(engine, timeout=-1)
+
+    async def test_check_fails_on_unknown_lag(
+        self, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The check raises CheckFailed when lag is unknown or over max_lag."""
+        import degrade.db._lag as lag_module
+
+        class FakeEngine:
+            def connect(self) -> Any:
+                outer = self
+
+                class Ctx:
+                    async def __aenter__(self) -> Any:
+                        return outer
+
+                    async def __aexit__(self, *exc: object) -> None:
+                        return None
+
+                return Ctx()
+
+        for value, ok in ((None, False), (9.0, False), (0.5, True)):
+
+            async def fake_lag(conn: Any, value: float | None = value) -> float | None:
+                return value
+
+            monkeypatch.setattr(lag_module, "replica_lag", fake_lag)
+            check = replica_check(FakeEngine(), max_lag=2)  # type: ignore[arg-type]
+            if ok:
+                await check()
+            else:
+                with pytest.raises(CheckFailed):
+                    await check()
+
+
+class TestRouterConfig:
+    async def test_rejects_bad_arguments(self, engine: AsyncEngine, registry: Registry) -> None:
+        """A replica needs its dependency; the replica is not the primary; bounds are positive."""
+        dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        other = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/y")
+        try:
+            with pytest.raises(ConfigurationError):
+                ReadReplicaRouter(primary=engine, replica=other)
+            with pytest.raises(ConfigurationError):
+                ReadReplicaRouter(primary=engine, replica=engine, dependency=dep)
+            with pytest.raises(ConfigurationError):
+                ReadReplicaRouter(primary=engine, replica=other, dependency=dep, connect_timeout=0)
+            with pytest.raises(ConfigurationError):
+                ReadReplicaRouter(primary=engine, replica=other, dependency=dep, primary_dependency=dep)
+            with pytest.raises(ConfigurationError):
+                ReadReplicaRouter(primary=object())  # type: ignore[arg-type]
+        finally:
+            await other.dispose()
+
+    async def test_installs_its_check(self, engine: AsyncEngine, registry: Registry) -> None:
+        """A replica dependency without a check gets the router's (connect, and lag with max_lag)."""
+        dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        other = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/y")
+        try:
+            ReadReplicaRouter(primary=engine, replica=other, dependency=dep)
+            assert dep.check is not None
+            site = next(s for s in dep.sites if s.name == "degrade.db.ReadReplicaRouter.for_read")
+            assert site.mode == "fail_soft"
+        finally:
+            await other.dispose()
+
+    async def test_managed_with_max_lag(self, engine: AsyncEngine, registry: Registry) -> None:
+        """With max_lag the router joins its dependency's registry (the lifespan runs the lag monitor)."""
+        dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        other = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/y")
+        try:
+            router = ReadReplicaRouter(primary=engine, replica=other, dependency=dep, max_lag=5)
+            assert router in registry._components
+            await router.start()
+            await router.start()  # idempotent
+            await router.aclose()
+            await router.aclose()
+        finally:
+            await other.dispose()
+
+    async def test_middleware_attaches_primary(self, engine: AsyncEngine, registry: Registry) -> None:
+        """DBHealthMiddleware(router=...) gives the router its primary dependency; another is refused."""
+        db = registry.dependency("db", severity=Severity.SEV1)
+        other_db = registry.dependency("db2", severity=Severity.SEV1)
+        router = ReadReplicaRouter(primary=engine)
+        DBHealthMiddleware(_Recorder(), engine=engine, dependency=db, router=router)
+        assert router.primary_dependency is db
+        with pytest.raises(ConfigurationError):
+            DBHealthMiddleware(_Recorder(), engine=engine, dependency=other_db, router=router)
+
+    async def test_write_refused_while_primary_down(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry, simulate_outage: Any
+    ) -> None:
+        """With the primary known down, for_write raises DependencyUnavailable at once, no attempt."""
+        db = registry.dependency("db", severity=Severity.SEV1)
+        router = ReadReplicaRouter(primary=engine, primary_dependency=db)
+        with simulate_outage(db), pytest.raises(DependencyUnavailable) as info:
+            async with router.for_write():
+                pytest.fail("the block must not run")
+        assert info.value.dependency == "db"
+        assert attempts.calls == 0
+
+    async def test_unreachable_primary_is_unavailable(self, engine: AsyncEngine, registry: Registry) -> None:
+        """No primary connection: DependencyUnavailable (driver error as cause), one failure counted."""
+        db = registry.dependency("db", severity=Severity.SEV1)
+        router = ReadReplicaRouter(primary=engine, primary_dependency=db)
+        with pytest.raises(DependencyUnavailable) as info:
+            async with router.for_read() as session:
+                await session.execute(text("SELECT 1"))
+        assert isinstance(info.value.__cause__, ConnectionRefusedError)
+        assert db.failures == 1
+        assert current_connection() is None
+
+
+class TestDeadlines:
+    async def test_terminates_at_the_bound(self) -> None:
+        """A driver operation that hangs is ended by terminating its connection, about on time."""
+        done = asyncio.Event()
+
+        class Driver:
+            terminated = 0
+
+            def terminate(self) -> None:
+                Driver.terminated += 1
+                done.set()
+
+        async def hang() -> None:
+            await done.wait()
+            raise ConnectionResetError("terminated")
+
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await _conn._killing_after(Driver(), 0.1, hang(), "test")
+        assert 0.09 <= time.monotonic() - start < 0.5
+        assert Driver.terminated == 1
+
+    async def test_fast_operation_is_left_alone(self) -> None:
+        """An operation that finishes in time is not terminated and leaves no entry behind."""
+
+        class Driver:
+            def terminate(self) -> None:
+                pytest.fail("must not terminate")
+
+        async def quick() -> None:
+            await asyncio.sleep(0)
+
+        await _conn._killing_after(Driver(), 0.05, quick(), "test")
+        await asyncio.sleep(0.1)
+        deadlines = _conn._deadlines_of(asyncio.get_running_loop())
+        assert deadlines.ops == set()
+        assert deadlines.handle is None
+
+
+class TestInstantCheckout:
+    async def test_other_pools_are_never_instant(self) -> None:
+        """Anything but the async queue pool goes through the bounded path."""
+        eng = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x", poolclass=NullPool)
+        try:
+            assert not _conn._instant_checkout(eng.sync_engine)
+        finally:
+            await eng.dispose()
+
+    async def test_empty_pool_is_not_instant(self, engine: AsyncEngine) -> None:
+        """No idle connection: a checkout would connect, so it is bounded."""
+        assert not _conn._instant_checkout(engine.sync_engine)
+
+    async def test_pre_ping_is_not_instant(self) -> None:
+        """pool_pre_ping makes every checkout a round trip."""
+        eng = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x", pool_pre_ping=True)
+        try:
+            assert not _conn._instant_checkout(eng.sync_engine)
+        finally:
+            await eng.dispose()

@@ -30,8 +30,8 @@ from ._router import ReadReplicaRouter  # noqa: E402
 from ._settings import engine_options, engine_problems  # noqa: E402
 
 __all__ = [
-    "DBHealthMiddleware",
     "LAG_SQL",
+    "DBHealthMiddleware",
     "ReadReplicaRouter",
     "current_connection",
     "engine_options",

@@ -16,6 +16,7 @@ from .exceptions import (
     DependencyUnavailable,
     MissingExtraError,
 )
+from .hatch import EscapeHatch
 from .health import health_routes
 from .modes import fail_loud, fail_soft, site_of
 from .registry import Registry
@@ -30,6 +31,7 @@ __all__ = [
     "DegradeError",
     "Dependency",
     "DependencyUnavailable",
+    "EscapeHatch",
     "MissingExtraError",
     "Registry",
     "Severity",

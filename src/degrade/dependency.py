@@ -32,6 +32,7 @@ from ._bounded import hard_timeout
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from .hatch import EscapeHatch
     from .registry import Registry
 
 __all__ = ["CheckResult", "Dependency", "Severity", "Site"]
@@ -70,6 +71,8 @@ class Site:
     mode: Literal["fail_soft", "fail_loud"]
     reason: str
     fallback: str | None = None
+    #: Name of the escape hatch that may soften this (fail-loud) site.
+    hatch: str | None = None
     #: How many calls this process answered degraded (fallback or refusal).
     degraded_calls: int = 0
     _counter: Any = field(default=None, repr=False)
@@ -150,6 +153,8 @@ class Dependency:
         self.check_timeout = float(check_timeout)
         self.retry_after = retry_after
         self.sites: list[Site] = []
+        #: Escape hatches that may soften this dependency's fail-loud sites.
+        self.hatches: list[EscapeHatch] = []
         #: Class name of the last failure seen, never its text (it may hold a DSN).
         self.last_error: str | None = None
         self._registry = registry

@@ -125,6 +125,8 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
             "impact": dep.impact or None,
             "runbook": dep.runbook,
         }
+        if dep.hatches:
+            out[dep.name]["escape_hatches"] = [hatch.describe() for hatch in dep.hatches]
     return out
 
 
@@ -196,8 +198,9 @@ def health_routes(
         registry: The app's dependencies.
         prefix: e.g. ``"/api/v1"``; no trailing slash.
         details: Add per-dependency details (severity, latency, since, error
-            class, impact, runbook) to ``/health/deep``: ``True``, or a callable
-            given the request that says whether this caller may see them.
+            class, impact, runbook, escape hatches and whether they are open)
+            to ``/health/deep``: ``True``, or a callable given the request that
+            says whether this caller may see them.
             Raw exception text and credentials are never shown.
         cache_ttl: Seconds a deep result (failures too) is reused.
 

@@ -24,6 +24,7 @@ from ._bounded import hard_timeout
 from ._classify import ErrorPredicate, predicate
 from .dependency import Dependency, Site
 from .exceptions import ConfigurationError, DependencyUnavailable
+from .hatch import EscapeHatch
 from .observe import metrics
 
 __all__ = ["fail_loud", "fail_soft", "site_of"]
@@ -184,16 +185,19 @@ class _FailLoud:
     def __init__(
         self,
         dep: Dependency,
+        *,
         is_failure: ErrorPredicate,
         timeout: float | None,
         reason: str,
         retry_after: int,
+        hatch: EscapeHatch | None = None,
     ):
         self.dep = dep
         self.is_failure = is_failure
         self.timeout = timeout
         self.reason = reason
         self.retry_after = retry_after
+        self.hatch = hatch
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]: ...
@@ -202,18 +206,37 @@ class _FailLoud:
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         dep, is_failure, timeout, retry_after = self.dep, self.is_failure, self.timeout, self.retry_after
         name = dep.name
+        hatch = self.hatch
         site = _register(dep, fn, "fail_loud", self.reason, None)
+        if hatch is not None:
+            site.hatch = hatch.name
         detail = f"{name} is unavailable"
 
         def refuse() -> DependencyUnavailable:
             site.count()
             return DependencyUnavailable(name, detail, retry_after=retry_after)
 
+        def through_hatch(args: Any, kwargs: Any) -> Any:
+            # Only called while the hatch is open: the operator chose the fallback over a 503.
+            assert hatch is not None  # noqa: S101 - narrowing for the type checker only
+            site.count()
+            hatch.used(site.name)
+            fallback = hatch.fallback
+            return fallback(*args, **kwargs) if callable(fallback) else fallback
+
         if inspect.iscoroutinefunction(fn):
+
+            async def hatch_async(args: Any, kwargs: Any) -> Any:
+                value = through_hatch(args, kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
 
             @functools.wraps(fn)
             async def loud_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 if dep._down and not dep.admit():
+                    if hatch is not None and hatch.is_open:
+                        return await hatch_async(args, kwargs)
                     raise refuse()
                 try:
                     if timeout is None:
@@ -224,6 +247,8 @@ class _FailLoud:
                     if isinstance(exc, DependencyUnavailable) or not is_failure(exc):
                         raise
                     dep.record_failure(exc)
+                    if hatch is not None and hatch.is_open:
+                        return await hatch_async(args, kwargs)
                     raise refuse() from exc
                 if dep._failures:
                     dep.record_success()
@@ -238,9 +263,16 @@ class _FailLoud:
                 "Bound a sync call with its driver's own timeout instead."
             )
 
+        if hatch is not None and inspect.iscoroutinefunction(hatch.fallback):
+            raise ConfigurationError(
+                f"{site.name} is sync, so its hatch's fallback must be a value or a sync callable"
+            )
+
         @functools.wraps(fn)
         def loud_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
             if dep._down and not dep.admit():
+                if hatch is not None and hatch.is_open:
+                    return through_hatch(args, kwargs)
                 raise refuse()
             try:
                 result = fn(*args, **kwargs)
@@ -248,6 +280,8 @@ class _FailLoud:
                 if isinstance(exc, DependencyUnavailable) or not is_failure(exc):
                     raise
                 dep.record_failure(exc)
+                if hatch is not None and hatch.is_open:
+                    return through_hatch(args, kwargs)
                 raise refuse() from exc
             if dep._failures:
                 dep.record_success()
@@ -322,6 +356,7 @@ def fail_loud(
     timeout: float | None = None,
     reason: str,
     retry_after: int | None = None,
+    hatch: EscapeHatch | None = None,
 ) -> _FailLoud:
     """Declare a FAIL-LOUD site: when ``dep`` fails or is down, raise ``DependencyUnavailable``.
 
@@ -338,10 +373,24 @@ def fail_loud(
         timeout: Seconds the call may take (async functions only); a hard bound.
         reason: What breaks for the user, for the runbook.
         retry_after: ``Retry-After`` seconds; defaults to the dependency's.
+        hatch: An :class:`~degrade.hatch.EscapeHatch` on the same dependency.
+            While an operator holds it open, the site answers with the hatch's
+            fallback instead of raising, and each use is a security warning.
     """
     _validate(dep, timeout, reason)
     if retry_after is None:
         retry_after = dep.retry_after
     elif isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
         raise ConfigurationError(f"retry_after must be a whole number of seconds >= 0; got {retry_after!r}")
-    return _FailLoud(dep, _with_timeouts(predicate(on), timeout), timeout, reason, retry_after)
+    if hatch is not None and (not isinstance(hatch, EscapeHatch) or hatch.dependency is not dep):
+        raise ConfigurationError(
+            f"hatch= takes an EscapeHatch declared on the same dependency ({dep.name!r}); got {hatch!r}"
+        )
+    return _FailLoud(
+        dep,
+        is_failure=_with_timeouts(predicate(on), timeout),
+        timeout=timeout,
+        reason=reason,
+        retry_after=retry_after,
+        hatch=hatch,
+    )

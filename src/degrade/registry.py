@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from ._bounded import settle_abandoned
 from .dependency import Check, Clock, Dependency, Severity, Sleep
 from .exceptions import ConfigurationError
+from .hatch import OPENING_VALUES, EscapeHatch
 from .observe import logger
 
 __all__ = ["Component", "Registry"]
@@ -66,6 +67,7 @@ class Registry:
         self._sleep = sleep
         self._rng = rng
         self._deps: dict[str, Dependency] = {}
+        self._hatches: dict[str, EscapeHatch] = {}
         self._components: list[Component] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started_at = time.monotonic()
@@ -124,6 +126,48 @@ class Registry:
         )
         self._deps[name] = dep
         return dep
+
+    def escape_hatch(
+        self,
+        name: str,
+        *,
+        dependency: Dependency,
+        reason: str,
+        fallback: Any,
+        env: str | None = None,
+        env_opens: Collection[str] = OPENING_VALUES,
+        log_interval: float = 10.0,
+    ) -> EscapeHatch:
+        """Declare an operator switch that may soften ``dependency``'s fail-loud sites.
+
+        Give it to a site with ``@fail_loud(dep, hatch=hatch, ...)``. See
+        :class:`~degrade.hatch.EscapeHatch` for the arguments.
+
+        Raises:
+            ValueError: duplicate name, or a dependency of another registry.
+        """
+        if name in self._hatches:
+            raise ConfigurationError(f"an escape hatch named {name!r} is already registered")
+        if self._deps.get(getattr(dependency, "name", None)) is not dependency:  # type: ignore[arg-type]
+            raise ConfigurationError(f"{dependency!r} is not a dependency of this registry")
+        hatch = EscapeHatch(
+            name,
+            dependency=dependency,
+            reason=reason,
+            fallback=fallback,
+            env=env,
+            env_opens=env_opens,
+            log_interval=log_interval,
+            clock=self._clock,
+        )
+        self._hatches[name] = hatch
+        dependency.hatches.append(hatch)
+        return hatch
+
+    @property
+    def hatches(self) -> Mapping[str, EscapeHatch]:
+        """The escape hatches by name (read-only view)."""
+        return self._hatches.copy()
 
     @property
     def dependencies(self) -> Mapping[str, Dependency]:

@@ -32,7 +32,23 @@ def _cell(text: str | None) -> str:
 def _site_row(site: Site) -> str:
     mode = _MODE_LABEL.get(site.mode, site.mode.upper().replace("_", "-"))
     fallback = f"`{site.fallback}`" if site.fallback else "—"
+    if site.hatch:
+        fallback += f" (escape hatch `{site.hatch}`)"
     return f"| `{site.name}` | {mode} | {fallback} | {_cell(site.reason)} |"
+
+
+def _site_table(sites: list[Site]) -> list[str]:
+    lines = [
+        "| Call site | Mode | Fallback / policy | What the user gets |",
+        "| --- | --- | --- | --- |",
+    ]
+    # One row per distinct site: a function decorated again (a reload) is listed once.
+    seen: set[tuple[str, str]] = set()
+    for site in sites:
+        if (site.name, site.mode) not in seen:
+            seen.add((site.name, site.mode))
+            lines.append(_site_row(site))
+    return lines
 
 
 def _detection(dep: Dependency) -> str:
@@ -78,18 +94,17 @@ def render_runbook(registry: Registry, *, title: str = "Runbook: graceful degrad
         lines.append("")
         if not sites:
             lines.append("No fail-soft or fail-loud site is declared on this dependency.")
-            continue
-        lines += [
-            "| Call site | Mode | Fallback / policy | What the user gets |",
-            "| --- | --- | --- | --- |",
-        ]
-        # One row per distinct site: a function decorated again (a reload) is listed once.
-        seen: set[tuple[str, str]] = set()
-        for site in sites:
-            if (site.name, site.mode) in seen:
-                continue
-            seen.add((site.name, site.mode))
-            lines.append(_site_row(site))
+        else:
+            lines += _site_table(sites)
+        if dep.hatches:
+            lines += [
+                "",
+                "| Escape hatch | How to open it | What opening it trades away |",
+                "| --- | --- | --- |",
+            ]
+            for hatch in dep.hatches:
+                how = f"`{hatch.env}=false` at start-up, or `hatch.open()`" if hatch.env else "`hatch.open()`"
+                lines.append(f"| `{hatch.name}` | {how} | {_cell(hatch.reason)} |")
     lines += [
         "",
         "## Adding a new degradation mode",

@@ -17,6 +17,7 @@ PUBLIC_MODULES = [
     "degrade.dependency",
     "degrade.eventbus",
     "degrade.exceptions",
+    "degrade.hatch",
     "degrade.health",
     "degrade.modes",
     "degrade.observe",

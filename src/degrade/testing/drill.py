@@ -57,6 +57,7 @@ class Probe:
         healthy: Status expected once the fault is cleared (recovery is timed until then).
         json: JSON body to send, if any.
         headers: Extra request headers.
+        content: Raw body to send, if any (instead of ``json``).
     """
 
     method: str
@@ -65,6 +66,7 @@ class Probe:
     healthy: int = 200
     json: Any = None
     headers: Mapping[str, str] | None = None
+    content: bytes | None = None
 
     @property
     def route(self) -> str:
@@ -83,6 +85,10 @@ class Scenario:
     name: str
     faults: Mapping[str, FaultAction]
     probes: Sequence[Probe]
+    #: Called after the faults are applied (e.g. an operator opens an escape hatch).
+    before: Callable[[], None] | None = None
+    #: Called when the faults are cleared, before recovery is timed.
+    after: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,9 @@ async def run_drill(
     async def fire(client: Any, probe: Probe) -> tuple[int, float]:
         start = time.perf_counter()
         try:
-            response = await client.request(probe.method, probe.path, json=probe.json, headers=probe.headers)
+            response = await client.request(
+                probe.method, probe.path, json=probe.json, content=probe.content, headers=probe.headers
+            )
             status = response.status_code
         except httpx.TimeoutException:
             status = 0
@@ -256,11 +264,15 @@ async def run_drill(
             for name, action in scenario.faults.items():
                 _apply(proxies[name], action)
             try:
+                if scenario.before is not None:
+                    scenario.before()
                 await settle(client, scenario)
                 measured = [(probe, *await measure(client, probe)) for probe in scenario.probes]
             finally:
                 for name in scenario.faults:
                     proxies[name].up()
+                if scenario.after is not None:
+                    scenario.after()
             recovered = await recover(client, scenario)
             report.results += [
                 _result(scenario, probe, statuses, latencies, recovered.get(i))
@@ -276,8 +288,8 @@ def _result(
     observed = counts.most_common(1)[0][0]
     return ProbeResult(
         scenario=scenario.name,
-        dependency=", ".join(scenario.faults),
-        fault=", ".join(_fault_label(a) for a in scenario.faults.values()),
+        dependency=", ".join(scenario.faults) if len(scenario.faults) <= 2 else f"all {len(scenario.faults)}",
+        fault=", ".join(dict.fromkeys(_fault_label(a) for a in scenario.faults.values())),
         route=probe.route,
         expected=probe.expect,
         observed=observed if observed != 0 else None,

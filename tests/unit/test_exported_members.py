@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
     "degrade.health",
     "degrade.modes",
     "degrade.observe",
+    "degrade.ratelimit",
     "degrade.redis",
     "degrade.registry",
     "degrade.responses",

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
+
 from .registry import Registry
 from .runbook import render_alerts, render_runbook
 
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     al.add_argument("registry", help="module:attribute of a degrade.Registry")
     al.add_argument("--runbook-base", default="", help="prefix for runbook_url annotations (a URL)")
     args = parser.parse_args(argv)
+    if not structlog.is_configured():
+        # This process is ours: keep what the imported app logs off the generated output.
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         registry = load_registry(args.registry)
     except UsageError as exc:

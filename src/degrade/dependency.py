@@ -215,6 +215,28 @@ class Dependency:
             return True
         return False
 
+    def add_site(
+        self,
+        name: str,
+        mode: Literal["fail_soft", "fail_loud"],
+        reason: str,
+        *,
+        fallback: str | None = None,
+    ) -> Site:
+        """Declare a call site's fail mode on this dependency, for the runbook and metrics.
+
+        The decorators do this for you; safety nets that are objects (a cache,
+        a limiter, a publisher) call it once. The same ``(name, mode)`` declared
+        again returns the existing site (an app built twice shares it).
+        """
+        for site in self.sites:
+            if site.name == name and site.mode == mode:
+                return site
+        site = Site(name=name, dependency=self.name, mode=mode, reason=reason, fallback=fallback)
+        site._counter = observe.metrics.site_counter(site)
+        self.sites.append(site)
+        return site
+
     # -- feeding the state ---------------------------------------------------
 
     def record_failure(self, error: BaseException | None = None, *, reason: str = "traffic") -> None:

@@ -25,7 +25,6 @@ from ._classify import ErrorPredicate, predicate
 from .dependency import Dependency, Site
 from .exceptions import ConfigurationError, DependencyUnavailable
 from .hatch import EscapeHatch
-from .observe import metrics
 
 __all__ = ["fail_loud", "fail_soft", "site_of"]
 
@@ -65,10 +64,7 @@ def _with_timeouts(is_failure: ErrorPredicate, timeout: float | None) -> ErrorPr
 
 
 def _register(dep: Dependency, fn: Callable[..., Any], mode: Any, reason: str, fallback: str | None) -> Site:
-    site = Site(name=_site_name(fn), dependency=dep.name, mode=mode, reason=reason, fallback=fallback)
-    site._counter = metrics.site_counter(site)
-    dep.sites.append(site)
-    return site
+    return dep.add_site(_site_name(fn), mode, reason, fallback=fallback)
 
 
 def _describe_fallback(fallback: object) -> str:

@@ -16,7 +16,6 @@ from ._conn import acquire, release
 from ._context import LEASE, REQUEST, Lease, RequestContext
 from ._errors import is_database_failure
 from ._settings import warn_if_unbounded
-from ._sites import register_site
 
 if TYPE_CHECKING:
     from ._router import ReadReplicaRouter
@@ -156,8 +155,7 @@ class DBHealthMiddleware:
         )
         self._body = unavailable_body(dependency.name, f"{dependency.name} is unavailable")
         self._headers = {"Retry-After": str(retry_after), "Cache-Control": "no-store"}
-        self._site = register_site(
-            dependency,
+        self._site = dependency.add_site(
             "degrade.db.DBHealthMiddleware",
             "fail_loud",
             f"requests under the gated paths answer 503 (Retry-After: {retry_after}) while the "

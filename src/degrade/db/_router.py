@@ -21,7 +21,6 @@ from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
 from ._lag import replica_check
 from ._settings import warn_if_unbounded
-from ._sites import register_site
 
 __all__ = ["ReadReplicaRouter"]
 
@@ -133,6 +132,8 @@ class ReadReplicaRouter:
         self.replica = replica
         self.dependency = dependency
         self.primary_dependency = primary_dependency
+        if primary_dependency is not None:
+            self._declare_primary(primary_dependency)
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.max_lag = None if max_lag is None else _seconds("max_lag", max_lag)
         self.sticky_after_write = _seconds("sticky_after_write", sticky_after_write, allow_zero=True)
@@ -149,8 +150,7 @@ class ReadReplicaRouter:
                     replica, max_lag=self.max_lag, timeout=dependency.check_timeout
                 )
             self._lag_check = replica_check(replica, max_lag=self.max_lag, timeout=dependency.check_timeout)
-            self._site = register_site(
-                dependency,
+            self._site = dependency.add_site(
                 "degrade.db.ReadReplicaRouter.for_read",
                 "fail_soft",
                 "reads run on the primary instead (slower primary, no user-visible error)",
@@ -206,12 +206,21 @@ class ReadReplicaRouter:
 
     # -- routing ---------------------------------------------------------------
 
+    @staticmethod
+    def _declare_primary(dependency: Dependency) -> None:
+        dependency.add_site(
+            "degrade.db.ReadReplicaRouter.for_write",
+            "fail_loud",
+            "writes (and reads inside a write) answer 503 while the primary is down",
+        )
+
     def _attach_primary_dependency(self, dependency: Dependency) -> None:
         """Called by DBHealthMiddleware(router=...): the gate's dependency is the primary's."""
         if self.primary_dependency is None:
             if dependency is self.dependency:
                 raise ConfigurationError("the middleware's dependency is the router's replica dependency")
             self.primary_dependency = dependency
+            self._declare_primary(dependency)
         elif self.primary_dependency is not dependency:
             raise ConfigurationError(
                 "the router's primary_dependency differs from the middleware's dependency; use the same one"

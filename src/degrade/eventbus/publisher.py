@@ -260,6 +260,16 @@ class EventPublisher:
         self.broker = f"{parsed.host}:{parsed.explicit_port or 5672}{parsed.path or '/'}"
         self._degrade_after = _positive("degrade_after", degrade_after, allow_zero=True)
         self._buffer_size = _count("buffer_size", buffer_size)
+        if dependency is not None:
+            where = "spooled to disk and replayed" if spool is not None else "dropped, counted and reported"
+            dependency.add_site(
+                f"degrade.eventbus.EventPublisher[{exchange}].publish",
+                "fail_soft",
+                f"publish never waits: events are buffered (up to {self._buffer_size}) while the broker "
+                f"is unreachable, then {where} after {self._degrade_after:g}s "
+                "(Sentry: tag:eventbus.status=degraded); the request succeeds",
+                fallback="buffer, then " + ("spool" if spool is not None else "drop"),
+            )
         self._exchange_type = exchange_type
         self._declare = bool(declare_exchange)
         self._connect_timeout = _positive("connect_timeout", connect_timeout)

@@ -18,7 +18,7 @@ from .._extras import optional
 from .._gcra import Decision, MemoryStore, Rate, parse_rate
 from ..dependency import Dependency, Site
 from ..exceptions import ConfigurationError
-from ..observe import logger, metrics, report_to_sentry
+from ..observe import logger, report_to_sentry
 
 __all__ = ["Fallback", "LimiterStats", "RateLimiter"]
 
@@ -302,16 +302,7 @@ class RateLimiter:
                 f"rate limits are enforced per process (rate{per}) while Redis is down",
                 f"in-memory GCRA (rate{per})",
             )
-        site = Site(
-            name=f"degrade.ratelimit.RateLimiter[{self.prefix}]",
-            dependency=dep.name,
-            mode=mode,
-            reason=reason,
-            fallback=described,
-        )
-        site._counter = metrics.site_counter(site)
-        dep.sites.append(site)
-        return site
+        return dep.add_site(f"degrade.ratelimit.RateLimiter[{self.prefix}]", mode, reason, fallback=described)
 
     # -- the request path ----------------------------------------------------
 

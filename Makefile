@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit integration bench clean
+.PHONY: setup demo tour test docs runbook generated lint typecheck unit integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python examples/drill.py
+
+tour: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
@@ -31,11 +34,25 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
 
-test: lint typecheck
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir .site
+
+runbook: $(STAMP)
+	$(BIN)/python -m degrade runbook examples.app:registry > docs/runbook.md
+
+# The committed runbook must match the code; the alert rules must load in promtool.
+generated: $(STAMP)
+	$(BIN)/python -m degrade runbook examples.app:registry --check docs/runbook.md
+	$(BIN)/python -m degrade alerts examples.app:registry > .alerts.yml
+	@if command -v promtool >/dev/null; then promtool check rules .alerts.yml; \
+	elif [ "$$CI" = true ]; then echo "promtool is missing (apt-get install prometheus)"; exit 1; \
+	else echo "promtool not installed: alert rules not checked"; fi
+
+test: lint typecheck docs generated
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .site .alerts.yml

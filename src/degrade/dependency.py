@@ -116,6 +116,7 @@ class Dependency:
         recovery_interval: float = 0.5,
         check_timeout: float = 0.8,
         retry_after: int = 5,
+        watch_interval: float | None = None,
         registry: Registry | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
@@ -151,6 +152,21 @@ class Dependency:
         self.failure_threshold = failure_threshold
         self.recovery_interval = float(recovery_interval)
         self.check_timeout = float(check_timeout)
+        if watch_interval is not None:
+            if (
+                isinstance(watch_interval, bool)
+                or not isinstance(watch_interval, int | float)
+                or not watch_interval > 0
+            ):
+                raise ConfigurationError(
+                    f"watch_interval must be a positive number of seconds or None; got {watch_interval!r}"
+                )
+            if check is None:
+                raise ConfigurationError(
+                    "watch_interval needs a check: there is nothing to run while it is ok"
+                )
+        #: Seconds between checks while ok (None: only traffic and /health/deep notice an outage).
+        self.watch_interval = None if watch_interval is None else float(watch_interval)
         self.retry_after = retry_after
         self.sites: list[Site] = []
         #: Escape hatches that may soften this dependency's fail-loud sites.
@@ -329,6 +345,19 @@ class Dependency:
             if self._forced:
                 continue
             await self.run_check(reason="probe")
+
+    async def watch(self) -> None:
+        """Run the check every ``watch_interval`` (jittered) while ok; the lifespan runs this.
+
+        For a dependency that no request touches (a feature flag's service), so
+        an outage is noticed without traffic. While down, the probe takes over.
+        """
+        if self.watch_interval is None:
+            return
+        while True:
+            await self._sleep(self.watch_interval * (1.0 + JITTER * (2.0 * self._rng() - 1.0)))
+            if not self._down:
+                await self.run_check(reason="watch")
 
     async def stop_probe(self) -> None:
         """Cancel the background probe, if one runs, and wait for it."""

@@ -87,6 +87,7 @@ class Registry:
         recovery_interval: float = 0.5,
         check_timeout: float = 0.8,
         retry_after: int = 5,
+        watch_interval: float | None = None,
     ) -> Dependency:
         """Declare a backing service and return its :class:`Dependency`.
 
@@ -102,6 +103,8 @@ class Registry:
             recovery_interval: Seconds between probes while down (jittered).
             check_timeout: Bound of each check run, in seconds.
             retry_after: ``Retry-After`` seconds of 503s caused by it.
+            watch_interval: Also run the check every this many seconds while ok
+                (from the lifespan), for a service no request touches.
 
         Raises:
             ValueError: empty or duplicate name, non-positive interval or timeout.
@@ -119,6 +122,7 @@ class Registry:
             recovery_interval=recovery_interval,
             check_timeout=check_timeout,
             retry_after=retry_after,
+            watch_interval=watch_interval,
             registry=self,
             clock=self._clock,
             sleep=self._sleep,
@@ -246,6 +250,10 @@ class Registry:
         for dep in self._deps.values():
             if dep.is_down and not dep._forced:
                 dep._start_probe()
+            if dep.watch_interval is not None:
+                self._track(
+                    asyncio.get_running_loop().create_task(dep.watch(), name=f"degrade.watch[{dep.name}]")
+                )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:

@@ -410,3 +410,42 @@ class TestWrap:
             async with registry.wrap(host)(None):
                 pass  # pragma: no cover
         assert probe_tasks() == []
+
+
+class TestWatch:
+    async def test_a_watched_dependency_goes_down_without_traffic(self) -> None:
+        """watch_interval runs the check while ok, so an outage is seen with no request."""
+        healthy = True
+
+        async def check() -> None:
+            if not healthy:
+                raise ConnectionRefusedError
+
+        registry = Registry()
+        dep = registry.dependency(
+            "turn", severity=Severity.SEV3, check=check, watch_interval=0.01, recovery_interval=0.01
+        )
+        async with registry.lifespan():
+            await asyncio.sleep(0.05)
+            assert dep.state == "ok"
+            healthy = False
+            for _ in range(200):
+                if dep.is_down:
+                    break
+                await asyncio.sleep(0.01)
+            assert dep.is_down
+            healthy = True
+            for _ in range(200):
+                if not dep.is_down:
+                    break
+                await asyncio.sleep(0.01)
+            assert dep.state == "ok"
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("degrade.")]
+
+    def test_watch_needs_a_check_and_a_positive_interval(self) -> None:
+        """watch_interval without a check, or not positive, is a configuration error."""
+        registry = Registry()
+        with pytest.raises(ValueError, match="watch_interval needs a check"):
+            registry.dependency("a", severity=Severity.SEV3, watch_interval=1.0)
+        with pytest.raises(ValueError, match="watch_interval must be a positive number"):
+            registry.dependency("b", severity=Severity.SEV3, watch_interval=0, check=lambda: asyncio.sleep(0))

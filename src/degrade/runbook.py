@@ -175,4 +175,19 @@ def render_alerts(registry: Registry, *, runbook_base: str = "", down_for: str =
             f"          description: {_q('Fallbacks or refusals are rising: ' + impact)}",
             f"          runbook_url: {_q(runbook_url)}",
         ]
+    dropped = "sum by (exchange, reason) (increase(degrade_eventbus_dropped_total[5m])) > 0"
+    dropped_summary = "events were dropped on exchange {{ $labels.exchange }} ({{ $labels.reason }})"
+    publishers = [d for d in registry if any(s.name.startswith("degrade.eventbus.") for s in d.sites)]
+    for dep in publishers[:1]:  # one rule covers every publisher: the metric is labelled by exchange
+        runbook_url = f"{runbook_base}{dep.runbook}" if dep.runbook else f"{runbook_base}docs/runbook.md"
+        lines += [
+            "      - alert: DegradeEventsDropped",
+            f"        expr: {_q(dropped)}",
+            "        labels:",
+            "          severity: warning",
+            "        annotations:",
+            f"          summary: {_q(dropped_summary)}",
+            f"          description: {_q('Side effects were lost; Sentry: tag:eventbus.status=degraded')}",
+            f"          runbook_url: {_q(runbook_url)}",
+        ]
     return "\n".join(lines) + "\n"

@@ -144,6 +144,16 @@ class TestCli:
         assert main(["alerts", f"{app_module}:registry"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["groups"][0]["name"] == "degrade"
 
+    def test_event_drops_get_a_rule_when_a_publisher_is_registered(self) -> None:
+        """A registry with an EventPublisher site gets a DegradeEventsDropped rule."""
+        registry = _registry()
+        registry["db"].add_site("degrade.eventbus.EventPublisher[x].publish", "fail_soft", "buffered")
+        rules = yaml.safe_load(render_alerts(registry))["groups"][0]["rules"]
+        dropped = [r for r in rules if r["alert"] == "DegradeEventsDropped"]
+        assert len(dropped) == 1
+        assert "degrade_eventbus_dropped_total" in dropped[0]["expr"]
+        assert "DegradeEventsDropped" not in render_alerts(_registry())
+
     @pytest.mark.parametrize(
         ("spec", "message"),
         [

@@ -13,10 +13,14 @@ from __future__ import annotations
 import gc
 import inspect
 import itertools
+import os
+import platform
+import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 Runner = Callable[[int], "int | Awaitable[int]"]
@@ -24,11 +28,24 @@ Runner = Callable[[int], "int | Awaitable[int]"]
 __all__ = [
     "Runner",
     "Stat",
+    "asgi_fetch",
+    "asgi_get",
     "async_loop",
     "compare",
     "format_table",
+    "run_meta",
     "sync_loop",
+    "write_section",
 ]
+
+#: The file every script writes its own section of (``--write-results``).
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+_INTRO = (
+    "# Benchmark results\n\n"
+    "Each section is written by one script in `bench/`; re-run it to refresh its numbers.\n"
+    "Absolute numbers depend on the machine; ratios and overheads are what the goals judge.\n"
+)
 
 
 @dataclass(frozen=True)
@@ -142,3 +159,107 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def run_meta(
+    command: str,
+    load_before: Sequence[float],
+    load_after: Sequence[float],
+    counts: dict[str, str],
+    *,
+    noisy: str = "yes",
+) -> dict[str, str]:
+    """The facts printed under a report: command, Python, CPUs, load average, ``counts``, noise.
+
+    ``noisy`` is shown only when the load average passed 0.75 per CPU before or
+    after the run (other processes then shared the CPUs); an empty value is not shown.
+    """
+    cpus = os.cpu_count() or 1
+    return {
+        "command": command,
+        "python": platform.python_version(),
+        "cpus": str(cpus),
+        "load_before": " ".join(f"{x:.2f}" for x in load_before),
+        "load_after": " ".join(f"{x:.2f}" for x in load_after),
+        **counts,
+        "noisy": noisy if max(*load_before, *load_after) > cpus * 0.75 else "",
+    }
+
+
+def write_section(heading: str, body: str, *, written_by: str, results: Path = RESULTS) -> None:
+    """Replace (or append) only the ``heading`` section of ``results``; other sections stay as they are.
+
+    A section runs from its ``## `` heading line to the next ``## `` heading (or
+    the end of the file). A missing file is created with a short intro.
+    """
+    text = results.read_text() if results.exists() else _INTRO
+    section = f"{heading}\n\nWritten by `{written_by}`.\n\n{body}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
+def _scope(path: str, headers: Sequence[tuple[bytes, bytes]], client: tuple[str, int]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench"), *headers],
+        "client": client,
+        "server": ("bench", 80),
+    }
+
+
+def asgi_get(
+    app: Any,
+    path: str = "/",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    client: tuple[str, int] = ("127.0.0.1", 50000),
+) -> Callable[[], Awaitable[None]]:
+    """One GET through ``app`` with a minimal scope, for timing: no HTTP client in the way, answer ignored."""
+    template = _scope(path, headers, client)
+    message = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return message
+
+    async def send(msg: dict[str, Any]) -> None:
+        return None
+
+    async def call() -> None:
+        await app(dict(template), receive, send)
+
+    return call
+
+
+async def asgi_fetch(
+    app: Any, path: str = "/", *, client: tuple[str, int] = ("127.0.0.1", 50000)
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET, keeping status, headers and body (for checking, not timing)."""
+    status = 0
+    headers: dict[str, str] = {}
+    body = b""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg: dict[str, Any]) -> None:
+        nonlocal status, headers, body
+        if msg["type"] == "http.response.start":
+            status = msg["status"]
+            headers = {k.decode(): v.decode() for k, v in msg["headers"]}
+        elif msg["type"] == "http.response.body":
+            body += msg.get("body", b"")
+
+    await app(_scope(path, (), client), receive, send)
+    return status, headers, body

@@ -33,12 +33,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import platform
-import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,19 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import Runner, Stat, async_loop, compare, format_table, sync_loop
+from _util import (
+    RESULTS,
+    Runner,
+    Stat,
+    asgi_fetch,
+    asgi_get,
+    async_loop,
+    compare,
+    format_table,
+    run_meta,
+    sync_loop,
+    write_section,
+)
 
 from degrade import (
     DependencyUnavailable,
@@ -69,7 +79,6 @@ from degrade import (
 )
 
 SECTION = "## Core: decorators and health"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 #: Goals of issue 2.
 MAX_OVERHEAD_US = 1.5
@@ -248,71 +257,6 @@ BREAKER_OPEN_ERRORS = (pybreaker.CircuitBreakerError, aiobreaker.CircuitBreakerE
 
 
 # -- ASGI driving ------------------------------------------------------------------------
-
-
-def asgi_get(
-    app: Any, path: str, headers: Sequence[tuple[bytes, bytes]] = ()
-) -> Callable[[], Awaitable[None]]:
-    """One GET through ``app`` with a minimal scope; no HTTP client in the way."""
-    template: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("bench", 80),
-    }
-    message = {"type": "http.request", "body": b"", "more_body": False}
-
-    async def receive() -> dict[str, Any]:
-        return message
-
-    async def send(msg: dict[str, Any]) -> None:
-        return None
-
-    async def call() -> None:
-        await app(dict(template), receive, send)
-
-    return call
-
-
-async def asgi_fetch(app: Any, path: str) -> tuple[int, bytes]:
-    """One GET, keeping the status and body (for checking, not timing)."""
-    status = 0
-    body = b""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("bench", 80),
-    }
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(msg: dict[str, Any]) -> None:
-        nonlocal status, body
-        if msg["type"] == "http.response.start":
-            status = msg["status"]
-        elif msg["type"] == "http.response.body":
-            body += msg.get("body", b"")
-
-    await app(scope, receive, send)
-    return status, body
 
 
 def httpx_get(client: httpx.AsyncClient, path: str) -> Callable[[], Awaitable[Any]]:
@@ -516,9 +460,10 @@ async def bench_health(n: int, repeats: int, n_httpx: int) -> dict[str, Any]:
             answers = await asyncio.gather(*(asgi_fetch(cold_app, "/health/deep") for _ in range(concurrent)))
             elapsed = time.perf_counter() - t0
             label = f"cold run {i + 1}" + (f" ({concurrent} concurrent callers)" if concurrent > 1 else "")
-            cold.append((label, elapsed, *answers[0]))
+            status, _, body = answers[0]
+            cold.append((label, elapsed, status, body))
         t0 = time.perf_counter()
-        status, body = await asgi_fetch(cold_app, "/health/deep")
+        status, _, body = await asgi_fetch(cold_app, "/health/deep")
         cold.append(
             ("run 4 (blackholed one now known down: not probed)", time.perf_counter() - t0, status, body)
         )
@@ -527,7 +472,7 @@ async def bench_health(n: int, repeats: int, n_httpx: int) -> dict[str, Any]:
         # Warm the cached app once, then compare per-request cost.
         await asgi_fetch(cached_app, "/health/deep")
         for app, path in ((bare_app, "/health"), (cached_app, "/health"), (cached_app, "/health/deep")):
-            status, _ = await asgi_fetch(app, path)
+            status, _, _ = await asgi_fetch(app, path)
             if status not in (200, 503):
                 raise SystemExit(f"bench bug: {path} answered {status}")
         direct = await compare(
@@ -799,23 +744,6 @@ The first run (same script) missed two goals; profiling showed why:
 """
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) only our section of RESULTS.md; other sections stay as they are."""
-    intro = (
-        "# Benchmark results\n\n"
-        "Each section is written by one script in `bench/`; re-run it to refresh its numbers.\n"
-        "Absolute numbers depend on the machine; ratios and overheads are what the goals judge.\n"
-    )
-    text = RESULTS.read_text() if RESULTS.exists() else intro
-    section = f"{SECTION}\n\nWritten by `bench/bench_core.py --write-results`.\n\n{body}\n\n{NOTES}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 async def main(args: argparse.Namespace) -> int:
     # degrade logs each transition once; keep the table readable.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -835,21 +763,16 @@ async def main(args: argparse.Namespace) -> int:
         await registry.aclose()
     health = await bench_health(n_req, repeats, n_httpx)
     load_after = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    meta = {
-        "command": ".venv/bin/python bench/bench_core.py" + (" --quick" if args.quick else ""),
-        "python": platform.python_version(),
-        "cpus": str(cpus),
-        "load_before": " ".join(f"{x:.2f}" for x in load_before),
-        "load_after": " ".join(f"{x:.2f}" for x in load_after),
-        "n": f"{n_calls:,} (requests: {n_req:,} direct, {n_httpx:,} httpx)",
-        "repeats": str(repeats),
-        "noisy": "yes" if max(*load_before, *load_after) > cpus * 0.75 else "",
-    }
+    meta = run_meta(
+        ".venv/bin/python bench/bench_core.py" + (" --quick" if args.quick else ""),
+        load_before,
+        load_after,
+        {"n": f"{n_calls:,} (requests: {n_req:,} direct, {n_httpx:,} httpx)", "repeats": str(repeats)},
+    )
     report, all_ok = render(dec, syn, health, meta)
     print(report)
     if args.write_results:
-        write_section(report)
+        write_section(SECTION, f"{report}\n\n{NOTES}", written_by="bench/bench_core.py --write-results")
         print(f"\nwrote section {SECTION!r} of {RESULTS}")
     return 0 if all_ok else 1
 

@@ -41,8 +41,6 @@ import asyncio
 import gc
 import logging
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -61,14 +59,13 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import async_loop, compare, format_table
+from _util import RESULTS, async_loop, compare, format_table, run_meta, write_section
 
 from degrade import Registry, Severity, _bounded, checks
 from degrade.db import DBHealthMiddleware, ReadReplicaRouter, current_connection, engine_options
 from degrade.testing import FaultProxy
 
 SECTION = "## Postgres"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PG_DSN = os.environ.get("BENCH_PG_DSN", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 PG_HOST, PG_PORT = "127.0.0.1", int(PG_DSN.rsplit(":", 1)[1].split("/")[0])
 
@@ -594,23 +591,6 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) only our section of RESULTS.md; other sections stay as they are."""
-    intro = (
-        "# Benchmark results\n\n"
-        "Each section is written by one script in `bench/`; re-run it to refresh its numbers.\n"
-        "Absolute numbers depend on the machine; ratios and overheads are what the goals judge.\n"
-    )
-    text_ = RESULTS.read_text() if RESULTS.exists() else intro
-    section = f"{SECTION}\n\nWritten by `bench/bench_db.py`.\n\n{body}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text_):
-        text_ = pattern.sub(lambda _: section + "\n", text_, count=1).rstrip("\n") + "\n"
-    else:
-        text_ = text_.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text_)
-
-
 async def main(args: argparse.Namespace) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     quick = args.quick
@@ -621,24 +601,19 @@ async def main(args: argparse.Namespace) -> int:
     fallback = await bench_fallback(n, repeats)
     facts = await bench_facts(args.slow)
     load_after = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    meta = {
-        "command": ".venv/bin/python bench/bench_db.py"
+    meta = run_meta(
+        ".venv/bin/python bench/bench_db.py"
         + (" --quick" if quick else "")
         + (" --slow" if args.slow else ""),
-        "python": platform.python_version(),
-        "cpus": str(cpus),
-        "load_before": " ".join(f"{x:.2f}" for x in load_before),
-        "load_after": " ".join(f"{x:.2f}" for x in load_after),
-        "requests per repeat": f"{n:,} ({repeats} repeats, cases interleaved)",
-        "noisy": "yes: other processes shared the CPUs"
-        if max(*load_before, *load_after) > cpus * 0.75
-        else "",
-    }
+        load_before,
+        load_after,
+        {"requests per repeat": f"{n:,} ({repeats} repeats, cases interleaved)"},
+        noisy="yes: other processes shared the CPUs",
+    )
     report = render(healthy, outage, fallback, facts, meta)
     print(report)
     if args.write_results:
-        write_section(report)
+        write_section(SECTION, report, written_by="bench/bench_db.py")
         print(f"\nwrote section {SECTION!r} of {RESULTS}")
     return 0 if "**missed**" not in report else 1
 

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -61,8 +60,11 @@ from degrade import Registry, Severity
 from degrade.eventbus import DiskSpool, EventPublisher, PublishResult
 from degrade.testing import FaultProxy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _util import RESULTS, format_table, write_section
+
 SECTION = "## Event bus"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 AMQP_URL = os.environ.get("DEGRADE_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 HOST, PORT = URL(AMQP_URL).host or "127.0.0.1", URL(AMQP_URL).port or 5672
 
@@ -556,17 +558,6 @@ async def bench_traps(broker: Broker, cap: float) -> list[tuple[str, str, str]]:
 # -- report -----------------------------------------------------------------------------
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join(
-        [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
-    )
-
-
 def report(
     latency: dict[str, dict[str, float]],
     throughput: dict[str, dict[str, list[float]]],
@@ -585,7 +576,7 @@ def report(
         rows.append([name, f"{stat['p50']:.1f}", f"{stat['p99']:.1f}", f"{stat['max']:.0f}", verdict])
     parts.append(
         "### publish() call latency (microseconds, GC on)\n\n"
-        + table(["case", "p50", "p99", "max", f"p99 <= {P99_GOAL_US:g} us"], rows)
+        + format_table(["case", "p50", "p99", "max", f"p99 <= {P99_GOAL_US:g} us"], rows)
     )
     names = list(throughput)
     ours, seq, wide = (throughput[n] for n in names)
@@ -597,7 +588,7 @@ def report(
         )
     parts.append(
         "### Delivered throughput with publisher confirms\n\n"
-        + table(["case", "msg/s median", "msg/s best", "CPU us/msg (median)"], rows)
+        + format_table(["case", "msg/s median", "msg/s best", "CPU us/msg (median)"], rows)
     )
     ratio_rows = []
     for label, other, goal in (
@@ -620,7 +611,7 @@ def report(
             ]
         )
     parts.append(
-        table(
+        format_table(
             ["ratio", "msg/s (median)", "msg/s (best)", "CPU per msg (inverse)", "goal", "median"], ratio_rows
         )
     )
@@ -629,26 +620,9 @@ def report(
             "### aio-pika's traps (aio-pika "
             + aio_pika.__version__
             + "), and the EventPublisher in the same outage\n\n"
-            + table(["what", "outcome", "took"], [list(r) for r in traps])
+            + format_table(["what", "outcome", "took"], [list(r) for r in traps])
         )
     return "\n\n".join(parts), ok
-
-
-def write_results(body: str) -> None:
-    """Replace (or append) only our section of RESULTS.md; other sections stay as they are."""
-    intro = (
-        "# Benchmark results\n\n"
-        "Each section is written by one script in `bench/`; re-run it to refresh its numbers.\n"
-        "Absolute numbers depend on the machine; ratios and overheads are what the goals judge.\n\n"
-    )
-    text = RESULTS.read_text() if RESULTS.exists() else intro
-    section = f"{SECTION}\n\nWritten by `bench/bench_eventbus.py --write-results`.\n\n{body}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -684,7 +658,7 @@ async def main(args: argparse.Namespace) -> int:
     print()
     print(body)
     if args.write_results:
-        write_results(body)
+        write_section(SECTION, body, written_by="bench/bench_eventbus.py --write-results")
         print(f"\nwrote section {SECTION!r} of {RESULTS}")
     print("\nall goals met" if ok else "\nSOME GOALS MISSED")
     return 0 if ok else 1

@@ -37,8 +37,6 @@ import asyncio
 import gc
 import logging
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -68,14 +66,26 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import Runner, Stat, async_loop, compare, format_table
+from _util import (
+    RESULTS,
+    Runner,
+    Stat,
+    asgi_fetch,
+    asgi_get,
+    async_loop,
+    compare,
+    format_table,
+    run_meta,
+    write_section,
+)
 
 from degrade import Registry, Severity
 from degrade import redis as dredis
 from degrade.ratelimit import RateLimiter, RateLimitMiddleware
 
 SECTION = "## Rate limiter"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+#: The client address of every benchmarked request (its rate-limit key).
+CLIENT = ("203.0.113.9", 50000)
 REDIS_URL = os.environ.get("DEGRADE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
 #: Goals of issue 4.
@@ -183,7 +193,7 @@ async def bench_memory(n: int, repeats: int) -> dict[str, Stat]:
         MovingWindowRateLimiter(storage),
         SlidingWindowCounterRateLimiter(storage),
     )
-    ip = "203.0.113.9"
+    ip = CLIENT[0]
     cases = [
         ("degrade RateLimiter (memory)", async_loop(ours.hit, ip, RATE)),
         ("limits FixedWindow (memory)", async_loop(fixed.hit, item, "fixed", ip)),
@@ -201,66 +211,6 @@ async def bench_memory(n: int, repeats: int) -> dict[str, Stat]:
 
 
 # -- middleware ------------------------------------------------------------------------
-
-
-def asgi_call(app: Any) -> Callable[[], Awaitable[None]]:
-    """One GET / straight through the ASGI app; checks the status once."""
-    template = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("203.0.113.9", 50000),
-        "server": ("bench", 80),
-    }
-    message = {"type": "http.request", "body": b"", "more_body": False}
-
-    async def receive() -> dict[str, Any]:
-        return message
-
-    async def send(msg: dict[str, Any]) -> None:
-        return None
-
-    async def call() -> None:
-        await app(dict(template), receive, send)
-
-    return call
-
-
-async def check_status(app: Any) -> tuple[int, dict[str, str]]:
-    status, headers = 0, {}
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(msg: dict[str, Any]) -> None:
-        nonlocal status, headers
-        if msg["type"] == "http.response.start":
-            status = msg["status"]
-            headers = {k.decode(): v.decode() for k, v in msg["headers"]}
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("203.0.113.9", 50000),
-        "server": ("bench", 80),
-        "scheme": "http",
-        "http_version": "1.1",
-        "asgi": {"version": "3.0"},
-    }
-    await app(scope, receive, send)
-    return status, headers
 
 
 async def bench_middleware(n: int, repeats: int) -> dict[str, Stat]:
@@ -295,11 +245,12 @@ async def bench_middleware(n: int, repeats: int) -> dict[str, Stat]:
         ("slowapi SlowAPIASGIMiddleware", slow_asgi),
     ]
     for name, app in apps:
-        status, headers = await check_status(app)
+        status, headers, _ = await asgi_fetch(app, client=CLIENT)
         assert status == 200, (name, status)
         if name.startswith("RateLimit"):
             assert "ratelimit" in headers, headers
-    return await compare([(name, async_loop(asgi_call(app))) for name, app in apps], n=n, repeats=repeats)
+    cases = [(name, async_loop(asgi_get(app, client=CLIENT))) for name, app in apps]
+    return await compare(cases, n=n, repeats=repeats)
 
 
 # -- while Redis is down ----------------------------------------------------------------
@@ -489,23 +440,6 @@ NOTES = """Notes:
   dependency; no decision touches the network afterwards (checked: no round trip)."""
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) only our section of RESULTS.md; other sections stay as they are."""
-    intro = (
-        "# Benchmark results\n\n"
-        "Each section is written by one script in `bench/`; re-run it to refresh its numbers.\n"
-        "Absolute numbers depend on the machine; ratios and overheads are what the goals judge.\n"
-    )
-    text = RESULTS.read_text() if RESULTS.exists() else intro
-    section = f"{SECTION}\n\nWritten by `bench/bench_ratelimit.py --write-results`.\n\n{body}\n\n{NOTES}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 async def main(args: argparse.Namespace) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     scale = 10 if args.quick else 1
@@ -527,23 +461,22 @@ async def main(args: argparse.Namespace) -> int:
     print("while down ...")
     down = await bench_down(n_down)
     load_after = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    meta = {
-        "command": ".venv/bin/python bench/bench_ratelimit.py" + (" --quick" if args.quick else ""),
-        "python": platform.python_version(),
-        "cpus": str(cpus),
-        "load_before": " ".join(f"{x:.2f}" for x in load_before),
-        "load_after": " ".join(f"{x:.2f}" for x in load_after),
-        "n": f"seq {n_seq:,}, x{CONCURRENCY} {n_conc:,}, memory {n_mem:,}, "
-        f"requests {n_req:,}, down {n_down:,}",
-        "repeats": f"{repeats} (Redis: {3 * repeats} sequential, {2 * repeats} concurrent)",
-        "noisy": "yes (load above 0.75 per CPU)" if max(*load_before, *load_after) > cpus * 0.75 else "",
-    }
+    meta = run_meta(
+        ".venv/bin/python bench/bench_ratelimit.py" + (" --quick" if args.quick else ""),
+        load_before,
+        load_after,
+        {
+            "n": f"seq {n_seq:,}, x{CONCURRENCY} {n_conc:,}, memory {n_mem:,}, "
+            f"requests {n_req:,}, down {n_down:,}",
+            "repeats": f"{repeats} (Redis: {3 * repeats} sequential, {2 * repeats} concurrent)",
+        },
+        noisy="yes (load above 0.75 per CPU)",
+    )
     report, all_ok = render(redis, memory, middleware, down, meta)
     print()
     print(report)
     if args.write_results:
-        write_section(report)
+        write_section(SECTION, f"{report}\n\n{NOTES}", written_by="bench/bench_ratelimit.py --write-results")
         print(f"\nwrote section {SECTION!r} of {RESULTS}")
     return 0 if all_ok else 1
 

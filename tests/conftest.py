@@ -1,15 +1,20 @@
-"""Shared fixtures: service addresses (fail in CI when missing), a fresh registry."""
+"""Shared fixtures: service addresses (fail in CI when missing), a fresh registry, a Sentry capture."""
 
 from __future__ import annotations
 
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+import sentry_sdk
 
 from degrade import Registry
+from degrade.observe import sentry_active
+
+from .support import CapturingTransport
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -71,3 +76,31 @@ async def registry() -> AsyncIterator[Registry]:
         yield reg
     finally:
         await reg.aclose()
+
+
+@pytest.fixture
+def sentry() -> Iterator[CapturingTransport]:
+    """A real Sentry client, initialised as a host would, sending to a capturing transport.
+
+    The client is closed and unset at teardown; the fixture fails if one is still active.
+    """
+    transport = CapturingTransport()
+    sentry_sdk.init(
+        dsn="https://public@example.invalid/1",
+        transport=transport,
+        default_integrations=False,
+        auto_enabling_integrations=False,
+    )
+    try:
+        assert sentry_active()
+        yield transport
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+    assert not sentry_sdk.get_client().is_active()
+
+
+@pytest.fixture
+def sentry_events(sentry: CapturingTransport) -> list[dict[str, Any]]:
+    """The events the ``sentry`` client sent so far: a live list, in order."""
+    return sentry.events

@@ -1,4 +1,4 @@
-"""Shared by the event bus integration tests: per-test topology, short bounds, a Sentry capture.
+"""Shared by the event bus integration tests: per-test topology, short bounds, a fault proxy.
 
 Each test gets its own exchange and queue (named after the ``unique`` fixture),
 both deleted afterwards; delivery is verified by consuming from the queue.
@@ -10,27 +10,22 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 import pytest
-import sentry_sdk
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 
 from degrade.eventbus import EventPublisher
 from degrade.testing import FaultProxy
 
 __all__ = [
     "FAST",
-    "CapturingTransport",
     "Received",
     "Topology",
     "make_bus",
     "proxy",
-    "sentry_events",
     "topology",
     "wait_for",
 ]
@@ -44,32 +39,6 @@ FAST: dict[str, Any] = {
     "heartbeat": 1,
     "log_interval": 0.2,
 }
-
-
-class CapturingTransport(Transport):
-    """Keeps every event a real sentry_sdk client sends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict[str, Any]] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        for item in envelope.items:
-            event = item.get_event()
-            if event is not None:
-                self.events.append(dict(event))
-
-
-@pytest.fixture
-def sentry_events() -> Iterator[list[dict[str, Any]]]:
-    """A real Sentry client whose events land in a list; reset afterwards."""
-    transport = CapturingTransport()
-    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport, default_integrations=False)
-    try:
-        yield transport.events
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
 
 
 @pytest.fixture

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 
 from degrade import Registry, Severity, checks
-from degrade import redis as dredis
 from degrade.cache import FailSoftCache
 from degrade.testing import FaultProxy
 
@@ -20,47 +17,16 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def proxy(fault_proxy: Any, redis_url: str) -> FaultProxy:
-    """A fault proxy in front of the real Redis."""
-    parts = urlsplit(redis_url)
-    p: FaultProxy = await fault_proxy(parts.hostname, parts.port)
-    return p
-
-
-@pytest.fixture
-async def direct(redis_url: str, unique: str) -> AsyncIterator[aioredis.Redis]:
-    """A client straight to Redis (no proxy) to inspect keys; deletes the test's keys at teardown."""
-    c = dredis.client(redis_url, timeout=1.0)
-    try:
-        yield c
-    finally:
-        keys = [k async for k in c.scan_iter(match=f"{unique}:*")]
-        if keys:
-            await c.delete(*keys)
-        await c.aclose()
-
-
-@pytest.fixture
-async def proxied(proxy: FaultProxy, redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """degrade.redis.client() through the proxy."""
-    c = dredis.client(proxy.url_for(redis_url))
-    try:
-        yield c
-    finally:
-        await c.aclose()
-
-
-@pytest.fixture
-def dep(registry: Registry, proxied: aioredis.Redis) -> Any:
+def dep(registry: Registry, redis_proxied: aioredis.Redis) -> Any:
     """The Redis dependency, probing through the proxy; slow probes so a test can watch the request path."""
     return registry.dependency(
-        "redis", severity=Severity.SEV2, check=checks.redis(proxied), recovery_interval=30
+        "redis", severity=Severity.SEV2, check=checks.redis(redis_proxied), recovery_interval=30
     )
 
 
 @pytest.fixture
-def cache(proxied: aioredis.Redis, dep: Any, unique: str) -> FailSoftCache:
-    return FailSoftCache(proxied, dep, ttl=30, prefix=f"{unique}:")
+def cache(redis_proxied: aioredis.Redis, dep: Any, unique: str) -> FailSoftCache:
+    return FailSoftCache(redis_proxied, dep, ttl=30, prefix=f"{unique}:")
 
 
 class Loader:
@@ -78,14 +44,16 @@ class Loader:
 
 
 class TestHealthy:
-    async def test_read_through(self, cache: FailSoftCache, direct: aioredis.Redis, unique: str) -> None:
+    async def test_read_through(
+        self, cache: FailSoftCache, redis_direct: aioredis.Redis, unique: str
+    ) -> None:
         """Miss loads and stores with the ttl; the next read is a hit."""
         loader = Loader()
         assert await cache.get_or_load("track:7", loader) == {"id": 7, "n": 1}
         assert await cache.get_or_load("track:7", loader) == {"id": 7, "n": 1}
         assert loader.calls == 1
-        assert await direct.get(f"{unique}:track:7") == b'{"id":7,"n":1}'
-        assert 0 < await direct.pttl(f"{unique}:track:7") <= 30_000
+        assert await redis_direct.get(f"{unique}:track:7") == b'{"id":7,"n":1}'
+        assert 0 < await redis_direct.pttl(f"{unique}:track:7") <= 30_000
 
     async def test_single_flight(self, cache: FailSoftCache) -> None:
         """Fifty concurrent misses on one key: one loader call."""
@@ -94,12 +62,12 @@ class TestHealthy:
         assert loader.calls == 1
         assert all(r == {"id": 7, "n": 1} for r in results)
 
-    async def test_invalidate(self, cache: FailSoftCache, direct: aioredis.Redis, unique: str) -> None:
+    async def test_invalidate(self, cache: FailSoftCache, redis_direct: aioredis.Redis, unique: str) -> None:
         """invalidate deletes the entry so the next read loads again."""
         loader = Loader()
         await cache.get_or_load("k", loader)
         assert await cache.invalidate("k") is True
-        assert await direct.exists(f"{unique}:k") == 0
+        assert await redis_direct.exists(f"{unique}:k") == 0
         await cache.get_or_load("k", loader)
         assert loader.calls == 2
 
@@ -107,71 +75,81 @@ class TestHealthy:
 class TestOutages:
     @pytest.mark.parametrize("fault", ["refuse", "blackhole"])
     async def test_down_serves_from_loader_and_writes_nothing(
-        self, cache: FailSoftCache, proxy: FaultProxy, direct: aioredis.Redis, unique: str, fault: str
+        self,
+        cache: FailSoftCache,
+        redis_proxy: FaultProxy,
+        redis_direct: aioredis.Redis,
+        unique: str,
+        fault: str,
     ) -> None:
         """Redis refused or blackholed: the loader answers within the bound, no error, nothing written."""
         loader = Loader()
-        with proxy.outage(fault):  # type: ignore[call-overload]
+        with redis_proxy.outage(fault):  # type: ignore[call-overload]
             start = time.perf_counter()
             assert await cache.get_or_load("k", loader) == {"id": 7, "n": 1}
             assert time.perf_counter() - start < 0.8
-        assert await direct.exists(f"{unique}:k") == 0
+        assert await redis_direct.exists(f"{unique}:k") == 0
 
     async def test_slow_redis_past_timeout(
-        self, cache: FailSoftCache, proxy: FaultProxy, direct: aioredis.Redis, unique: str
+        self, cache: FailSoftCache, redis_proxy: FaultProxy, redis_direct: aioredis.Redis, unique: str
     ) -> None:
         """Latency beyond the timeout: loader answers at about the bound, nothing written."""
-        with proxy.outage("latency", 0.6):
+        with redis_proxy.outage("latency", 0.6):
             start = time.perf_counter()
             assert await cache.get_or_load("k", Loader()) == {"id": 7, "n": 1}
             assert time.perf_counter() - start < 0.8
-        assert await direct.exists(f"{unique}:k") == 0
+        assert await redis_direct.exists(f"{unique}:k") == 0
 
     async def test_known_down_makes_no_redis_call(
-        self, cache: FailSoftCache, proxy: FaultProxy, dep: Any
+        self, cache: FailSoftCache, redis_proxy: FaultProxy, dep: Any
     ) -> None:
         """Once the dependency is down, reads cost no Redis traffic and answer at once."""
-        proxy.blackhole()
+        redis_proxy.blackhole()
         for i in range(3):
             await cache.get_or_load(f"k{i}", Loader())
         assert dep.is_down
-        before = proxy.stats
+        before = redis_proxy.stats
         loader = Loader()
         start = time.perf_counter()
         for i in range(100):
             await cache.get_or_load(f"x{i}", loader)
         took = time.perf_counter() - start
-        after = proxy.stats
+        after = redis_proxy.stats
         assert loader.calls == 100
         assert took < 0.5
         assert (after.accepted, after.bytes_up, after.held) == (before.accepted, before.bytes_up, before.held)
 
-    async def test_reset_mid_traffic(self, cache: FailSoftCache, proxy: FaultProxy) -> None:
+    async def test_reset_mid_traffic(self, cache: FailSoftCache, redis_proxy: FaultProxy) -> None:
         """A reset of the pooled connections costs at most a miss, never an error."""
         loader = Loader()
         await cache.get_or_load("k", loader)
-        proxy.reset()
+        redis_proxy.reset()
         assert await cache.get_or_load("k", loader) in ({"id": 7, "n": 1}, {"id": 7, "n": 2})
         assert await cache.get_or_load("k", loader) in ({"id": 7, "n": 1}, {"id": 7, "n": 2})
 
     async def test_recovery_resumes_caching(
-        self, cache: FailSoftCache, proxy: FaultProxy, dep: Any, direct: aioredis.Redis, unique: str
+        self,
+        cache: FailSoftCache,
+        redis_proxy: FaultProxy,
+        dep: Any,
+        redis_direct: aioredis.Redis,
+        unique: str,
     ) -> None:
         """After the outage the probe closes the dependency and entries are written again."""
-        proxy.refuse()
+        redis_proxy.refuse()
         for i in range(3):
             await cache.get_or_load(f"k{i}", Loader())
         assert dep.is_down
-        proxy.up()
+        redis_proxy.up()
         result = await dep.run_check()
         assert result.ok
         assert not dep.is_down
         await cache.get_or_load("after", Loader())
-        assert await direct.exists(f"{unique}:after") == 1
+        assert await redis_direct.exists(f"{unique}:after") == 1
 
-    async def test_single_flight_during_outage(self, cache: FailSoftCache, proxy: FaultProxy) -> None:
+    async def test_single_flight_during_outage(self, cache: FailSoftCache, redis_proxy: FaultProxy) -> None:
         """While Redis is refused, concurrent misses still share one loader call."""
-        proxy.refuse()
+        redis_proxy.refuse()
         loader = Loader(delay=0.05)
         await asyncio.gather(*(cache.get_or_load("hot", loader) for _ in range(30)))
         assert loader.calls == 1

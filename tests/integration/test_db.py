@@ -51,14 +51,6 @@ MARGIN = 0.35
 
 
 @pytest.fixture
-async def pg_proxy(fault_proxy: Any, postgres_dsn: str) -> FaultProxy:
-    """A fault proxy in front of the real Postgres."""
-    parts = urlsplit(postgres_dsn)
-    proxy: FaultProxy = await fault_proxy(parts.hostname, parts.port)
-    return proxy
-
-
-@pytest.fixture
 async def engine(pg_proxy: FaultProxy, postgres_dsn: str) -> AsyncIterator[AsyncEngine]:
     """The app's engine, through the proxy, with degrade's bounded settings."""
     eng = create_async_engine(

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def redis_proxy(redis_url: str, fault_proxy: Any) -> FaultProxy:
-    """A FaultProxy in front of the real Redis."""
-    proxy: FaultProxy = await fault_proxy("127.0.0.1", 6379)
-    return proxy
-
-
-@pytest.fixture
 async def app(redis_proxy: FaultProxy, unique: str) -> AsyncIterator[Starlette]:
     """A tiny app with a fail-soft and a fail-loud route over Redis; its client closed after."""
     client = redis_client(redis_proxy.url_for("redis://127.0.0.1:6379/0"), timeout=0.2)

@@ -23,11 +23,11 @@ from degrade import Registry, Severity
 from degrade.eventbus import EventPublisher, PublishResult
 from degrade.testing import FaultProxy
 
-from .eventbus_helpers import Topology, make_bus, proxy, sentry_events, topology, wait_for
+from .eventbus_helpers import Topology, make_bus, proxy, topology, wait_for
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["make_bus", "proxy", "sentry_events"]  # fixtures, imported to be used here
+__all__ = ["make_bus", "proxy"]  # fixtures, imported to be used here
 
 
 @pytest.fixture

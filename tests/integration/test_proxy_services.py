@@ -6,7 +6,6 @@ import contextlib
 import statistics
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -19,16 +18,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from degrade.testing import FaultProxy
-from degrade.testing.plugin import FaultProxyFactory
 
 pytestmark = pytest.mark.integration
-
-
-def _target(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    assert parts.hostname is not None
-    assert parts.port is not None
-    return parts.hostname, parts.port
 
 
 @contextlib.asynccontextmanager
@@ -47,16 +38,6 @@ async def ping_time(client: aioredis.Redis) -> float:
     start = time.perf_counter()
     assert await client.ping()
     return time.perf_counter() - start
-
-
-@pytest.fixture
-async def redis_proxy(fault_proxy: FaultProxyFactory, redis_url: str) -> FaultProxy:
-    return await fault_proxy(*_target(redis_url))
-
-
-@pytest.fixture
-async def pg_proxy(fault_proxy: FaultProxyFactory, postgres_dsn: str) -> FaultProxy:
-    return await fault_proxy(*_target(postgres_dsn))
 
 
 def asyncpg_dsn(proxy: FaultProxy, postgres_dsn: str) -> str:

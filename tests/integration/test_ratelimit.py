@@ -5,18 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-import sentry_sdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -30,87 +26,11 @@ from degrade._gcra import Rate
 from degrade.ratelimit import Decision, RateLimiter, RateLimitMiddleware
 from degrade.testing import FaultProxy
 
+from ..support import CapturingTransport, FakeClock
+
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 0.25
-
-
-class FakeClock:
-    """Wall-clock seconds that move only when the test says so."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def _delete_prefix(client: aioredis.Redis, prefix: str) -> None:
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
-    if keys:
-        await client.delete(*keys)
-
-
-class RecordingTransport(Transport):
-    """A Sentry transport that keeps envelopes in memory (no network)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.envelopes: list[Envelope] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        self.envelopes.append(envelope)
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        events = [envelope.get_event() for envelope in self.envelopes]
-        return [dict(event) for event in events if event is not None]
-
-
-@pytest.fixture
-def sentry() -> Iterator[RecordingTransport]:
-    """A real Sentry client, initialised as a host would, sending to a recording transport."""
-    transport = RecordingTransport()
-    sentry_sdk.init(
-        dsn="https://public@example.invalid/1",
-        transport=transport,
-        default_integrations=False,
-        auto_enabling_integrations=False,
-    )
-    try:
-        yield transport
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
-
-
-@pytest.fixture
-async def direct(redis_url: str, unique: str) -> AsyncIterator[aioredis.Redis]:
-    """A safe client straight to the real Redis; the test's keys are deleted at teardown."""
-    client = dredis.client(redis_url)
-    try:
-        yield client
-    finally:
-        await _delete_prefix(client, f"{unique}:")
-        await client.aclose()
-
-
-@pytest.fixture
-async def proxy(fault_proxy: Any, redis_url: str) -> FaultProxy:
-    """A fault proxy in front of the real Redis."""
-    parts = urlsplit(redis_url)
-    p: FaultProxy = await fault_proxy(parts.hostname, parts.port)
-    return p
-
-
-@pytest.fixture
-async def proxied(proxy: FaultProxy, redis_url: str, direct: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
-    """A safe client through the proxy (keys still cleaned up by ``direct``)."""
-    client = dredis.client(proxy.url_for(redis_url), timeout=TIMEOUT)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -143,10 +63,10 @@ async def timed(coro: Any) -> tuple[float, Any]:
 
 
 class TestRedisDecisions:
-    async def test_burst_then_denied(self, direct: aioredis.Redis, dep: Dependency, make: Any) -> None:
+    async def test_burst_then_denied(self, redis_direct: aioredis.Redis, dep: Dependency, make: Any) -> None:
         """Redis answers with GCRA: the burst passes, the next hit waits one interval."""
-        clock = FakeClock()
-        limiter = make(direct, dep, clock=clock)
+        clock = FakeClock(1_700_000_000.0)
+        limiter = make(redis_direct, dep, clock=clock)
         decisions = [await limiter.hit("k", "10/second;burst=3") for _ in range(4)]
         assert [d.allowed for d in decisions] == [True, True, True, False]
         assert decisions[0] == Decision(True, 10, 2, 0.1, 0.0, "redis")
@@ -155,63 +75,65 @@ class TestRedisDecisions:
         assert (await limiter.hit("k", "10/second;burst=3")).allowed
 
     async def test_keys_expire_with_the_bucket(
-        self, direct: aioredis.Redis, dep: Dependency, make: Any, unique: str
+        self, redis_direct: aioredis.Redis, dep: Dependency, make: Any, unique: str
     ) -> None:
         """A key lives in Redis only until its bucket would be full again."""
-        limiter = make(direct, dep)
+        limiter = make(redis_direct, dep)
         decision = await limiter.hit("k", "2/second")
-        ttl = await direct.pttl(f"{unique}:rl:2/second:k")
+        ttl = await redis_direct.pttl(f"{unique}:rl:2/second:k")
         assert 0 < ttl <= decision.reset_after * 1000 + 1
 
     async def test_concurrent_hits_are_exact(
-        self, direct: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_direct: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """50 concurrent hits on one key under 10/minute: exactly 10 pass (atomic in Lua)."""
-        limiter = make(direct, dep)
+        limiter = make(redis_direct, dep)
         decisions = await asyncio.gather(*(limiter.hit("k", "10/minute") for _ in range(50)))
         assert sum(d.allowed for d in decisions) == 10
         assert {d.source for d in decisions} == {"redis"}
 
     async def test_concurrent_decisions_share_round_trips(
-        self, direct: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_direct: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """Decisions issued in one loop tick go out together: 50 decisions, at most 2 EVALSHA."""
-        limiter = make(direct, dep)
+        limiter = make(redis_direct, dep)
         decisions = await asyncio.gather(*(limiter.hit(f"k{i}", "10/minute") for i in range(50)))
         assert all(d.allowed and d.source == "redis" for d in decisions)
         assert limiter.stats.redis == 50
         assert limiter.stats.batches <= 2
 
     async def test_one_round_trip_per_sequential_decision(
-        self, direct: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_direct: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """Sequential decisions cost exactly one EVALSHA each."""
-        limiter = make(direct, dep)
+        limiter = make(redis_direct, dep)
         await limiter.hit("warm", "10/minute")  # the first one may load the script
         limiter.stats.batches = 0
         for _ in range(10):
             await limiter.hit("k", "100/minute")
         assert limiter.stats.batches == 10
 
-    async def test_large_batches_are_split(self, direct: aioredis.Redis, dep: Dependency, make: Any) -> None:
+    async def test_large_batches_are_split(
+        self, redis_direct: aioredis.Redis, dep: Dependency, make: Any
+    ) -> None:
         """More than max_batch waiting decisions go out as several EVALSHA calls."""
-        limiter = make(direct, dep, max_batch=16)
+        limiter = make(redis_direct, dep, max_batch=16)
         decisions = await asyncio.gather(*(limiter.hit(f"k{i}", "5/minute") for i in range(100)))
         assert all(d.source == "redis" for d in decisions)
         assert limiter.stats.batches >= 100 // 16
 
     async def test_noscript_after_script_flush(
-        self, direct: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_direct: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """After SCRIPT FLUSH (or a restart) the script is loaded again; decisions still come from Redis."""
-        limiter = make(direct, dep)
+        limiter = make(redis_direct, dep)
         assert (await limiter.hit("k", "5/minute")).source == "redis"
         noscript = limiter.stats.noscript
-        await direct.script_flush()
+        await redis_direct.script_flush()
         decision = await limiter.hit("k", "5/minute")
         assert (decision.source, decision.allowed, decision.remaining) == ("redis", True, 3)
         assert limiter.stats.noscript == noscript + 1
-        await direct.script_flush()
+        await redis_direct.script_flush()
         batch = await asyncio.gather(*(limiter.hit(f"b{i}", "5/minute") for i in range(20)))
         assert {d.source for d in batch} == {"redis"}
         assert dep.failures == 0
@@ -225,7 +147,12 @@ class TestRedisDecisions:
         ],
     )
     async def test_any_redis_client(
-        self, redis_url: str, direct: aioredis.Redis, dep: Dependency, make: Any, options: dict[str, Any]
+        self,
+        redis_url: str,
+        redis_direct: aioredis.Redis,
+        dep: Dependency,
+        make: Any,
+        options: dict[str, Any],
     ) -> None:
         """Plain, decoding, single-connection and RESP3 clients all work (lean or generic path)."""
         client = aioredis.Redis.from_url(redis_url, **options)
@@ -261,7 +188,7 @@ class TestNeverFailOpenByAccident:
     )
     async def test_wrong_key_type_is_not_an_outage(  # noqa: PLR0917 - fixtures and drawn values
         self,
-        direct: aioredis.Redis,
+        redis_direct: aioredis.Redis,
         dep: Dependency,
         make: Any,
         unique: str,
@@ -270,9 +197,9 @@ class TestNeverFailOpenByAccident:
         allowed: bool,
     ) -> None:
         """A Redis error that is a bug (WRONGTYPE) never opens the limiter and never feeds the dependency."""
-        await direct.hset(f"{unique}:rl:1/minute:k", "x", "1")
+        await redis_direct.hset(f"{unique}:rl:1/minute:k", "x", "1")
         with capture_logs() as logs:
-            limiter = make(direct, dep, fallback=fallback)
+            limiter = make(redis_direct, dep, fallback=fallback)
             first = await limiter.hit("k", "1/minute")
             second = await limiter.hit("k", "1/minute")
         assert (first.source, first.allowed) == (source, allowed)
@@ -298,7 +225,7 @@ class TestSameDecisionsInMemoryAndRedis:
     )
     async def test_memory_and_redis_agree(  # noqa: PLR0917 - fixtures and drawn values
         self,
-        direct: aioredis.Redis,
+        redis_direct: aioredis.Redis,
         unique: str,
         limit: int,
         burst: int,
@@ -309,7 +236,9 @@ class TestSameDecisionsInMemoryAndRedis:
         rate = Rate.of(limit, period, burst)
         clock = FakeClock(1_700_000_000.0 + next(self.counter))
         dep = Dependency("redis", severity=Severity.SEV1)
-        redis_limiter = RateLimiter(direct, dependency=dep, prefix=f"{unique}:rl:", clock=clock, warm=False)
+        redis_limiter = RateLimiter(
+            redis_direct, dependency=dep, prefix=f"{unique}:rl:", clock=clock, warm=False
+        )
         memory_limiter = RateLimiter(clock=clock)
         key = f"p{next(self.counter)}"
         for gap_us, cost in steps:
@@ -332,12 +261,18 @@ class TestSameDecisionsInMemoryAndRedis:
         concurrency=st.integers(1, 8),
     )
     async def test_never_more_than_rate_plus_burst(  # noqa: PLR0917 - fixtures and drawn values
-        self, direct: aioredis.Redis, unique: str, limit: int, burst: int, gaps: list[float], concurrency: int
+        self,
+        redis_direct: aioredis.Redis,
+        unique: str,
+        limit: int,
+        burst: int,
+        gaps: list[float],
+        concurrency: int,
     ) -> None:
         """Against Redis, concurrent bursts included, no window of one period holds limit + burst passes."""
         clock = FakeClock(1_700_000_000.0)
         dep = Dependency("redis", severity=Severity.SEV1)
-        limiter = RateLimiter(direct, dependency=dep, prefix=f"{unique}:rl:", clock=clock)
+        limiter = RateLimiter(redis_direct, dependency=dep, prefix=f"{unique}:rl:", clock=clock)
         key = f"w{next(self.counter)}"
         rate = Rate.of(limit, 1, burst)
         passed: list[float] = []
@@ -355,51 +290,51 @@ class TestSameDecisionsInMemoryAndRedis:
 
 class TestOutages:
     async def test_refused(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """Redis refusing: decisions fall back to memory, and once down no call is even tried."""
-        limiter = make(proxied, dep)
+        limiter = make(redis_proxied, dep)
         assert (await limiter.hit("k", "5/minute")).source == "redis"
-        proxy.refuse()
+        redis_proxy.refuse()
         decisions = [await limiter.hit("k", "5/minute") for _ in range(3)]
         assert {d.source for d in decisions} == {"memory"}
         assert dep.is_down
-        before = proxy.stats
+        before = redis_proxy.stats
         duration, decision = await timed(limiter.hit("k", "5/minute"))
         assert decision.source == "memory"
         assert duration < 0.05  # no network wait (a refused connect alone takes longer on a busy host)
-        assert proxy.stats.accepted == before.accepted
-        assert proxy.stats.bytes_up == before.bytes_up
+        assert redis_proxy.stats.accepted == before.accepted
+        assert redis_proxy.stats.bytes_up == before.bytes_up
 
     async def test_blackhole_is_bounded(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, registry: Registry, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, registry: Registry, make: Any
     ) -> None:
         """Redis hanging: each decision waits at most the timeout, then none waits at all."""
         # a long recovery interval: no trial call lands inside the timed loop
         dep = registry.dependency("redis", severity=Severity.SEV1, recovery_interval=60)
-        limiter = make(proxied, dep)
+        limiter = make(redis_proxied, dep)
         assert (await limiter.hit("k", "5/minute")).source == "redis"
-        proxy.blackhole()
+        redis_proxy.blackhole()
         for _ in range(3):
             duration, decision = await timed(limiter.hit("k", "5/minute"))
             assert decision.source == "memory"
             assert duration < TIMEOUT + 0.2
         assert dep.is_down
-        bytes_up = proxy.stats.bytes_up
+        bytes_up = redis_proxy.stats.bytes_up
         durations = []
         for _ in range(200):
             duration, decision = await timed(limiter.hit("k", "5/minute"))
             durations.append(duration)
         assert sorted(durations)[197] < 0.02  # p99; a blackholed call would take the 0.25 s timeout
-        assert proxy.stats.bytes_up == bytes_up
+        assert redis_proxy.stats.bytes_up == bytes_up
 
     async def test_blackhole_with_a_batch(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """50 concurrent decisions against a hung Redis all answer within the bound, from memory."""
-        limiter = make(proxied, dep)
+        limiter = make(redis_proxied, dep)
         await limiter.hit("k", "5/minute")
-        proxy.blackhole()
+        redis_proxy.blackhole()
         duration, decisions = await timed(
             asyncio.gather(*(limiter.hit(f"k{i}", "5/minute") for i in range(50)))
         )
@@ -409,52 +344,55 @@ class TestOutages:
         assert dep.failures == 2  # one per round trip, not one per decision
 
     async def test_pending_is_bounded(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """Past max_pending waiting decisions, the outage policy answers at once (counted)."""
-        limiter = make(proxied, dep, max_pending=5, max_in_flight=1)
+        limiter = make(redis_proxied, dep, max_pending=5, max_in_flight=1)
         await limiter.hit("k", "5/minute")
-        proxy.blackhole()
+        redis_proxy.blackhole()
         decisions = await asyncio.gather(*(limiter.hit(f"k{i}", "5/minute") for i in range(20)))
         assert {d.source for d in decisions} == {"memory"}
         assert limiter.stats.overflow == 14  # 1 in flight, 5 waiting, 14 turned away
 
     async def test_latency_above_the_timeout(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """A slow Redis (past the timeout) is an outage; a merely laggy one is not."""
-        limiter = make(proxied, dep)
+        limiter = make(redis_proxied, dep)
         await limiter.hit("k", "50/minute")
-        proxy.latency(0.02)
+        redis_proxy.latency(0.02)
         fine = [await limiter.hit("k", "50/minute") for _ in range(3)]
         assert {d.source for d in fine} == {"redis"}
         assert dep.failures == 0
-        proxy.latency(0.5)
+        redis_proxy.latency(0.5)
         slow = [await limiter.hit("k", "50/minute") for _ in range(3)]
         assert {d.source for d in slow} == {"memory"}
         assert dep.is_down
 
     async def test_reset_costs_one_decision(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """Connections reset under the limiter: at most the next decision falls back, then Redis again."""
-        limiter = make(proxied, dep)
+        limiter = make(redis_proxied, dep)
         await limiter.hit("k", "50/minute")
-        proxy.reset()
+        redis_proxy.reset()
         decisions = [await limiter.hit("k", "50/minute") for _ in range(3)]
         assert decisions[-1].source == "redis"
         assert sum(d.source == "memory" for d in decisions) <= 1
         assert not dep.is_down
 
     async def test_recovery_by_probe(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, registry: Registry, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, registry: Registry, make: Any
     ) -> None:
         """After an outage the dependency's probe closes it and decisions come from Redis again."""
         dep = registry.dependency(
-            "redis", severity=Severity.SEV1, check=checks.redis(proxied, timeout=0.2), recovery_interval=0.05
+            "redis",
+            severity=Severity.SEV1,
+            check=checks.redis(redis_proxied, timeout=0.2),
+            recovery_interval=0.05,
         )
-        limiter = make(proxied, dep)
-        async with proxy.outage("refuse"):
+        limiter = make(redis_proxied, dep)
+        async with redis_proxy.outage("refuse"):
             for _ in range(3):
                 await limiter.hit("k", "50/minute")
             assert dep.is_down
@@ -466,11 +404,11 @@ class TestOutages:
         assert (await limiter.hit("k", "50/minute")).source == "redis"
 
     async def test_recovery_by_trial(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """Without a probe, one decision per recovery_interval tries Redis; success closes the dependency."""
-        limiter = make(proxied, dep)
-        with proxy.outage("refuse"):
+        limiter = make(redis_proxied, dep)
+        with redis_proxy.outage("refuse"):
             for _ in range(3):
                 await limiter.hit("k", "50/minute")
         assert dep.is_down
@@ -480,12 +418,12 @@ class TestOutages:
         assert not dep.is_down
 
     async def test_warm_memory_keeps_exhausted_clients_limited(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """With warm=True a client that used its bucket in Redis is still limited after Redis fails."""
-        clock = FakeClock()
-        warm = make(proxied, dep, clock=clock)
-        cold = make(proxied, dep, clock=clock, warm=False, prefix=warm.prefix + "cold:")
+        clock = FakeClock(1_700_000_000.0)
+        warm = make(redis_proxied, dep, clock=clock)
+        cold = make(redis_proxied, dep, clock=clock, warm=False, prefix=warm.prefix + "cold:")
         for limiter in (warm, cold):
             assert [(await limiter.hit("k", "3/minute")).allowed for _ in range(3)] == [True] * 3
         with dep.forced_down():
@@ -494,16 +432,16 @@ class TestOutages:
 
     async def test_allow_policy_through_a_real_outage(
         self,
-        proxy: FaultProxy,
-        proxied: aioredis.Redis,
+        redis_proxy: FaultProxy,
+        redis_proxied: aioredis.Redis,
         dep: Dependency,
         make: Any,
-        sentry: RecordingTransport,
+        sentry: CapturingTransport,
     ) -> None:
         """fail-open: requests pass while Redis is down; security events mark start and end."""
         with capture_logs() as logs:
-            limiter = make(proxied, dep, fallback="allow")
-            with proxy.outage("refuse"):
+            limiter = make(redis_proxied, dep, fallback="allow")
+            with redis_proxy.outage("refuse"):
                 decisions = [await limiter.hit("k", "1/minute") for _ in range(5)]
             await asyncio.sleep(dep.recovery_interval)
             after = [await limiter.hit("k", "1/minute") for _ in range(3)]
@@ -521,14 +459,14 @@ class TestOutages:
         assert {t["degrade.security"] for t in tags} == {"fail_open"}
 
     async def test_middleware_through_an_outage(
-        self, proxy: FaultProxy, proxied: aioredis.Redis, dep: Dependency, make: Any
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
     ) -> None:
         """The middleware keeps answering through an outage; the header shows the fallback."""
 
         async def ok(request: Request) -> PlainTextResponse:
             return PlainTextResponse("ok")
 
-        limiter = make(proxied, dep, pods=2)
+        limiter = make(redis_proxied, dep, pods=2)
         app = Starlette(
             routes=[Route("/", ok)],
             middleware=[Middleware(RateLimitMiddleware, limiter=limiter, rate="10/minute")],
@@ -536,7 +474,7 @@ class TestOutages:
         transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 1))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             healthy = await client.get("/")
-            with proxy.outage("blackhole"):
+            with redis_proxy.outage("blackhole"):
                 degraded = [await client.get("/") for _ in range(8)]
         assert healthy.headers["ratelimit"].startswith('"default";r=9;')
         assert "degrade-fallback" not in healthy.headers["ratelimit"]

@@ -6,16 +6,11 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-import sentry_sdk
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,75 +18,17 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 from degrade import DependencyUnavailable, Registry, Severity, checks, exception_handlers, fail_loud
-from degrade import redis as dredis
 from degrade.revocation import RevocationList
 from degrade.testing import FaultProxy
 
 pytestmark = pytest.mark.integration
 
 
-class CapturingTransport(Transport):
-    """Keeps every event a real sentry_sdk client sends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict[str, Any]] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        for item in envelope.items:
-            event = item.get_event()
-            if event is not None:
-                self.events.append(dict(event))
-
-
 @pytest.fixture
-def sentry_events() -> Iterator[list[dict[str, Any]]]:
-    """A real Sentry client whose events land in a list."""
-    transport = CapturingTransport()
-    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport, default_integrations=False)
-    try:
-        yield transport.events
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
-
-
-@pytest.fixture
-async def proxy(fault_proxy: Any, redis_url: str) -> FaultProxy:
-    """A fault proxy in front of the real Redis."""
-    parts = urlsplit(redis_url)
-    p: FaultProxy = await fault_proxy(parts.hostname, parts.port)
-    return p
-
-
-@pytest.fixture
-async def direct(redis_url: str, unique: str) -> AsyncIterator[aioredis.Redis]:
-    """A client straight to Redis; deletes the test's keys at teardown."""
-    c = dredis.client(redis_url, timeout=1.0)
-    try:
-        yield c
-    finally:
-        keys = [k async for k in c.scan_iter(match=f"{unique}:*")]
-        if keys:
-            await c.delete(*keys)
-        await c.aclose()
-
-
-@pytest.fixture
-async def proxied(proxy: FaultProxy, redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """degrade.redis.client() through the proxy."""
-    c = dredis.client(proxy.url_for(redis_url))
-    try:
-        yield c
-    finally:
-        await c.aclose()
-
-
-@pytest.fixture
-def dep(registry: Registry, proxied: aioredis.Redis) -> Any:
+def dep(registry: Registry, redis_proxied: aioredis.Redis) -> Any:
     """The Redis dependency (SEV-1: sessions live there), probing through the proxy."""
     return registry.dependency(
-        "redis", severity=Severity.SEV1, check=checks.redis(proxied), recovery_interval=0.2
+        "redis", severity=Severity.SEV1, check=checks.redis(redis_proxied), recovery_interval=0.2
     )
 
 
@@ -101,62 +38,64 @@ def revocations(client: Any, dep: Any, unique: str, on_outage: Any) -> Revocatio
 
 class TestHealthy:
     async def test_revocation_shared_through_redis(
-        self, proxied: aioredis.Redis, dep: Any, direct: aioredis.Redis, unique: str
+        self, redis_proxied: aioredis.Redis, dep: Any, redis_direct: aioredis.Redis, unique: str
     ) -> None:
         """A revocation by one list (process) is seen by another, with the token's ttl."""
-        writer = revocations(proxied, dep, unique, "raise")
-        reader = revocations(direct, dep, unique, "raise")
+        writer = revocations(redis_proxied, dep, unique, "raise")
+        reader = revocations(redis_direct, dep, unique, "raise")
         await writer.revoke("jti-1", ttl=20)
         assert await reader.is_revoked("jti-1") is True
         assert await reader.is_revoked("jti-2") is False
-        assert 0 < await direct.pttl(f"{unique}:revoked:jti-1") <= 20_000
+        assert 0 < await redis_direct.pttl(f"{unique}:revoked:jti-1") <= 20_000
 
 
 class TestPolicies:
-    @pytest.mark.usefixtures("direct")
+    @pytest.mark.usefixtures("redis_direct")
     @pytest.mark.parametrize("fault", ["refuse", "blackhole"])
     async def test_deny(
-        self, proxied: aioredis.Redis, dep: Any, proxy: FaultProxy, unique: str, fault: str
+        self, redis_proxied: aioredis.Redis, dep: Any, redis_proxy: FaultProxy, unique: str, fault: str
     ) -> None:
         """deny: tokens count as revoked during the outage, answered within the bound."""
-        rl = revocations(proxied, dep, unique, "deny")
+        rl = revocations(redis_proxied, dep, unique, "deny")
         assert await rl.is_revoked("t") is False
-        with proxy.outage(fault):  # type: ignore[call-overload]
+        with redis_proxy.outage(fault):  # type: ignore[call-overload]
             start = time.perf_counter()
             assert await rl.is_revoked("t") is True
             assert time.perf_counter() - start < 0.8
 
     @pytest.mark.parametrize("fault", ["refuse", "blackhole"])
     async def test_raise(
-        self, proxied: aioredis.Redis, dep: Any, proxy: FaultProxy, unique: str, fault: str
+        self, redis_proxied: aioredis.Redis, dep: Any, redis_proxy: FaultProxy, unique: str, fault: str
     ) -> None:
         """raise: DependencyUnavailable during the outage."""
-        rl = revocations(proxied, dep, unique, "raise")
-        with proxy.outage(fault), pytest.raises(DependencyUnavailable):  # type: ignore[call-overload]
+        rl = revocations(redis_proxied, dep, unique, "raise")
+        with redis_proxy.outage(fault), pytest.raises(DependencyUnavailable):  # type: ignore[call-overload]
             await rl.is_revoked("t")
 
-    @pytest.mark.usefixtures("direct")  # deletes the test's keys
+    @pytest.mark.usefixtures("redis_direct")  # deletes the test's keys
     async def test_allow_fails_open_with_security_events(
         self,
-        proxied: aioredis.Redis,
+        redis_proxied: aioredis.Redis,
         dep: Any,
-        proxy: FaultProxy,
+        redis_proxy: FaultProxy,
         unique: str,
         sentry_events: list[dict[str, Any]],
     ) -> None:
         """allow: accepts during the outage except locally seen revocations; one event each way."""
-        rl = revocations(proxied, dep, unique, "allow")
+        rl = revocations(redis_proxied, dep, unique, "allow")
         await rl.revoke("seen-here")
-        await proxied.set(f"{unique}:revoked:seen-elsewhere", b"1", px=60_000)  # another process's revocation
+        await redis_proxied.set(
+            f"{unique}:revoked:seen-elsewhere", b"1", px=60_000
+        )  # another process's revocation
         sentry_events.clear()
         with capture_logs() as logs:
-            proxy.refuse()
+            redis_proxy.refuse()
             assert await rl.is_revoked("seen-here") is True
             assert await rl.is_revoked("seen-elsewhere") is False  # the documented cost of failing open
             for _ in range(5):
                 assert await rl.is_revoked("fresh") is False
             assert rl.failing_open
-            proxy.up()
+            redis_proxy.up()
             for _ in range(100):
                 if not dep.is_down:
                     break
@@ -170,14 +109,14 @@ class TestPolicies:
         ]
         assert [e["tags"]["degrade.transition"] for e in ours] == ["started", "ended"]
 
-    @pytest.mark.usefixtures("direct")
+    @pytest.mark.usefixtures("redis_direct")
     async def test_revoke_while_down_is_fail_loud(
-        self, proxied: aioredis.Redis, dep: Any, proxy: FaultProxy, unique: str
+        self, redis_proxied: aioredis.Redis, dep: Any, redis_proxy: FaultProxy, unique: str
     ) -> None:
         """revoke() raises DependencyUnavailable while Redis is refused or blackholed."""
-        rl = revocations(proxied, dep, unique, "allow")
+        rl = revocations(redis_proxied, dep, unique, "allow")
         for fault in ("refuse", "blackhole"):
-            with proxy.outage(fault), pytest.raises(DependencyUnavailable):
+            with redis_proxy.outage(fault), pytest.raises(DependencyUnavailable):
                 await rl.revoke(f"j-{fault}")
 
 
@@ -220,19 +159,19 @@ def session_app(client: aioredis.Redis, dep: Any, prefix: str) -> Starlette:
 
 
 class TestSessionsFailLoud:
-    @pytest.mark.usefixtures("direct")
+    @pytest.mark.usefixtures("redis_direct")
     @pytest.mark.parametrize("fault", ["refuse", "blackhole"])
     async def test_login_and_refresh_answer_503_while_redis_is_down(
-        self, proxied: aioredis.Redis, dep: Any, proxy: FaultProxy, unique: str, fault: str
+        self, redis_proxied: aioredis.Redis, dep: Any, redis_proxy: FaultProxy, unique: str, fault: str
     ) -> None:
         """Login and refresh answer 503 + Retry-After during the outage, then work again."""
-        app = session_app(proxied, dep, f"{unique}:session:")
+        app = session_app(redis_proxied, dep, f"{unique}:session:")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             ok = await http.post("/login", json={"user": "ada"})
             assert ok.status_code == 200
             token = ok.json()["token"]
-            with proxy.outage(fault):  # type: ignore[call-overload]
+            with redis_proxy.outage(fault):  # type: ignore[call-overload]
                 for path, payload in (("/login", {"user": "ada"}), ("/refresh", {"token": token})):
                     start = time.perf_counter()
                     r = await http.post(path, json=payload)

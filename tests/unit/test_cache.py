@@ -15,37 +15,7 @@ from structlog.testing import capture_logs
 from degrade import ConfigurationError, Registry, Severity
 from degrade.cache import FailSoftCache, JSONSerializer
 
-
-class FakeRedis:
-    """The four commands the cache uses, with switchable failure and latency."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes | str] = {}
-        self.ttls: dict[str, int] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.error: Exception | None = None
-        self.delay = 0.0
-
-    async def _op(self, name: str, key: str) -> None:
-        self.calls.append((name, key))
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.error is not None:
-            raise self.error
-
-    async def get(self, key: str) -> bytes | str | None:
-        await self._op("get", key)
-        return self.data.get(key)
-
-    async def set(self, key: str, value: bytes | str, px: int) -> bool:
-        await self._op("set", key)
-        self.data[key] = value
-        self.ttls[key] = px
-        return True
-
-    async def delete(self, key: str) -> int:
-        await self._op("delete", key)
-        return 1 if self.data.pop(key, None) is not None else 0
+from ..support import FakeRedis
 
 
 class Loader:

@@ -14,20 +14,9 @@ from hypothesis import strategies as st
 from degrade import CheckResult, Dependency, Registry, Severity
 from degrade.dependency import JITTER
 
+from ..support import FakeClock, eventually
+
 DSN = "postgresql://app:hunter2@db.internal:5432/app"
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeSleep:
@@ -76,15 +65,6 @@ async def until(condition: Callable[[], object], *, limit: int = 500) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition not reached")
-
-
-async def eventually(condition: Callable[[], object], *, within: float = 2.0) -> None:
-    """Poll ``condition`` every 5 ms (real time) until it holds; fail after ``within`` seconds."""
-    for _ in range(int(within / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"condition not reached within {within}s")
 
 
 def constant(value: float) -> Callable[[], float]:

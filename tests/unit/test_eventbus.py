@@ -7,14 +7,11 @@ import importlib
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sentry_sdk
 import tenacity
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from structlog.testing import capture_logs
 
 from degrade import ConfigurationError, MissingExtraError, Registry, Severity
@@ -23,6 +20,8 @@ from degrade.eventbus._event import Event, check_headers, encode_payload, new_id
 from degrade.eventbus._report import Counts, Reporter
 from degrade.eventbus._retry import CONNECTION_ERRORS, wait_jittered
 
+from ..support import eventually
+
 
 def closed_port_url() -> str:
     """An amqp URL whose port refuses connections at once (nothing listens)."""
@@ -30,32 +29,6 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"amqp://guest:secret-pw@127.0.0.1:{port}/"
-
-
-class CapturingTransport(Transport):
-    """Keeps every event a real sentry_sdk client sends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict[str, Any]] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        for item in envelope.items:
-            event = item.get_event()
-            if event is not None:
-                self.events.append(dict(event))
-
-
-@pytest.fixture
-def sentry_events() -> Iterator[list[dict[str, Any]]]:
-    """A real Sentry client whose events land in a list; reset afterwards."""
-    transport = CapturingTransport()
-    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport, default_integrations=False)
-    try:
-        yield transport.events
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
 
 
 class SteppedTime:
@@ -76,7 +49,7 @@ class SteppedTime:
 
     async def next_sleep(self) -> float:
         """Wait (real time, bounded) until the code under test sleeps; return its delay."""
-        await eventually(lambda: self._pending is not None)
+        await eventually(lambda: self._pending is not None, within=5.0, interval=0.002)
         return self.delays[-1]
 
     def release(self) -> None:
@@ -85,15 +58,6 @@ class SteppedTime:
         assert pending is not None
         self.now += self.delays[-1]
         pending.set_result(None)
-
-
-async def eventually(condition: Callable[[], object], *, within: float = 5.0) -> None:
-    """Poll ``condition`` every 2 ms (real time) until it holds; fail after ``within`` seconds."""
-    for _ in range(int(within / 0.002)):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError(f"condition not reached within {within}s")
 
 
 def event(message_id: str = "id-1", routing_key: str = "track.uploaded") -> Event:
@@ -224,7 +188,7 @@ class TestPublish:
         with capture_logs() as logs:
             await bus.start()
             await bus.publish("a", {})
-            await eventually(lambda: bus.degraded)
+            await eventually(lambda: bus.degraded, within=5.0, interval=0.002)
             await bus.close()
         assert "secret-pw" not in repr(bus)
         assert logs
@@ -293,7 +257,7 @@ class TestDegradedMode:
             assert await bus.publish("a", {}) is PublishResult.QUEUED
             assert not dep.is_down
             time.release()
-            await eventually(lambda: bus.degraded)
+            await eventually(lambda: bus.degraded, within=5.0, interval=0.002)
             assert time.now == pytest.approx(30.0)
             assert dep.is_down
             assert await bus.publish("a", {}) is PublishResult.DROPPED
@@ -314,7 +278,7 @@ class TestDegradedMode:
         )
         with capture_logs() as logs:
             await bus.start()
-            await eventually(lambda: bus.degraded)
+            await eventually(lambda: bus.degraded, within=5.0, interval=0.002)
             assert await bus.publish("a", {}) is PublishResult.DROPPED
             async with asyncio.timeout(3):
                 await bus.close()

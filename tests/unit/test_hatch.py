@@ -5,21 +5,13 @@ from __future__ import annotations
 import httpx
 import pytest
 import sentry_sdk
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from starlette.applications import Starlette
 from structlog.testing import capture_logs
 
 from degrade import DependencyUnavailable, Registry, Severity, fail_loud, health_routes
 from degrade.runbook import render_runbook
 
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from ..support import CapturingTransport, FakeClock
 
 
 def _scanner(registry: Registry):
@@ -47,7 +39,7 @@ class TestEscapeHatch:
 
     async def test_open_hatch_answers_with_the_fallback_and_reports_every_use(self) -> None:
         """While open, failures and a down dependency give the fallback; uses are security warnings."""
-        clock = _Clock()
+        clock = FakeClock(0.0)
         registry = Registry(clock=clock)
         dep = _scanner(registry)
         hatch = registry.escape_hatch(
@@ -162,32 +154,15 @@ class TestEscapeHatch:
         assert "(escape hatch `CLAMAV_REQUIRED`)" in text
 
 
-class _Recorder(Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.envelopes: list[Envelope] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        self.envelopes.append(envelope)
-
-
 class TestSentry:
-    def test_opening_and_using_are_security_tagged_events(self) -> None:
+    def test_opening_and_using_are_security_tagged_events(self, sentry: CapturingTransport) -> None:
         """Each report goes to Sentry with degrade.security=escape_hatch."""
-        transport = _Recorder()
-        sentry_sdk.init(dsn="https://public@example.invalid/1", transport=transport)
-        try:
-            registry = Registry()
-            hatch = registry.escape_hatch("H", dependency=_scanner(registry), reason="r", fallback=None)
-            hatch.open()
-            hatch.used("site")
-            sentry_sdk.flush()
-        finally:
-            sentry_sdk.get_client().close()
-            sentry_sdk.get_global_scope().set_client(None)
-        events = [
-            item.payload.json for env in transport.envelopes for item in env.items if item.type == "event"
-        ]
+        registry = Registry()
+        hatch = registry.escape_hatch("H", dependency=_scanner(registry), reason="r", fallback=None)
+        hatch.open()
+        hatch.used("site")
+        sentry_sdk.flush()
+        events = [item.payload.json for env in sentry.envelopes for item in env.items if item.type == "event"]
         assert len(events) == 2
         assert all(e["tags"]["degrade.security"] == "escape_hatch" for e in events)
         assert {e["tags"]["degrade.hatch"] for e in events} == {"H"}

@@ -19,17 +19,9 @@ from degrade import (
     site_of,
 )
 
+from ..support import FakeClock
+
 DSN = "redis://:hunter2@cache.internal:6379/0"
-
-
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Bug(Exception):

@@ -2,73 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sentry_sdk
 from prometheus_client import REGISTRY
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from structlog.testing import capture_logs
 
 from degrade import Dependency, DependencyUnavailable, Registry, Severity, fail_loud, fail_soft, site_of
 from degrade.observe import report_to_sentry, sentry_active
 
+from ..support import CapturingTransport, FakeClock, eventually
+
 PASSWORD = "hunter2-s3cret"
 DSN = f"redis://:{PASSWORD}@cache.internal:6379/0"
 
 
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class RecordingTransport(Transport):
-    """A Sentry transport that keeps envelopes in memory (no network)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.envelopes: list[Envelope] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        self.envelopes.append(envelope)
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        events = [envelope.get_event() for envelope in self.envelopes]
-        return [dict(event) for event in events if event is not None]
-
-
-@pytest.fixture
-def sentry() -> Iterator[RecordingTransport]:
-    """A real Sentry client, initialised as a host would, sending to a recording transport."""
-    transport = RecordingTransport()
-    sentry_sdk.init(
-        dsn="https://public@example.invalid/1",
-        transport=transport,
-        default_integrations=False,
-        auto_enabling_integrations=False,
-    )
-    try:
-        assert sentry_active()
-        yield transport
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
-    assert not sentry_sdk.get_client().is_active()
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(500.0)
 
 
 @pytest.fixture
@@ -80,15 +33,6 @@ def name() -> str:
 def dependency(name: str, clock: FakeClock, severity: Severity = Severity.SEV1, **options: Any) -> Dependency:
     """A check-less dependency on a frozen clock (no probe, no trial call)."""
     return Registry(clock=clock).dependency(name, severity=severity, failure_threshold=1, **options)
-
-
-async def eventually(condition: Callable[[], object], *, within: float = 2.0) -> None:
-    """Poll ``condition`` every 5 ms (real time) until it holds; fail after ``within`` seconds."""
-    for _ in range(int(within / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"condition not reached within {within}s")
 
 
 def sample(metric: str, **labels: str) -> float:
@@ -190,7 +134,7 @@ class TestLogs:
 class TestSentry:
     @pytest.mark.parametrize(("severity", "level"), [(Severity.SEV1, "error"), (Severity.SEV2, "warning")])
     def test_one_event_per_transition(
-        self, sentry: RecordingTransport, name: str, clock: FakeClock, severity: Severity, level: str
+        self, sentry: CapturingTransport, name: str, clock: FakeClock, severity: Severity, level: str
     ) -> None:
         """SEV1/SEV2 send one event going down and one recovering, with per-capture tags."""
         dep = dependency(name, clock, severity=severity)
@@ -216,7 +160,7 @@ class TestSentry:
         assert recovered["extra"]["down_for_s"] == 3.0
 
     def test_fingerprint_is_stable_across_outages(
-        self, sentry: RecordingTransport, name: str, clock: FakeClock
+        self, sentry: CapturingTransport, name: str, clock: FakeClock
     ) -> None:
         """Two outages with different errors group under the same fingerprint."""
         dep = dependency(name, clock)
@@ -227,14 +171,14 @@ class TestSentry:
         assert len(downs) == 2
         assert downs[0]["fingerprint"] == downs[1]["fingerprint"]
 
-    def test_sev3_sends_nothing(self, sentry: RecordingTransport, name: str, clock: FakeClock) -> None:
+    def test_sev3_sends_nothing(self, sentry: CapturingTransport, name: str, clock: FakeClock) -> None:
         """SEV3 transitions are logged but not sent to Sentry."""
         dep = dependency(name, clock, severity=Severity.SEV3)
         dep.record_failure()
         dep.record_success()
         assert sentry.envelopes == []
 
-    def test_no_global_tags(self, sentry: RecordingTransport, name: str, clock: FakeClock) -> None:
+    def test_no_global_tags(self, sentry: CapturingTransport, name: str, clock: FakeClock) -> None:
         """Tags go with degrade's own events only: the host's next event carries none of them."""
         dependency(name, clock).record_failure()
         sentry_sdk.capture_message("host event")
@@ -243,7 +187,7 @@ class TestSentry:
         assert not any(key.startswith("degrade.") for key in host.get("tags", {}))
         assert "fingerprint" not in host or host["fingerprint"] != ours["fingerprint"]
 
-    def test_no_secret_in_any_envelope(self, sentry: RecordingTransport, name: str, clock: FakeClock) -> None:
+    def test_no_secret_in_any_envelope(self, sentry: CapturingTransport, name: str, clock: FakeClock) -> None:
         """An error holding a DSN never reaches Sentry: only its class name does."""
         dep = dependency(name, clock, impact="sessions lost")
         dep.record_failure(ConnectionRefusedError(DSN))

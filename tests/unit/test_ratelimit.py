@@ -5,18 +5,14 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aredis
-import sentry_sdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -37,55 +33,14 @@ from degrade.ratelimit import (
     ratelimit_exception_handlers,
 )
 
+from ..support import CapturingTransport, FakeClock
+
 US = 1_000_000
-
-
-class FakeClock:
-    """Wall-clock seconds that move only when the test says so."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class RecordingTransport(Transport):
-    """A Sentry transport that keeps envelopes in memory (no network)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.envelopes: list[Envelope] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        self.envelopes.append(envelope)
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        events = [envelope.get_event() for envelope in self.envelopes]
-        return [dict(event) for event in events if event is not None]
-
-
-@pytest.fixture
-def sentry() -> Iterator[RecordingTransport]:
-    """A real Sentry client, initialised as a host would, sending to a recording transport."""
-    transport = RecordingTransport()
-    sentry_sdk.init(
-        dsn="https://public@example.invalid/1",
-        transport=transport,
-        default_integrations=False,
-        auto_enabling_integrations=False,
-    )
-    try:
-        yield transport
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 def closed_port_client() -> aredis.Redis:
@@ -450,7 +405,7 @@ class TestOutagePolicies:
         assert logs[0]["security"] == "fail_open"
 
     async def test_allow_policy_emits_one_security_event_not_one_per_request(
-        self, clock: FakeClock, sentry: RecordingTransport
+        self, clock: FakeClock, sentry: CapturingTransport
     ) -> None:
         """Failing open logs and reports once when it starts, tagged degrade.security=fail_open."""
         dep = redis_dep()

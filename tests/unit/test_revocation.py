@@ -3,81 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import sentry_sdk
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from sentry_sdk.envelope import Envelope
-from sentry_sdk.transport import Transport
 from structlog.testing import capture_logs
 
 from degrade import ConfigurationError, DependencyUnavailable, Registry, Severity
 from degrade.revocation import RevocationList
 
-
-class FakeRedis:
-    """SET/EXISTS with switchable failure and latency."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.ttls: dict[str, int] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.error: Exception | None = None
-        self.delay = 0.0
-
-    async def _op(self, name: str, key: str) -> None:
-        self.calls.append((name, key))
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.error is not None:
-            raise self.error
-
-    async def set(self, key: str, value: bytes, px: int) -> bool:
-        await self._op("set", key)
-        self.data[key] = value
-        self.ttls[key] = px
-        return True
-
-    async def exists(self, key: str) -> int:
-        await self._op("exists", key)
-        return int(key in self.data)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class CapturingTransport(Transport):
-    """Keeps every event a real sentry_sdk client sends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict[str, Any]] = []
-
-    def capture_envelope(self, envelope: Envelope) -> None:
-        for item in envelope.items:
-            event = item.get_event()
-            if event is not None:
-                self.events.append(dict(event))
-
-
-@pytest.fixture
-def sentry_events() -> Iterator[list[dict[str, Any]]]:
-    """A real Sentry client whose events land in a list."""
-    transport = CapturingTransport()
-    sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=transport, default_integrations=False)
-    try:
-        yield transport.events
-    finally:
-        sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
+from ..support import FakeClock, FakeRedis
 
 
 @pytest.fixture

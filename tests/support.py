@@ -1,0 +1,92 @@
+"""Test doubles and helpers shared by unit and integration tests (no services needed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from sentry_sdk.envelope import Envelope
+from sentry_sdk.transport import Transport
+
+__all__ = ["CapturingTransport", "FakeClock", "FakeRedis", "eventually"]
+
+
+class CapturingTransport(Transport):
+    """A Sentry transport that keeps every envelope, and the events in them, in memory (no network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.envelopes: list[Envelope] = []
+        self.events: list[dict[str, Any]] = []
+
+    def capture_envelope(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+        for item in envelope.items:
+            event = item.get_event()
+            if event is not None:
+                self.events.append(dict(event))
+
+
+class FakeClock:
+    """A clock (monotonic or wall, in seconds) that moves only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeRedis:
+    """GET / SET / DELETE / EXISTS of an in-process Redis double, with switchable failure and latency.
+
+    Every call is recorded in ``calls`` as ``(command, key)``; it then sleeps
+    ``delay`` seconds (when set) and raises ``error`` (when set).
+    """
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes | str] = {}
+        self.ttls: dict[str, int] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.error: Exception | None = None
+        self.delay = 0.0
+
+    async def _op(self, name: str, key: str) -> None:
+        self.calls.append((name, key))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+
+    async def get(self, key: str) -> bytes | str | None:
+        await self._op("get", key)
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes | str, px: int) -> bool:
+        await self._op("set", key)
+        self.data[key] = value
+        self.ttls[key] = px
+        return True
+
+    async def delete(self, key: str) -> int:
+        await self._op("delete", key)
+        return 1 if self.data.pop(key, None) is not None else 0
+
+    async def exists(self, key: str) -> int:
+        await self._op("exists", key)
+        return int(key in self.data)
+
+
+async def eventually(
+    condition: Callable[[], object], *, within: float = 2.0, interval: float = 0.005
+) -> None:
+    """Poll ``condition`` every ``interval`` seconds (real time) until it holds; fail after ``within``."""
+    for _ in range(int(within / interval)):
+        if condition():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not reached within {within}s")

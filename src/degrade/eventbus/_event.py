@@ -107,11 +107,11 @@ class Event:
     """An event accepted by ``publish()``; ``seq`` orders it among the others of this process."""
 
     __slots__ = (
+        "_message_id",
         "batch",
         "body",
         "content_type",
         "headers",
-        "message_id",
         "resend",
         "routing_key",
         "sent_at",
@@ -123,7 +123,7 @@ class Event:
         self,
         routing_key: str,
         body: bytes,
-        message_id: str,
+        message_id: str | None,
         headers: dict[str, Any] | None,
         content_type: str,
         timestamp: float,
@@ -132,7 +132,9 @@ class Event:
     ) -> None:
         self.routing_key = routing_key
         self.body = body
-        self.message_id = message_id
+        # None: made on first read, by the sender, off the request path (publish()
+        # then allocates one string less, which keeps its tail latency down).
+        self._message_id = message_id
         self.headers = headers
         self.content_type = content_type
         self.timestamp = timestamp
@@ -143,6 +145,14 @@ class Event:
         self.resend = False
         #: Loop time when its current publish began (the confirm watchdog reads it).
         self.sent_at = 0.0
+
+    @property
+    def message_id(self) -> str:
+        """The caller's id, or a version-4 UUID made once, on first read."""
+        message_id = self._message_id
+        if message_id is None:
+            message_id = self._message_id = new_id()
+        return message_id
 
     def __repr__(self) -> str:
         return f"<Event {self.routing_key!r} id={self.message_id} {len(self.body)}B>"

@@ -65,7 +65,7 @@ from yarl import URL
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError
 from ..observe import logger, report_to_sentry
-from ._event import Batch, Event, check_headers, check_routing_key, encode_payload, new_id
+from ._event import Batch, Event, check_headers, check_routing_key, encode_payload
 from ._report import Counts, Reporter, metrics
 from ._retry import CONNECTION_ERRORS, wait_jittered
 from ._transport import AbortableConnection
@@ -387,7 +387,7 @@ class EventPublisher:
         check_routing_key(routing_key)
         body, content_type = encode_payload(payload)
         if message_id is None:
-            message_id = new_id()
+            pass  # made by the sender when first needed (Event.message_id)
         elif type(message_id) is not str:
             raise TypeError(f"message_id must be a str or None; got {type(message_id).__name__}")
         elif not message_id or (len(message_id) > 63 and len(message_id.encode()) > 255):

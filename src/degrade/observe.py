@@ -24,7 +24,7 @@ from ._extras import optional
 if TYPE_CHECKING:
     from .dependency import Dependency, Site
 
-__all__ = ["logger", "metrics", "report_to_sentry"]
+__all__ = ["logger", "metrics", "report_to_sentry", "security_event"]
 
 logger = structlog.get_logger("degrade")
 
@@ -152,6 +152,34 @@ def report_to_sentry(
         tags=dict(tags),
         fingerprint=fingerprint,
         extras=dict(extras or {}),
+    )
+
+
+def security_event(
+    event: str,
+    *,
+    kind: str,
+    dependency: str,
+    transition: str,
+    message: str,
+    fingerprint: list[str],
+    sentry_level: str = "warning",
+    extras: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> None:
+    """A security-relevant transition (a fail-open policy starts or ends): one log line, one Sentry event.
+
+    The log line is a warning carrying ``dependency``, ``security=kind`` and
+    ``transition`` plus ``fields``; the Sentry event is tagged ``degrade.security``,
+    ``degrade.dependency`` and ``degrade.transition``.
+    """
+    logger.warning(event, dependency=dependency, security=kind, transition=transition, **fields)
+    report_to_sentry(
+        message,
+        level=sentry_level,
+        tags={"degrade.security": kind, "degrade.dependency": dependency, "degrade.transition": transition},
+        fingerprint=fingerprint,
+        extras=extras,
     )
 
 

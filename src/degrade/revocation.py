@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 from .dependency import Dependency
 from .exceptions import ConfigurationError
 from .modes import fail_loud, fail_soft
-from .observe import logger, report_to_sentry
+from .observe import logger, security_event
 from .redis import warn_if_unsafe
 
 __all__ = ["OnOutage", "RevocationList"]
@@ -253,48 +253,33 @@ class RevocationList:
         if self._failing_open_since is not None:
             return
         self._failing_open_since = self._clock()
-        logger.warning(
+        security_event(
             "revocation.fail_open",
-            revocation_list=self.name,
+            kind=SECURITY_TAG[1],
             dependency=self.dependency.name,
-            security=SECURITY_TAG[1],
             transition="started",
-            detail="revoked tokens are being accepted (policy on_outage='allow')",
-        )
-        report_to_sentry(
-            f"degrade: revocation list {self.name} is failing open",
-            level="error",
-            tags={
-                SECURITY_TAG[0]: SECURITY_TAG[1],
-                "degrade.dependency": self.dependency.name,
-                "degrade.transition": "started",
-            },
+            message=f"degrade: revocation list {self.name} is failing open",
             fingerprint=["degrade", "revocation", self.name, "fail_open", "started"],
+            sentry_level="error",
             extras={"revocation_list": self.name, "local_revocations": len(self._local)},
+            revocation_list=self.name,
+            detail="revoked tokens are being accepted (policy on_outage='allow')",
         )
 
     def _fail_open_ended(self) -> None:
         since, self._failing_open_since = self._failing_open_since, None
         duration = round(self._clock() - since, 3) if since is not None else None
-        logger.warning(
+        security_event(
             "revocation.fail_open",
-            revocation_list=self.name,
+            kind=SECURITY_TAG[1],
             dependency=self.dependency.name,
-            security=SECURITY_TAG[1],
             transition="ended",
-            duration_s=duration,
-            accepted_unverified=self.accepted_unverified,
-        )
-        report_to_sentry(
-            f"degrade: revocation list {self.name} stopped failing open",
-            level="warning",
-            tags={
-                SECURITY_TAG[0]: SECURITY_TAG[1],
-                "degrade.dependency": self.dependency.name,
-                "degrade.transition": "ended",
-            },
+            message=f"degrade: revocation list {self.name} stopped failing open",
             fingerprint=["degrade", "revocation", self.name, "fail_open", "ended"],
             extras={"duration_s": duration, "accepted_unverified": self.accepted_unverified},
+            revocation_list=self.name,
+            duration_s=duration,
+            accepted_unverified=self.accepted_unverified,
         )
 
     def __repr__(self) -> str:

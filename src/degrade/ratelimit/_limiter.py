@@ -18,7 +18,7 @@ from .._extras import optional
 from .._gcra import Decision, MemoryStore, Rate, parse_rate
 from ..dependency import Dependency, Site
 from ..exceptions import ConfigurationError
-from ..observe import logger, report_to_sentry
+from ..observe import logger, security_event
 
 __all__ = ["Fallback", "LimiterStats", "RateLimiter"]
 
@@ -612,37 +612,28 @@ class RateLimiter:
     def _start_fail_open(self) -> None:
         self._failing_open = True
         name = self.dependency.name if self.dependency is not None else "redis"
-        logger.warning(
+        security_event(
             "ratelimit.fail_open",
+            kind="fail_open",
             dependency=name,
-            security="fail_open",
-            detail="redis is down: requests pass the rate limiter unchecked",
-        )
-        report_to_sentry(
-            f"degrade: rate limiter failing open ({name} is down)",
-            level="warning",
-            tags={"degrade.security": "fail_open", "degrade.dependency": name, "degrade.transition": "open"},
+            transition="open",
+            message=f"degrade: rate limiter failing open ({name} is down)",
             fingerprint=["degrade", "ratelimit", "fail_open", name, "open"],
+            detail="redis is down: requests pass the rate limiter unchecked",
         )
 
     def _end_fail_open(self) -> None:
         self._failing_open = False
         name = self.dependency.name if self.dependency is not None else "redis"
-        logger.warning(
+        security_event(
             "ratelimit.fail_open_ended",
+            kind="fail_open",
             dependency=name,
-            security="fail_open",
-            detail="redis is back: the rate limiter enforces limits again",
-        )
-        report_to_sentry(
-            f"degrade: rate limiter enforcing again ({name} recovered)",
-            level="info",
-            tags={
-                "degrade.security": "fail_open",
-                "degrade.dependency": name,
-                "degrade.transition": "closed",
-            },
+            transition="closed",
+            message=f"degrade: rate limiter enforcing again ({name} recovered)",
             fingerprint=["degrade", "ratelimit", "fail_open", name, "closed"],
+            sentry_level="info",
+            detail="redis is back: the rate limiter enforces limits again",
         )
 
     # -- lifecycle -----------------------------------------------------------

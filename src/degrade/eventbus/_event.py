@@ -104,7 +104,11 @@ class Batch:
 
 
 class Event:
-    """An event accepted by ``publish()``; ``seq`` orders it among the others of this process."""
+    """An event accepted by ``publish()``.
+
+    ``seq`` orders it among the others of this process once the sender has
+    taken it (0 while it waits in the buffer); requeued events keep theirs.
+    """
 
     __slots__ = (
         "_message_id",

@@ -400,7 +400,7 @@ class EventPublisher:
                 None if headers is None else check_headers(headers),
                 content_type,
                 _now(),
-                self._seq(),
+                0,  # numbered by the sender when it takes the event (one int less held per buffered event)
             )
         )
 
@@ -880,11 +880,14 @@ class EventPublisher:
         publish = channel.basic_publish
         exchange = self.exchange
         now = asyncio.get_running_loop().time
+        next_seq = self._seq
         while True:
             event = self._take()
             if event is None:
                 await self._wait_for_work()
                 continue
+            if not event.seq:  # first send of a buffered event: taken in FIFO order, numbered so
+                event.seq = next_seq()
             event.sent_at = now()
             self._in_flight[event.seq] = event
             if event.resend:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import observe
 from .exceptions import ConfigurationError
@@ -101,7 +101,7 @@ class EscapeHatch:
         self.opened_by = by
         self.uses = self._unreported = 0
         self._next_report = 0.0
-        self._signal("degrade.escape_hatch.opened", "warning", by=by)
+        self._signal("opened", "warning", by=by)
 
     def close(self) -> None:
         """Close the hatch: the site is FAIL-LOUD again."""
@@ -109,7 +109,7 @@ class EscapeHatch:
             return
         self._flush()
         self.is_open = False
-        self._signal("degrade.escape_hatch.closed", "info", uses=self.uses)
+        self._signal("closed", "info", uses=self.uses)
 
     def used(self, site: str) -> None:
         """Count one use by ``site``; report at once or in the next summary."""
@@ -124,28 +124,22 @@ class EscapeHatch:
         if not self._unreported:
             return
         count, self._unreported = self._unreported, 0
-        self._signal("degrade.escape_hatch.used", "warning", uses=count, total=self.uses, site=site)
+        self._signal("used", "warning", uses=count, total=self.uses, site=site)
 
-    def _signal(self, event: str, level: str, **fields: Any) -> None:
-        log = observe.logger.warning if level == "warning" else observe.logger.info
-        log(
-            event,
-            hatch=self.name,
+    def _signal(self, transition: str, level: Literal["warning", "info"], **fields: Any) -> None:
+        observe.security_event(
+            f"degrade.escape_hatch.{transition}",
+            kind="escape_hatch",
             dependency=self.dependency.name,
-            security=True,
+            transition=transition,
+            message=f"degrade: escape hatch {self.name} {transition}",
+            fingerprint=["degrade", "escape_hatch", self.name, transition],
+            extras={"reason": self.reason, **{k: v for k, v in fields.items() if v is not None}},
+            tags={"degrade.hatch": self.name},
+            log_level=level,
+            hatch=self.name,
             reason=self.reason,
             **fields,
-        )
-        observe.report_to_sentry(
-            f"degrade: escape hatch {self.name} {event.rsplit('.', 1)[-1]}",
-            level="warning",
-            tags={
-                "degrade.security": "escape_hatch",
-                "degrade.dependency": self.dependency.name,
-                "degrade.hatch": self.name,
-            },
-            fingerprint=["degrade", "escape_hatch", self.name, event],
-            extras={"reason": self.reason, **{k: v for k, v in fields.items() if v is not None}},
         )
 
     def describe(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
@@ -165,19 +165,28 @@ def security_event(
     fingerprint: list[str],
     sentry_level: str = "warning",
     extras: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    log_level: Literal["warning", "info"] = "warning",
     **fields: Any,
 ) -> None:
-    """A security-relevant transition (a fail-open policy starts or ends): one log line, one Sentry event.
+    """A security-relevant transition (a fail-open policy or an escape hatch): one log line, one Sentry event.
 
-    The log line is a warning carrying ``dependency``, ``security=kind`` and
-    ``transition`` plus ``fields``; the Sentry event is tagged ``degrade.security``,
-    ``degrade.dependency`` and ``degrade.transition``.
+    The log line (a warning unless ``log_level="info"``) carries ``dependency``,
+    ``security=kind`` and ``transition`` plus ``fields``; the Sentry event is
+    tagged ``degrade.security``, ``degrade.dependency`` and
+    ``degrade.transition``, plus ``tags``. Neither raises.
     """
-    logger.warning(event, dependency=dependency, security=kind, transition=transition, **fields)
+    log = logger.info if log_level == "info" else logger.warning
+    log(event, dependency=dependency, security=kind, transition=transition, **fields)
     report_to_sentry(
         message,
         level=sentry_level,
-        tags={"degrade.security": kind, "degrade.dependency": dependency, "degrade.transition": transition},
+        tags={
+            "degrade.security": kind,
+            "degrade.dependency": dependency,
+            "degrade.transition": transition,
+            **(tags or {}),
+        },
         fingerprint=fingerprint,
         extras=extras,
     )

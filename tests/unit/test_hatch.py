@@ -75,7 +75,8 @@ class TestEscapeHatch:
             ("degrade.escape_hatch.used", 6),  # then one summary per interval
             ("degrade.escape_hatch.closed", 7),
         ]
-        assert all(e["security"] is True for e in logs)
+        assert all(e["security"] == "escape_hatch" for e in logs)
+        assert [e["transition"] for e in logs] == ["opened", "used", "used", "closed"]
         assert logs[0]["by"] == "ops: INC-1"
         with pytest.raises(DependencyUnavailable):
             await scan(b"x")
@@ -166,3 +167,4 @@ class TestSentry:
         assert len(events) == 2
         assert all(e["tags"]["degrade.security"] == "escape_hatch" for e in events)
         assert {e["tags"]["degrade.hatch"] for e in events} == {"H"}
+        assert [e["tags"]["degrade.transition"] for e in events] == ["opened", "used"]

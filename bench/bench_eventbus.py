@@ -609,9 +609,9 @@ def report(
             ["case", "p50", "p99", "max", "page faults / 1k calls", f"p99 <= {P99_GOAL_US:g} us"], rows
         )
         + "\n\nPage faults: minor faults of this process while the case ran (`getrusage`). While the broker "
-        "refuses, the buffer grows and the process touches fresh memory (about 260 bytes an event); each "
-        "first touch of a page is a fault, so the backoff case's p99 follows what a page fault costs on "
-        "the machine."
+        "refuses, the buffer grows and the process touches fresh memory (about 260 bytes an event with "
+        "its 85-byte body); each first touch of a page is a fault, so the backoff case's p99 follows what "
+        "a page fault costs on the machine."
     )
     names = list(throughput)
     ours, seq, wide = (throughput[n] for n in names)

@@ -20,7 +20,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from ._bounded import hard_timeout
+from . import observe
+from ._bounded import can_abandon, hard_timeout
 from ._classify import ErrorPredicate, predicate
 from .dependency import Dependency, Site
 from .exceptions import ConfigurationError, DependencyUnavailable
@@ -121,6 +122,11 @@ class _FailSoft(Generic[T]):
                     site.count()
                     if not call_fallback:
                         return fallback  # the hot path of an outage: no extra coroutine
+                    return await fallback_async(args, kwargs)
+                if timeout is not None and not can_abandon():
+                    # Too many calls abandoned at their bound still unwind: do not add one.
+                    observe.abandon_refused(site.name)
+                    site.count()
                     return await fallback_async(args, kwargs)
                 try:
                     if timeout is None:
@@ -234,6 +240,12 @@ class _FailLoud:
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse()
+                if timeout is not None and not can_abandon():
+                    # Too many calls abandoned at their bound still unwind: do not add one.
+                    observe.abandon_refused(site.name)
+                    if hatch is not None and hatch.is_open:
+                        return await hatch_async(args, kwargs)
+                    raise refuse()
                 try:
                     if timeout is None:
                         result = await fn(*args, **kwargs)
@@ -339,6 +351,9 @@ def fail_soft(
         on: What counts as a failure: exception types or a predicate. Defaults
             to the connection/timeout errors of the installed drivers.
         timeout: Seconds the call may take (async functions only); a hard bound.
+            A call outliving it is cancelled and left to unwind in the background;
+            while ``degrade._bounded.MAX_ABANDONED`` such calls still unwind, the
+            fallback answers at once (counted, not a failure of ``dep``).
         reason: What the user gets while degraded, for the runbook.
     """
     _validate(dep, timeout, reason)
@@ -367,6 +382,9 @@ def fail_loud(
         dep: The dependency this call needs.
         on: What counts as a failure; as for :func:`fail_soft`.
         timeout: Seconds the call may take (async functions only); a hard bound.
+            A call outliving it is cancelled and left to unwind in the background;
+            while ``degrade._bounded.MAX_ABANDONED`` such calls still unwind, the call
+            is refused at once (``DependencyUnavailable``, not a failure of ``dep``).
         reason: What breaks for the user, for the runbook.
         retry_after: ``Retry-After`` seconds; defaults to the dependency's.
         hatch: An :class:`~degrade.hatch.EscapeHatch` on the same dependency.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
+from . import _bounded
 from ._extras import optional
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class _Metrics:
         # fallback path; see bench/RESULTS.md).
         self.site_totals = _SiteTotals()
         p.REGISTRY.register(self.site_totals)
+        p.REGISTRY.register(_AbandonedWork())
 
     def site_counter(self, site: Site) -> _Inc | None:
         """Report ``site``'s degraded calls in the metrics; returns nothing to bump per call.
@@ -123,7 +125,59 @@ class _SiteTotals:
         return [fallback, fail_loud]
 
 
+class _AbandonedWork:
+    """Prometheus collector of the work :func:`degrade._bounded.hard_timeout` abandoned at its bound."""
+
+    def describe(self) -> list[Any]:
+        return self.collect()
+
+    def collect(self) -> list[Any]:
+        core = _prometheus.metrics_core
+        return [
+            core.GaugeMetricFamily(
+                "degrade_abandoned_in_flight",
+                "Calls abandoned at a hard time bound whose clean-up is still unwinding.",
+                value=_bounded.abandoned_in_flight(),
+            ),
+            core.CounterMetricFamily(
+                "degrade_abandoned",
+                "Calls abandoned at a hard time bound (cancelled, left to unwind in the background).",
+                value=_bounded.Abandoned.total,
+            ),
+            core.CounterMetricFamily(
+                "degrade_abandoned_refused",
+                "Calls answered degraded without an attempt because too many abandoned calls were unwinding.",
+                value=_bounded.Abandoned.refused,
+            ),
+        ]
+
+
 metrics = _Metrics()
+
+#: Seconds between two ``degrade.abandoned_cap`` warnings.
+ABANDON_LOG_INTERVAL = 10.0
+_abandon_log_due = 0.0
+
+
+def abandon_refused(where: str) -> None:
+    """Count one call answered degraded without an attempt: the cap of abandoned work is reached.
+
+    Logs a ``degrade.abandoned_cap`` warning (with the running totals) at most
+    once per :data:`ABANDON_LOG_INTERVAL`; the count is always kept
+    (``degrade_abandoned_refused_total``).
+    """
+    global _abandon_log_due  # noqa: PLW0603 - one process-wide rate limit for this log line
+    _bounded.Abandoned.refused += 1
+    now = time.monotonic()
+    if now >= _abandon_log_due:
+        _abandon_log_due = now + ABANDON_LOG_INTERVAL
+        logger.warning(
+            "degrade.abandoned_cap",
+            where=where,
+            in_flight=_bounded.abandoned_in_flight(),
+            cap=_bounded.MAX_ABANDONED,
+            refused_total=_bounded.Abandoned.refused,
+        )
 
 
 def sentry_active() -> bool:

@@ -7,6 +7,8 @@ import inspect
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from degrade import (
     ConfigurationError,
@@ -14,8 +16,10 @@ from degrade import (
     DependencyUnavailable,
     Registry,
     Severity,
+    _bounded,
     fail_loud,
     fail_soft,
+    observe,
     site_of,
 )
 
@@ -643,3 +647,77 @@ class TestSites:
             assert wrapped.__doc__ == "Load a track."
             assert inspect.signature(wrapped) == inspect.signature(original)
             assert inspect.iscoroutinefunction(wrapped)
+
+
+class TestAbandonCap:
+    """Calls abandoned at timeout= are capped per process; at the cap the site answers without calling."""
+
+    @pytest.fixture
+    def roomy(self, clock: FakeClock) -> Dependency:
+        """A dependency that stays ok through a few timeouts (so the cap, not the state, decides)."""
+        return Registry(clock=clock).dependency("scanner", severity=Severity.SEV2, failure_threshold=10)
+
+    @staticmethod
+    def slow_to_unwind(release: asyncio.Event, calls: list[int]) -> Any:
+        async def scan() -> str:
+            calls.append(1)
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                await asyncio.wait_for(release.wait(), 5)  # a clean-up that outlives the bound
+                raise
+            return "scanned"
+
+        return scan
+
+    async def test_fail_soft_answers_the_fallback_at_the_cap(
+        self, roomy: Dependency, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two calls unwinding with a cap of 2: the next ones get the fallback at once, uncalled, unblamed."""
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 2)
+        monkeypatch.setattr(observe, "_abandon_log_due", 0.0)
+        release, calls = asyncio.Event(), []
+        scan = fail_soft(roomy, fallback="unscanned", timeout=0.02, reason="x")(
+            self.slow_to_unwind(release, calls)
+        )
+        refused_before = _bounded.Abandoned.refused
+        metric_before = REGISTRY.get_sample_value("degrade_abandoned_refused_total") or 0.0
+        try:
+            assert [await scan(), await scan()] == ["unscanned", "unscanned"]  # both abandoned at the bound
+            assert _bounded.abandoned_in_flight() == 2
+            with capture_logs() as logs:
+                assert [await scan(), await scan()] == ["unscanned", "unscanned"]  # refused at the cap
+            assert len(calls) == 2  # the function was not called again
+            assert roomy.failures == 2  # the cap is not the scanner's failure
+            assert site_of(scan).degraded_calls == 4
+            assert _bounded.Abandoned.refused == refused_before + 2
+            assert REGISTRY.get_sample_value("degrade_abandoned_refused_total") == metric_before + 2
+            capped = [e for e in logs if e["event"] == "degrade.abandoned_cap"]
+            assert len(capped) == 1  # rate-limited: one line for both
+            assert capped[0]["where"] == site_of(scan).name
+            assert (capped[0]["in_flight"], capped[0]["cap"]) == (2, 2)
+        finally:
+            release.set()
+            assert await _bounded.settle_abandoned(5.0) == 0
+        assert await scan() == "unscanned"  # room again: called (and abandoned) once more
+        assert len(calls) == 3
+        release.set()
+        await _bounded.settle_abandoned(5.0)
+
+    async def test_fail_loud_refuses_at_the_cap(
+        self, roomy: Dependency, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """At the cap a fail-loud site raises DependencyUnavailable without calling."""
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 1)
+        release, calls = asyncio.Event(), []
+        scan = fail_loud(roomy, timeout=0.02, reason="x")(self.slow_to_unwind(release, calls))
+        try:
+            with pytest.raises(DependencyUnavailable):
+                await scan()  # abandoned at the bound
+            with pytest.raises(DependencyUnavailable):
+                await scan()  # refused at the cap
+            assert len(calls) == 1
+            assert roomy.failures == 1
+        finally:
+            release.set()
+            await _bounded.settle_abandoned(5.0)

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._bounded import Abandoned, can_abandon
+from .. import observe
+from .._bounded import can_abandon
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError, DependencyUnavailable
 from ..responses import send_json, unavailable_body
@@ -184,7 +185,7 @@ class DBHealthMiddleware:
                 return
         if not can_abandon():
             # Too many abandoned clean-ups are still unwinding: do not add one.
-            Abandoned.refused += 1
+            observe.abandon_refused("db.gate")
             await self._refuse(send)
             return
         try:

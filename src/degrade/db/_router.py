@@ -12,7 +12,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from .._bounded import Abandoned, can_abandon
+from .. import observe
+from .._bounded import can_abandon
 from ..dependency import Dependency
 from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable
 from ..observe import logger
@@ -305,7 +306,7 @@ class ReadReplicaRouter:
             self._fell_back(dep.last_error or "down")
             return None
         if not can_abandon():  # too many abandoned clean-ups unwinding: do not risk another
-            Abandoned.refused += 1
+            observe.abandon_refused("db.replica")
             self._fell_back("abandoned-cap")
             return None
         try:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from starlette.applications import Starlette
 
 from .registry import Registry
 from .runbook import render_alerts, render_runbook
@@ -37,7 +38,21 @@ def load_registry(spec: str) -> Registry:
         obj = getattr(obj, part)
     if not isinstance(obj, Registry):
         raise UsageError(f"{spec} is a {type(obj).__name__}, not a degrade.Registry")
+    build_middleware(module)
     return obj
+
+
+def build_middleware(module: object) -> None:
+    """Build the middleware stack of each Starlette (or FastAPI) app in ``module``'s namespace.
+
+    Starlette instantiates middleware on the first request; a middleware that
+    declares its site when built (``DBHealthMiddleware``) would otherwise be
+    missing from a runbook generated from code that never served a request.
+    Apps made by a factory and not kept in the module are not seen.
+    """
+    for value in list(vars(module).values()):
+        if isinstance(value, Starlette) and value.middleware_stack is None:
+            value.middleware_stack = value.build_middleware_stack()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

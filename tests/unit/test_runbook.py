@@ -139,6 +139,35 @@ class TestCli:
         assert "-| db | Nothing fails" in out
         assert "is stale" in out
 
+    def test_middleware_declared_when_built_is_listed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A module-level app's middleware are built, so the DB gate's site (declared on build) is listed."""
+        name = f"rb_gate_{tmp_path.name.replace('-', '_')}"
+        (tmp_path / f"{name}.py").write_text(
+            textwrap.dedent(
+                """
+                from sqlalchemy.ext.asyncio import create_async_engine
+                from starlette.applications import Starlette
+                from starlette.middleware import Middleware
+
+                from degrade import Registry, Severity
+                from degrade.db import DBHealthMiddleware, engine_options
+
+                registry = Registry()
+                db = registry.dependency("db", severity=Severity.SEV1)
+                engine = create_async_engine("postgresql+asyncpg://app@127.0.0.1:1/app", **engine_options())
+                app = Starlette(middleware=[Middleware(DBHealthMiddleware, engine=engine, dependency=db)])
+                """
+            )
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        try:
+            assert main(["runbook", f"{name}:registry"]) == 0
+        finally:
+            sys.modules.pop(name, None)
+        assert "| `degrade.db.DBHealthMiddleware` | FAIL-LOUD |" in capsys.readouterr().out
+
     def test_alerts_prints_yaml(self, app_module: str, capsys: pytest.CaptureFixture[str]) -> None:
         """`alerts module:attr` prints rules that parse."""
         assert main(["alerts", f"{app_module}:registry"]) == 0

@@ -6,6 +6,7 @@ count. The default set holds the errors of the drivers the process has loaded.
 
 from __future__ import annotations
 
+import asyncio.selector_events
 import functools
 import sys
 from collections.abc import Callable
@@ -56,9 +57,38 @@ def _connection_invalidated(exc: BaseException) -> bool:
     return bool(getattr(exc, "connection_invalidated", False))
 
 
+_SELECTOR_EVENTS = asyncio.selector_events.__file__
+#: Python 3.12 gave the socket transport a writelines() of its own, without the
+#: check write() makes for a connection already lost (python/cpython#136234).
+WRITELINES_UNGUARDED = "writelines" in vars(
+    asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+)
+
+
+def lost_transport_write(exc: BaseException) -> bool:
+    """True for the error asyncio raises when writelines() hits a connection the peer already closed.
+
+    On the Pythons of python/cpython#136234 that is an ``AttributeError`` or
+    ``TypeError`` raised inside ``_SelectorSocketTransport.writelines`` (it
+    touches attributes that connection_lost cleared) instead of an OSError.
+    Matched by where it was raised, not by its message.
+    """
+    if type(exc) not in (AttributeError, TypeError):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return code.co_name == "writelines" and code.co_filename == _SELECTOR_EVENTS
+
+
 def is_dependency_error(exc: BaseException) -> bool:
     """True when ``exc`` means the dependency is unreachable or too slow."""
-    return isinstance(exc, default_failure_types()) or _connection_invalidated(exc)
+    return (
+        isinstance(exc, default_failure_types()) or _connection_invalidated(exc) or lost_transport_write(exc)
+    )
 
 
 def predicate(

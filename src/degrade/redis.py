@@ -17,12 +17,14 @@ be opened first); the safety nets that use them (cache, limiter, revocation list
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from ._bounded import hard_timeout
+from ._classify import WRITELINES_UNGUARDED, lost_transport_write
 from .checks import Check
 from .exceptions import CheckFailed, ConfigurationError, MissingExtraError
 from .observe import logger
@@ -30,9 +32,11 @@ from .observe import logger
 try:
     from redis._defaults import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT
     from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.connection import AbstractConnection
     from redis.asyncio.retry import Retry
     from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
     from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import ResponseError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError(
@@ -186,6 +190,7 @@ def client(
         health_check_interval=health_check_interval,
         **kwargs,
     )
+    _make_writes_safe(pool)
     redis = Redis.from_pool(pool)
     problems = unsafe_settings(redis)
     if problems:
@@ -199,8 +204,40 @@ def client(
     return redis
 
 
+@functools.cache
+def _lost_write_safe(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` whose write to a connection Redis already closed raises ``redis.ConnectionError``.
+
+    On Python 3.12+ asyncio raises ``AttributeError``/``TypeError`` there
+    (python/cpython#136234) and redis-py passes it on, so a reset connection
+    looked like a bug instead of an outage. redis-py has already dropped the
+    connection when this runs; the next command reconnects.
+    """
+
+    class LostWriteSafe(cls):  # type: ignore[valid-type,misc]
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            try:
+                await super().send_packed_command(command, check_health)
+            except (AttributeError, TypeError) as exc:
+                if not lost_transport_write(exc):
+                    raise
+                raise RedisConnectionError("Redis closed the connection") from exc
+
+    LostWriteSafe.__name__ = LostWriteSafe.__qualname__ = cls.__name__
+    return LostWriteSafe
+
+
+def _make_writes_safe(pool: Any) -> None:
+    if WRITELINES_UNGUARDED:  # Python 3.12+; older ones write() through the guarded path
+        pool.connection_class = _lost_write_safe(pool.connection_class)
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """A Sentinel-managed pool that waits (bounded) for a free connection instead of failing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        _make_writes_safe(self)
 
 
 class _SentinelMaster(Redis):

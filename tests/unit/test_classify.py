@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.selector_events
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
-from degrade._classify import default_failure_types, is_dependency_error
+import pytest
+
+from degrade._classify import (
+    WRITELINES_UNGUARDED,
+    default_failure_types,
+    is_dependency_error,
+    lost_transport_write,
+)
 
 
 class TestDefaultFailureTypes:
@@ -47,3 +59,62 @@ class TestDefaultFailureTypes:
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == ""
+
+
+def _raised_in(filename: str, function: str, error: type[Exception]) -> Exception:
+    """An ``error`` whose innermost traceback frame is ``function`` of ``filename``."""
+    namespace: dict[str, Any] = {}
+    exec(compile(f"def {function}():\n    raise {error.__name__}('x')\n", filename, "exec"), namespace)  # noqa: S102
+    try:
+        namespace[function]()
+    except error as exc:
+        return exc
+    raise AssertionError("not raised")
+
+
+class TestLostTransportWrite:
+    """python/cpython#136234: writelines() on a lost connection raises AttributeError/TypeError."""
+
+    def test_matched_by_where_it_was_raised(self) -> None:
+        """Raised inside asyncio's selector transport writelines(): an outage, whatever the message."""
+        selector_events = asyncio.selector_events.__file__
+        for error in (AttributeError, TypeError):
+            exc = _raised_in(selector_events, "writelines", error)
+            assert lost_transport_write(exc)
+            assert is_dependency_error(exc)
+
+    def test_the_same_errors_elsewhere_are_bugs(self) -> None:
+        """The same types raised anywhere else (or another function of that file) stay bugs."""
+        selector_events = asyncio.selector_events.__file__
+        assert not is_dependency_error(_raised_in("app.py", "writelines", AttributeError))
+        assert not is_dependency_error(_raised_in(selector_events, "write", AttributeError))
+        assert not is_dependency_error(_raised_in(selector_events, "writelines", ValueError))
+        assert not is_dependency_error(AttributeError("never raised: no traceback"))
+
+    async def test_a_real_write_after_the_peer_reset(self) -> None:
+        """Write to a connection the peer reset: whatever asyncio raises (if anything) is an outage."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        peer.close()
+        listener.close()
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(5):
+                await reader.read()
+        for _ in range(3):  # let the transport's connection_lost run
+            await asyncio.sleep(0)
+        raised: Exception | None = None
+        try:
+            writer.writelines([b"PING\r\n"])  # AttributeError on 3.12.1 and 3.13.0 (#136234)
+        except Exception as exc:
+            raised = exc
+        finally:
+            writer.close()
+        if raised is not None:
+            assert is_dependency_error(raised), repr(raised)
+            assert WRITELINES_UNGUARDED  # older Pythons write() through the guarded path
+        elif sys.version_info[:3] in {(3, 12, 1), (3, 13, 0)}:  # the versions this was seen on
+            pytest.fail("expected the #136234 error on this Python")

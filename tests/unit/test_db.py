@@ -399,6 +399,21 @@ class TestClassification:
             raise TimeoutError("an HTTP call in the handler")
         assert not is_database_failure(from_handler.value)
 
+    def test_a_write_on_a_lost_connection_counts_from_the_driver(self) -> None:
+        """asyncio's AttributeError of python/cpython#136234 counts when the driver was writing."""
+        writelines: dict[str, Any] = {}
+        selector_events = importlib.import_module("asyncio.selector_events").__file__
+        code = compile("def writelines():\n    raise AttributeError('x')\n", selector_events, "exec")
+        exec(code, writelines)  # noqa: S102 - a function that looks like asyncio's
+        driver: dict[str, Any] = {"__name__": "asyncpg.fake", "writelines": writelines["writelines"]}
+        exec("def send():\n    writelines()\n", driver)  # noqa: S102 - a frame from 'asyncpg'
+        with pytest.raises(AttributeError) as from_driver:
+            driver["send"]()
+        assert is_database_failure(from_driver.value)
+        with pytest.raises(AttributeError) as from_handler:
+            writelines["writelines"]()  # the same error with no driver frame: the handler's own write
+        assert not is_database_failure(from_handler.value)
+
 
 class TestLagDecision:
     @staticmethod

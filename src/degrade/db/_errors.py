@@ -6,6 +6,7 @@ from types import TracebackType
 
 import sqlalchemy.exc as sa_exc
 
+from .._classify import lost_transport_write
 from .._extras import require
 
 # asyncpg ships no type information; the module object keeps mypy out of it.
@@ -51,6 +52,8 @@ def is_database_failure(exc: BaseException) -> bool:
         return True
     if getattr(exc, "connection_invalidated", False):
         return True  # SQLAlchemy's flag: the connection died under this statement
-    if isinstance(exc, TimeoutError | OSError):
+    if isinstance(exc, TimeoutError | OSError) or lost_transport_write(exc):
+        # lost_transport_write: asyncio's error for a write on a connection already
+        # lost, on Python 3.12/3.13 (python/cpython#136234).
         return _raised_by_driver(exc.__traceback__)
     return False

@@ -71,7 +71,9 @@ def lost_transport_write(exc: BaseException) -> bool:
     On the Pythons of python/cpython#136234 that is an ``AttributeError`` or
     ``TypeError`` raised inside ``_SelectorSocketTransport.writelines`` (it
     touches attributes that connection_lost cleared) instead of an OSError.
-    Matched by where it was raised, not by its message.
+    Matched by where it was raised and by the transport being closed, never by
+    its message: the same types from a caller's wrong argument, on an open
+    transport, stay bugs.
     """
     if type(exc) not in (AttributeError, TypeError):
         return False
@@ -80,8 +82,11 @@ def lost_transport_write(exc: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    return code.co_name == "writelines" and code.co_filename == _SELECTOR_EVENTS
+    frame = tb.tb_frame
+    if frame.f_code.co_name != "writelines" or frame.f_code.co_filename != _SELECTOR_EVENTS:
+        return False
+    is_closing = getattr(frame.f_locals.get("self"), "is_closing", None)
+    return callable(is_closing) and is_closing() is True
 
 
 def is_dependency_error(exc: BaseException) -> bool:

@@ -61,12 +61,21 @@ class TestDefaultFailureTypes:
         assert out.stdout.strip() == ""
 
 
-def _raised_in(filename: str, function: str, error: type[Exception]) -> Exception:
-    """An ``error`` whose innermost traceback frame is ``function`` of ``filename``."""
+class _Transport:
+    def __init__(self, closing: bool) -> None:
+        self.closing = closing
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def _raised_in(filename: str, function: str, error: type[Exception], *, closing: bool = True) -> Exception:
+    """An ``error`` raised by method ``function`` of a transport (closing or not) compiled as ``filename``."""
     namespace: dict[str, Any] = {}
-    exec(compile(f"def {function}():\n    raise {error.__name__}('x')\n", filename, "exec"), namespace)  # noqa: S102
+    source = f"def {function}(self):\n    raise {error.__name__}('x')\n"
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - a function that looks like asyncio's
     try:
-        namespace[function]()
+        namespace[function](_Transport(closing))
     except error as exc:
         return exc
     raise AssertionError("not raised")
@@ -90,6 +99,11 @@ class TestLostTransportWrite:
         assert not is_dependency_error(_raised_in(selector_events, "write", AttributeError))
         assert not is_dependency_error(_raised_in(selector_events, "writelines", ValueError))
         assert not is_dependency_error(AttributeError("never raised: no traceback"))
+
+    def test_an_open_transport_means_a_bug(self) -> None:
+        """writelines() raising on a transport that is not closing: a wrong argument, not an outage."""
+        selector_events = asyncio.selector_events.__file__
+        assert not is_dependency_error(_raised_in(selector_events, "writelines", TypeError, closing=False))
 
     async def test_a_real_write_after_the_peer_reset(self) -> None:
         """Write to a connection the peer reset: whatever asyncio raises (if anything) is an outage."""

@@ -401,17 +401,22 @@ class TestClassification:
 
     def test_a_write_on_a_lost_connection_counts_from_the_driver(self) -> None:
         """asyncio's AttributeError of python/cpython#136234 counts when the driver was writing."""
+        closed = SimpleNamespace(is_closing=lambda: True)  # the transport whose connection was lost
         writelines: dict[str, Any] = {}
         selector_events = importlib.import_module("asyncio.selector_events").__file__
-        code = compile("def writelines():\n    raise AttributeError('x')\n", selector_events, "exec")
+        code = compile("def writelines(self):\n    raise AttributeError('x')\n", selector_events, "exec")
         exec(code, writelines)  # noqa: S102 - a function that looks like asyncio's
-        driver: dict[str, Any] = {"__name__": "asyncpg.fake", "writelines": writelines["writelines"]}
-        exec("def send():\n    writelines()\n", driver)  # noqa: S102 - a frame from 'asyncpg'
+        driver: dict[str, Any] = {
+            "__name__": "asyncpg.fake",
+            "writelines": writelines["writelines"],
+            "t": closed,
+        }
+        exec("def send():\n    writelines(t)\n", driver)  # noqa: S102 - a frame from 'asyncpg'
         with pytest.raises(AttributeError) as from_driver:
             driver["send"]()
         assert is_database_failure(from_driver.value)
         with pytest.raises(AttributeError) as from_handler:
-            writelines["writelines"]()  # the same error with no driver frame: the handler's own write
+            writelines["writelines"](closed)  # the same error with no driver frame: the handler's own write
         assert not is_database_failure(from_handler.value)
 
 

@@ -505,6 +505,31 @@ class TestRouterConfig:
         finally:
             await other.dispose()
 
+    async def test_abandon_cap_reads_the_primary(
+        self, engine: AsyncEngine, registry: Registry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With the cap of abandoned clean-ups reached, a read skips the replica without trying it."""
+        from degrade import _bounded
+
+        dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        replica_attempts = _Attempts()
+        replica = create_async_engine(
+            f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/y", async_creator=replica_attempts
+        )
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 0)
+        refused = _bounded.Abandoned.refused
+        try:
+            router = ReadReplicaRouter(primary=engine, replica=replica, dependency=dep)
+            async with router.for_read() as session:
+                assert session.bind is engine
+            assert replica_attempts.calls == 0
+            assert _bounded.Abandoned.refused == refused + 1
+            assert dep.failures == 0  # self-protection, not a replica failure
+            site = next(s for s in dep.sites if s.name == "degrade.db.ReadReplicaRouter.for_read")
+            assert site.degraded_calls == 1
+        finally:
+            await replica.dispose()
+
     async def test_installs_its_check(self, engine: AsyncEngine, registry: Registry) -> None:
         """A replica dependency without a check gets the router's (connect, and lag with max_lag)."""
         dep = registry.dependency("db-replica", severity=Severity.SEV3)

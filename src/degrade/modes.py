@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import observe
-from ._bounded import can_abandon, hard_timeout
+from ._bounded import hard_timeout
 from ._classify import ErrorPredicate, predicate
 from .dependency import Dependency, Site
 from .exceptions import ConfigurationError, DependencyUnavailable
@@ -123,9 +123,8 @@ class _FailSoft(Generic[T]):
                     if not call_fallback:
                         return fallback  # the hot path of an outage: no extra coroutine
                     return await fallback_async(args, kwargs)
-                if timeout is not None and not can_abandon():
+                if timeout is not None and not observe.may_abandon(site.name):
                     # Too many calls abandoned at their bound still unwind: do not add one.
-                    observe.abandon_refused(site.name)
                     site.count()
                     return await fallback_async(args, kwargs)
                 try:
@@ -240,9 +239,8 @@ class _FailLoud:
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse()
-                if timeout is not None and not can_abandon():
+                if timeout is not None and not observe.may_abandon(site.name):
                     # Too many calls abandoned at their bound still unwind: do not add one.
-                    observe.abandon_refused(site.name)
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse()

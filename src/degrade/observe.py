@@ -159,13 +159,17 @@ ABANDON_LOG_INTERVAL = 10.0
 _abandon_log_due = 0.0
 
 
-def abandon_refused(where: str) -> None:
-    """Count one call answered degraded without an attempt: the cap of abandoned work is reached.
+def may_abandon(where: str) -> bool:
+    """True while another call may be abandoned at its bound; else the refusal is counted and reported.
 
-    Logs a ``degrade.abandoned_cap`` warning (with the running totals) at most
-    once per :data:`ABANDON_LOG_INTERVAL`; the count is always kept
-    (``degrade_abandoned_refused_total``).
+    At the cap (:data:`degrade._bounded.MAX_ABANDONED` abandoned calls still
+    unwinding) the caller answers degraded without an attempt. Each refusal is
+    counted (``degrade_abandoned_refused_total``); a ``degrade.abandoned_cap``
+    warning with the running totals is logged at most once per
+    :data:`ABANDON_LOG_INTERVAL`.
     """
+    if _bounded.can_abandon():
+        return True
     global _abandon_log_due  # noqa: PLW0603 - one process-wide rate limit for this log line
     _bounded.Abandoned.refused += 1
     now = time.monotonic()
@@ -178,6 +182,7 @@ def abandon_refused(where: str) -> None:
             cap=_bounded.MAX_ABANDONED,
             refused_total=_bounded.Abandoned.refused,
         )
+    return False
 
 
 def sentry_active() -> bool:

@@ -9,7 +9,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import observe
-from .._bounded import can_abandon
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError, DependencyUnavailable
 from ..responses import send_json, unavailable_body
@@ -183,9 +182,8 @@ class DBHealthMiddleware:
             if not dep.admit():
                 await self._refuse(send)
                 return
-        if not can_abandon():
+        if not observe.may_abandon("db.gate"):
             # Too many abandoned clean-ups are still unwinding: do not add one.
-            observe.abandon_refused("db.gate")
             await self._refuse(send)
             return
         try:

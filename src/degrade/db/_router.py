@@ -13,7 +13,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from .. import observe
-from .._bounded import can_abandon
 from ..dependency import Dependency
 from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable
 from ..observe import logger
@@ -305,8 +304,7 @@ class ReadReplicaRouter:
         if dep.is_down and not dep.admit():
             self._fell_back(dep.last_error or "down")
             return None
-        if not can_abandon():  # too many abandoned clean-ups unwinding: do not risk another
-            observe.abandon_refused("db.replica")
+        if not observe.may_abandon("db.replica"):  # too many abandoned clean-ups unwinding
             self._fell_back("abandoned-cap")
             return None
         try:

@@ -7,10 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup demo tour test compat docs runbook generated lint typecheck unit integration bench clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
-	$(BIN)/python -m pip install --quiet -e ".[all]" --group dev
-	touch $(STAMP)
+	.ci/setup-venv $(PYTHON) $(VENV)
 
 setup: $(STAMP)
 
@@ -71,10 +68,7 @@ compat:
 	  venv=.venv-$$version; \
 	  if [ ! $$venv/.installed -nt pyproject.toml ]; then \
 	    echo "compat: setting up $$venv with $$py"; \
-	    $$py -m venv $$venv && \
-	    $$venv/bin/python -m pip install --quiet --upgrade "pip>=25.1" && \
-	    $$venv/bin/python -m pip install --quiet -e ".[all]" --group dev && \
-	    touch $$venv/.installed || exit 1; \
+	    .ci/setup-venv $$py $$venv || exit 1; \
 	  fi; \
 	  echo "compat: $$($$venv/bin/python -V)"; \
 	  $$venv/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \

@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +42,7 @@ __all__ = ["CheckResult", "Dependency", "Severity", "Site"]
 Check = Callable[[], Awaitable[object]]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+Listener = Callable[["Dependency"], object]
 
 #: Relative jitter of the probe interval: each wait is interval * (1 +/- JITTER).
 JITTER = 0.1
@@ -75,13 +78,36 @@ class Site:
     hatch: str | None = None
     #: How many calls this process answered degraded (fallback or refusal).
     degraded_calls: int = 0
+    #: Calls shed for lack of *local* capacity, by reason (never a failure of the dependency).
+    shed_calls: dict[str, int] = field(default_factory=dict)
     _counter: Any = field(default=None, repr=False)
+    _shed_log_due: float = field(default=0.0, repr=False)
+    _shed_logged: int = field(default=0, repr=False)
 
     def count(self) -> None:
         """Count one degraded call (fallback returned or DependencyUnavailable raised)."""
         self.degraded_calls += 1
         if self._counter is not None:
             self._counter.inc()
+
+    def shed(self, reason: str) -> None:
+        """Count one call shed for lack of local capacity (saturation, not an outage).
+
+        ``reason`` names the capacity that ran out (``"pool-saturated"``,
+        ``"queue"``, ``"abandoned-cap"``, ``"max-pending"``, ``"buffer-full"``...).
+        The caller answers by its policy (503, fallback, memory); the
+        dependency's state is not touched. Exported as
+        ``degrade_shed_total{dependency, site, reason}`` and in
+        ``/health/deep`` details; logged at most once per
+        :data:`degrade.observe.SHED_LOG_INTERVAL` per site, never sent to Sentry.
+        """
+        self.shed_calls[reason] = self.shed_calls.get(reason, 0) + 1
+        observe.shed_reported(self, reason)
+
+    @property
+    def shed_total(self) -> int:
+        """All calls shed at this site, whatever the reason."""
+        return sum(self.shed_calls.values())
 
 
 @dataclass(frozen=True)
@@ -185,6 +211,8 @@ class Dependency:
         self.changed_at = time.time()
         self._next_trial = 0.0
         self._probe: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], Listener | None]] = []
+        self._down_future: asyncio.Future[None] | None = None
         observe.metrics.state(self)
 
     # -- reading the state ---------------------------------------------------
@@ -253,6 +281,70 @@ class Dependency:
         self.sites.append(site)
         return site
 
+    # -- following the state -------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(dependency)`` after every transition; returns the unsubscribe function.
+
+        For safety nets that must act on a transition at once (the DB gate ends
+        the work in flight on a database that went down). A bound method is
+        held weakly, so a subscribed object can still be garbage-collected.
+
+        Failure mode: an exception raised by a listener is logged
+        (``dependency.listener_error``, class name only) and never stops the
+        transition or the other listeners.
+        """
+        if not callable(listener):
+            raise ConfigurationError(f"listener must be callable; got {listener!r}")
+        ref: Callable[[], Listener | None]
+        if inspect.ismethod(listener):
+            ref = weakref.WeakMethod(listener)
+        else:
+
+            def ref() -> Listener:
+                return listener
+
+        self._listeners.append(ref)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(ref)
+
+        return unsubscribe
+
+    def went_down(self) -> asyncio.Future[None]:
+        """A future of the running loop that completes when this dependency next goes down.
+
+        Callers waiting on the service race their call against it, so work in
+        flight is answered by its policy as soon as the outage is known instead
+        of at its own timeout. One future is shared by every caller on a loop.
+        Never cancel it; it is resolved (or replaced) by the transition.
+        """
+        loop = asyncio.get_running_loop()
+        fut = self._down_future
+        if fut is None or fut.done() or fut.get_loop() is not loop:
+            fut = self._down_future = loop.create_future()
+        return fut
+
+    def _notify(self) -> None:
+        if self._down:
+            fut, self._down_future = self._down_future, None
+            if fut is not None and not fut.done():
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    fut.set_result(None)
+        for ref in list(self._listeners):
+            listener = ref()
+            if listener is None:
+                with contextlib.suppress(ValueError):
+                    self._listeners.remove(ref)
+                continue
+            try:
+                listener(self)
+            except Exception as exc:
+                observe.logger.error(
+                    "dependency.listener_error", dependency=self.name, error=type(exc).__name__
+                )
+
     # -- feeding the state ---------------------------------------------------
 
     def record_failure(self, error: BaseException | None = None, *, reason: str = "traffic") -> None:
@@ -313,6 +405,7 @@ class Dependency:
         observe.dependency_down(self, error, reason)
         if not self._forced:
             self._start_probe()
+        self._notify()
 
     def _go_up(self) -> None:
         now = self._clock()
@@ -321,6 +414,7 @@ class Dependency:
         self._since = now
         self.changed_at = time.time()
         observe.dependency_recovered(self, down_for)
+        self._notify()
 
     def _start_probe(self) -> None:
         if self.check is None or (self._probe is not None and not self._probe.done()):

@@ -125,6 +125,12 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
             "impact": dep.impact or None,
             "runbook": dep.runbook,
         }
+        shed: dict[str, int] = {}
+        for site in dep.sites:
+            for reason, count in site.shed_calls.items():
+                shed[reason] = shed.get(reason, 0) + count
+        if shed:
+            out[dep.name]["shed"] = shed
         if dep.hatches:
             out[dep.name]["escape_hatches"] = [hatch.describe() for hatch in dep.hatches]
     return out

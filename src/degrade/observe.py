@@ -107,22 +107,36 @@ class _SiteTotals:
         fallback, fail_loud = (family(name, doc, labels=labels) for name, doc in self._FAMILIES)
         return fallback, fail_loud
 
+    @staticmethod
+    def _shed_family() -> Any:
+        return _prometheus.metrics_core.CounterMetricFamily(
+            "degrade_shed",
+            "Calls shed for lack of local capacity (saturation, not an outage), by reason.",
+            labels=["dependency", "site", "reason"],
+        )
+
     def describe(self) -> list[Any]:
-        return list(self._families())
+        return [*self._families(), self._shed_family()]
 
     def collect(self) -> list[Any]:
         # Sites that share labels (the same function decorated twice) add up,
         # as they shared one labelled Counter child before.
         totals: dict[tuple[bool, str, str], list[float]] = {}
+        shed: dict[tuple[str, str, str], list[float]] = {}
         for site, created in list(self._sites):
             entry = totals.setdefault((site.mode == "fail_soft", site.dependency, site.name), [0.0, created])
             entry[0] += site.degraded_calls
+            for reason, count in list(site.shed_calls.items()):
+                shed.setdefault((site.dependency, site.name, reason), [0.0, created])[0] += count
         fallback, fail_loud = self._families()
+        shed_family = self._shed_family()
         with_created = getattr(_prometheus.metrics, "_use_created", True)
         for (soft, dependency, name), (value, created) in totals.items():
             family = fallback if soft else fail_loud
             family.add_metric([dependency, name], value, created=created if with_created else None)
-        return [fallback, fail_loud]
+        for labels, (value, created) in shed.items():
+            shed_family.add_metric(list(labels), value, created=created if with_created else None)
+        return [fallback, fail_loud, shed_family]
 
 
 class _AbandonedWork:
@@ -183,6 +197,33 @@ def may_abandon(where: str) -> bool:
             refused_total=_bounded.Abandoned.refused,
         )
     return False
+
+
+#: Seconds between two ``degrade.shed`` warnings of one site.
+SHED_LOG_INTERVAL = 10.0
+
+
+def shed_reported(site: Site, reason: str) -> None:
+    """Log a site's shedding at most once per :data:`SHED_LOG_INTERVAL` (called by ``Site.shed``).
+
+    Shedding is saturation, not an outage: a warning with the counts since the
+    last line, no Sentry event, no metric of the dependency's state.
+    """
+    now = time.monotonic()
+    if now < site._shed_log_due:
+        return
+    site._shed_log_due = now + SHED_LOG_INTERVAL
+    total = site.shed_total
+    logger.warning(
+        "degrade.shed",
+        dependency=site.dependency,
+        site=site.name,
+        reason=reason,
+        shed=total - site._shed_logged,
+        shed_total=total,
+        by_reason=dict(site.shed_calls),
+    )
+    site._shed_logged = total
 
 
 def sentry_active() -> bool:

@@ -15,6 +15,7 @@ from .exceptions import (
     DegradeError,
     DependencyUnavailable,
     MissingExtraError,
+    Overloaded,
 )
 from .hatch import EscapeHatch
 from .health import health_routes
@@ -33,6 +34,7 @@ __all__ = [
     "DependencyUnavailable",
     "EscapeHatch",
     "MissingExtraError",
+    "Overloaded",
     "Registry",
     "Severity",
     "Site",

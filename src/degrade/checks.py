@@ -32,15 +32,43 @@ def _positive(label: str, value: float) -> float:
 
 
 def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") -> Check:
-    """Check a SQLAlchemy ``AsyncEngine``: check out a pooled connection and run ``query``."""
+    """Check a SQLAlchemy ``AsyncEngine``: run ``query`` on a connection of the check's own.
+
+    The check keeps a private copy of the engine's pool (``pool.recreate()``:
+    the same connect arguments, its own connections, at most one used at a
+    time, closed after each run), so a pool that requests keep fully checked
+    out does not fail it: saturation is not an outage. Each run opens one
+    fresh connection, which also proves the server accepts new ones.
+    """
     sa = require("sqlalchemy", "postgres", feature="checks.sqlalchemy")
+    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
     timeout = _positive("timeout", timeout)
+    if not isinstance(engine, AsyncEngine):
+        raise ConfigurationError(
+            f"checks.sqlalchemy needs an AsyncEngine (create_async_engine(...)); got {type(engine).__name__}"
+        )
     statement = sa.text(query)
+    own: list[Any] = []
+
+    def private() -> Any:
+        if not own:
+            sync = engine.sync_engine
+            try:
+                own.append(create_async_engine(sync.url, pool=sync.pool.recreate()))
+            except Exception:  # an unusual pool or dialect: share the engine's pool, as before
+                own.append(engine)
+        return own[0]
 
     async def check() -> None:
         async def run() -> None:
-            async with engine.connect() as conn:
-                await conn.execute(statement)
+            own_engine = private()
+            try:
+                async with own_engine.connect() as conn:
+                    await conn.execute(statement)
+            finally:
+                if own_engine is not engine:
+                    await own_engine.dispose()  # keep no idle connection between runs
 
         await hard_timeout(run(), timeout)
 

@@ -7,6 +7,7 @@ The tree::
     ├── MissingExtraError (also an ImportError): an optional extra is not installed
     ├── CheckFailed: a health check reached the service and found it unhealthy
     └── DependencyUnavailable: a fail-loud site refused or failed to reach a dependency
+        └── Overloaded: local capacity ran out (shedding); the dependency is not down
 
 Only :class:`DependencyUnavailable` is raised on the request path; the others are
 raised while the host builds its app, so a mistake shows at start-up, not mid-outage.
@@ -20,6 +21,7 @@ __all__ = [
     "DegradeError",
     "DependencyUnavailable",
     "MissingExtraError",
+    "Overloaded",
 ]
 
 
@@ -63,3 +65,19 @@ class DependencyUnavailable(DegradeError):
         self.detail = detail or f"{dependency} is unavailable"
         self.retry_after = retry_after
         super().__init__(f"dependency {dependency!r} is unavailable: {self.detail}")
+
+
+class Overloaded(DependencyUnavailable):
+    """Shed: the call needed *local* capacity that ran out (pool slots, a queue), not a down service.
+
+    Answered like its parent (503 with ``Retry-After``, the shared body) but it
+    is never counted as a failure of the dependency: saturation is not an
+    outage. ``reason`` names the capacity (``"queue"``, ``"pool-saturated"``,
+    ``"abandoned-cap"``).
+    """
+
+    def __init__(self, dependency: str, reason: str, detail: str = "", *, retry_after: int = 1) -> None:
+        self.reason = reason
+        super().__init__(
+            dependency, detail or f"{dependency} is overloaded ({reason})", retry_after=retry_after
+        )

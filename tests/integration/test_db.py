@@ -28,6 +28,7 @@ from degrade.db import (
     DBHealthMiddleware,
     ReadReplicaRouter,
     _conn,
+    connection,
     current_connection,
     engine_options,
     replica_check,
@@ -117,8 +118,7 @@ def build_app(
     router = router or ReadReplicaRouter(primary=engine)
 
     async def ping(request: Request) -> Response:
-        conn = current_connection()
-        assert conn is not None
+        conn = await connection()
         return JSONResponse({"one": (await conn.execute(text("SELECT 1"))).scalar()})
 
     async def write(request: Request) -> Response:
@@ -229,8 +229,7 @@ class TestHealthyPath:
         """What a handler does not commit on the gate's connection is rolled back at the end."""
 
         async def sloppy(request: Request) -> Response:
-            conn = current_connection()
-            assert conn is not None
+            conn = await connection()
             await conn.execute(text(f"INSERT INTO {table} VALUES (7, 'x')"))  # noqa: S608
             return JSONResponse({})
 
@@ -457,8 +456,7 @@ class TestMidRequest:
         """The connection dies under the handler's query: 503 (shared body) and one failure."""
 
         async def dies(request: Request) -> Response:
-            conn = current_connection()
-            assert conn is not None
+            conn = await connection()
             pg_proxy.reset()
             await conn.execute(text("SELECT 1"))
             return JSONResponse({})
@@ -479,8 +477,7 @@ class TestMidRequest:
         """Once http.response.start is out, the database error propagates (and still counts)."""
 
         async def stream(request: Request) -> Response:
-            conn = current_connection()
-            assert conn is not None
+            conn = await connection()
 
             async def body() -> AsyncIterator[bytes]:
                 yield b"first chunk\n"

@@ -263,6 +263,14 @@ class TestSqlalchemy:
         with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
             checks.sqlalchemy(object(), timeout=-1)
 
+    def test_sync_engine_rejected(self) -> None:
+        """A sync engine (or a URL) is refused when the check is made, not inside a probe later."""
+        sa = pytest.importorskip("sqlalchemy")
+        with pytest.raises(ValueError, match="needs an AsyncEngine"):
+            checks.sqlalchemy(sa.create_engine("sqlite://"))
+        with pytest.raises(ValueError, match="got str"):
+            checks.sqlalchemy("postgresql+asyncpg://127.0.0.1/test")
+
 
 class TestAmqp:
     async def test_closed_port_raises(self, closed_port: int) -> None:

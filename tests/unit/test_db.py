@@ -36,6 +36,8 @@ from degrade.db import (
     DBHealthMiddleware,
     ReadReplicaRouter,
     _conn,
+    _context,
+    connection,
     current_connection,
     engine_options,
     engine_problems,
@@ -113,13 +115,16 @@ async def _call(app: Any, scope: Scope) -> list[Message]:
 
 
 class _Recorder:
-    """A tiny ASGI app that records the scopes it saw."""
+    """A tiny ASGI app that records the scopes it saw and, when gated, uses the database."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, uses_db: bool = True) -> None:
         self.scopes: list[Scope] = []
+        self.uses_db = uses_db
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scopes.append(scope)
+        if scope["type"] == "http" and self.uses_db and _context.LEASE.get() is not None:
+            await connection()  # the gate checks out at the first database use
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
@@ -353,7 +358,7 @@ class TestKnownDown:
         for _ in range(5):
             assert (await _call(gate, _scope()))[0]["status"] == 503
         assert attempts.calls == before
-        assert app.scopes == []
+        assert len(app.scopes) == 2  # the handler ran up to its first database use, before the outage
         assert engine.pool.checkedout() == 0
 
     async def test_abandon_cap_refuses(

@@ -508,3 +508,111 @@ class TestForcedDownRestoresTheRealState:
         with dep.forced_down():
             assert dep.is_down
         assert dep.state == "ok"
+
+
+class TestFollowingTransitions:
+    def test_subscribers_hear_every_transition(self) -> None:
+        """subscribe() calls the listener after each transition, until unsubscribed."""
+        dep = Dependency("svc", severity=Severity.SEV2, failure_threshold=1)
+        seen: list[str] = []
+        unsubscribe = dep.subscribe(lambda d: seen.append(d.state))
+        dep.record_failure(OSError())
+        dep.record_success()
+        unsubscribe()
+        dep.record_failure(OSError())
+        assert seen == ["down", "ok"]
+
+    def test_a_failing_listener_does_not_stop_the_transition(self) -> None:
+        """A listener that raises is logged by class name; the state still changes; others still run."""
+        from structlog.testing import capture_logs
+
+        dep = Dependency("svc", severity=Severity.SEV2, failure_threshold=1)
+        seen: list[str] = []
+
+        def broken(d: Dependency) -> None:
+            raise RuntimeError("secret://user:pw@host")
+
+        dep.subscribe(broken)
+        dep.subscribe(lambda d: seen.append(d.state))
+        with capture_logs() as logs:
+            dep.record_failure(OSError())
+        assert dep.is_down
+        assert seen == ["down"]
+        errors = [entry for entry in logs if entry["event"] == "dependency.listener_error"]
+        assert errors == [
+            {
+                "event": "dependency.listener_error",
+                "dependency": "svc",
+                "error": "RuntimeError",
+                "log_level": "error",
+            }
+        ]
+
+    def test_bound_methods_are_held_weakly(self) -> None:
+        """A subscribed object can be garbage-collected; its listener is then dropped."""
+        import gc
+
+        dep = Dependency("svc", severity=Severity.SEV2, failure_threshold=1)
+
+        class Watcher:
+            calls = 0
+
+            def on(self, d: Dependency) -> None:
+                Watcher.calls += 1
+
+        watcher = Watcher()
+        dep.subscribe(watcher.on)
+        del watcher
+        gc.collect()
+        dep.record_failure(OSError())
+        assert Watcher.calls == 0
+        assert dep._listeners == []
+
+    def test_listener_must_be_callable(self) -> None:
+        """A non-callable listener is refused at once."""
+        dep = Dependency("svc", severity=Severity.SEV2)
+        with pytest.raises(ValueError, match="listener must be callable"):
+            dep.subscribe("nope")  # type: ignore[arg-type]
+
+    async def test_went_down_completes_at_the_transition(self) -> None:
+        """went_down() is one shared future per loop, resolved when the dependency goes down."""
+        dep = Dependency("svc", severity=Severity.SEV2, failure_threshold=1)
+        fut = dep.went_down()
+        assert dep.went_down() is fut
+        assert not fut.done()
+        dep.record_failure(OSError())
+        assert fut.done()
+        assert dep.went_down() is not fut  # the next outage gets a fresh one
+
+
+class TestShed:
+    def test_shed_counts_by_reason_and_never_moves_the_state(self) -> None:
+        """Site.shed counts per reason, logs at most once per interval, and is not a failure."""
+        from structlog.testing import capture_logs
+
+        dep = Dependency("svc", severity=Severity.SEV1, failure_threshold=1)
+        site = dep.add_site("svc.site", "fail_loud", "503")
+        with capture_logs() as logs:
+            for _ in range(5):
+                site.shed("queue")
+            site.shed("pool-saturated")
+        assert site.shed_calls == {"queue": 5, "pool-saturated": 1}
+        assert site.shed_total == 6
+        assert site.degraded_calls == 0
+        assert dep.state == "ok"
+        assert dep.failures == 0
+        shed_lines = [entry for entry in logs if entry["event"] == "degrade.shed"]
+        assert len(shed_lines) == 1
+        assert shed_lines[0]["site"] == "svc.site"
+        assert shed_lines[0]["reason"] == "queue"
+
+    def test_shed_in_prometheus(self, request: pytest.FixtureRequest) -> None:
+        """degrade_shed_total{dependency, site, reason} reads each site's count."""
+        prometheus_client = pytest.importorskip("prometheus_client")
+        name = f"svc-{request.node.name}"
+        dep = Dependency(name, severity=Severity.SEV2)
+        site = dep.add_site(f"{name}.site", "fail_soft", "fallback")
+        site.shed("max-pending")
+        site.shed("max-pending")
+        labels = {"dependency": name, "site": f"{name}.site", "reason": "max-pending"}
+        assert prometheus_client.REGISTRY.get_sample_value("degrade_shed_total", labels) == 2.0

@@ -22,7 +22,7 @@ require("sqlalchemy", "postgres", feature="degrade.db")
 require("asyncpg", "postgres", feature="degrade.db")
 require("greenlet", "postgres", feature="degrade.db (SQLAlchemy's asyncio support)")
 
-from ._context import current_connection  # noqa: E402
+from ._context import connection, current_connection  # noqa: E402
 from ._errors import is_database_failure  # noqa: E402
 from ._gate import DBHealthMiddleware  # noqa: E402
 from ._lag import LAG_SQL, replica_check, replica_lag  # noqa: E402
@@ -33,6 +33,7 @@ __all__ = [
     "LAG_SQL",
     "DBHealthMiddleware",
     "ReadReplicaRouter",
+    "connection",
     "current_connection",
     "engine_options",
     "engine_problems",

@@ -9,33 +9,79 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-__all__ = ["Lease", "RequestContext", "current_connection", "request_context"]
+from ..exceptions import ConfigurationError
+
+__all__ = ["Lease", "LeaseSource", "RequestContext", "connection", "current_connection", "request_context"]
+
+
+class LeaseSource(Protocol):
+    """What hands a :class:`Lease` its connection: the gate (its fair line, its bound)."""
+
+    async def checkout(self, lease: Lease) -> AsyncConnection: ...
+
+    async def checkin(self, lease: Lease) -> None: ...
 
 
 class Lease:
-    """The pooled connection the gate checked out for one request.
+    """One gated request's claim on a primary connection, checked out at its first use.
 
-    The router binds sessions to it (one checkout per request); ``busy`` is set
-    while a session uses it, so a concurrent second session checks out its own.
+    Admission takes no connection: :meth:`connection` checks one out when the
+    request first uses the database (in the gate's line, within what is left
+    of the request's ``acquire_timeout``), so a request that waits on Redis,
+    an HTTP call or its client holds no pool slot. The router binds its
+    sessions to it and gives it back at the end of each block (the
+    transaction is over), unless ``pinned`` by
+    :func:`degrade.db.connection`, which keeps it until the request ends.
+    ``busy`` is set while a session uses it, so a concurrent second session
+    checks out its own.
     """
 
-    __slots__ = ("busy", "closed", "conn", "sync_engine")
+    __slots__ = (
+        "busy",
+        "closed",
+        "conn",
+        "pinned",
+        "primary_refused",
+        "source",
+        "sync_engine",
+        "taken_at",
+        "waited",
+    )
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self.sync_engine: Engine = conn.sync_engine
+    def __init__(self, source: LeaseSource, sync_engine: Engine) -> None:
+        self.source = source
+        self.sync_engine = sync_engine
+        self.conn: AsyncConnection | None = None
         self.busy = False
         self.closed = False
+        self.pinned = False
+        #: True when the primary is down and the request was let through for the replica.
+        self.primary_refused = False
+        #: Seconds this request has waited for connections (its ``acquire_timeout`` budget).
+        self.waited = 0.0
+        self.taken_at = 0.0
 
     def available_for(self, sync_engine: Engine) -> bool:
-        """May a session of ``sync_engine`` use this connection now?"""
+        """May a session of ``sync_engine`` use this lease now?"""
         return not self.busy and not self.closed and self.sync_engine is sync_engine
+
+    async def connection(self) -> AsyncConnection:
+        """The connection, checked out now if the request has none yet."""
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = await self.source.checkout(self)
+        return conn
+
+    async def give_back(self) -> None:
+        """Return the connection to the pool now, unless pinned (it is returned when the request ends)."""
+        if self.conn is not None and not self.pinned:
+            await self.source.checkin(self)
 
 
 class RequestContext:
@@ -68,20 +114,53 @@ def request_context() -> RequestContext:
 
 
 def current_connection() -> AsyncConnection | None:
-    """The connection :class:`~degrade.db.DBHealthMiddleware` checked out for this request.
+    """The connection this gated request has checked out, if it has one yet.
 
-    Run the request's queries on it and the request pays one pool checkout in
-    total. It is returned to the pool (rolled back if you did not commit) when
-    the request ends. Returns None outside a gated request (an excluded path,
-    a background task that outlives its request, a read-only request served
+    The gate checks out at the first database use (see :func:`connection`):
+    inside a gated request that has not used the database yet this raises
+    ``ConfigurationError`` saying to ``await degrade.db.connection()``
+    instead. Returns None outside a gated request (an excluded path, a
+    background task that outlives its request, a read-only request served
     while the primary is down).
 
-    Failure mode: none of its own; a query on it fails like any query (the
-    middleware turns a database failure into a 503 if the response has not
-    started). Do not share it between concurrent tasks: an asyncpg
-    connection runs one operation at a time.
+    Failure mode: none of its own; see :func:`connection`.
     """
     lease = LEASE.get()
     if lease is None or lease.closed:
         return None
+    if lease.conn is None:
+        raise ConfigurationError(
+            "DBHealthMiddleware checks out at first use: `conn = await degrade.db.connection()` "
+            "(FastAPI: `Depends(degrade.db.connection)`) instead of current_connection()"
+        )
     return lease.conn
+
+
+async def connection() -> AsyncConnection:
+    """This gated request's primary connection: checked out on the first call, kept until the request ends.
+
+    The checkout waits in the gate's fair line (first come, first served)
+    within what is left of the request's ``acquire_timeout`` and proves the
+    connection with the ``BEGIN`` its first statement would send anyway; later
+    calls return the same connection, so the request pays one checkout. It
+    is returned to the pool (rolled back if you did not commit) when the
+    request ends. Prefer the router's ``for_read()`` / ``for_write()`` blocks
+    when the request does other slow work after its queries: they give the
+    connection back at the end of each block.
+
+    Failure mode: raises :class:`~degrade.DependencyUnavailable` (a 503 from
+    the gate) when the database is down or gives no connection in time,
+    :class:`~degrade.Overloaded` (a 503 too, not counted as a failure) when
+    the line is longer than the pool can serve in time, and
+    ``ConfigurationError`` outside a request gated by
+    :class:`~degrade.db.DBHealthMiddleware`. Do not share the connection
+    between concurrent tasks: an asyncpg connection runs one operation at a time.
+    """
+    lease = LEASE.get()
+    if lease is None or lease.closed:
+        raise ConfigurationError(
+            "degrade.db.connection() needs a request gated by DBHealthMiddleware "
+            "(a path under include= and not under exclude=)"
+        )
+    lease.pinned = True
+    return await lease.connection()

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import QueuePool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import observe
 from ..dependency import Dependency
-from ..exceptions import ConfigurationError, DependencyUnavailable
+from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded
 from ..responses import send_json, unavailable_body
-from ._conn import acquire, release
+from ._conn import _driver, acquire, release
 from ._context import LEASE, REQUEST, Lease, RequestContext
 from ._errors import is_database_failure
 from ._settings import warn_if_unbounded
+from ._slots import GRANTED, Slots
 
 if TYPE_CHECKING:
     from ._router import ReadReplicaRouter
@@ -23,6 +28,28 @@ if TYPE_CHECKING:
 __all__ = ["DBHealthMiddleware"]
 
 _READ_METHODS = frozenset({"GET", "HEAD"})
+_OVERLOADED_DETAIL = "the database is busy: no pooled connection free in time, retry shortly"
+#: Slots of a pool without a limit (overflow -1, NullPool): the line never forms.
+_UNLIMITED = 1 << 30
+
+
+def _pool_capacity(sync_engine: Engine) -> int:
+    """How many connections the engine's pool gives out at once (pool_size + max_overflow)."""
+    pool = sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return _UNLIMITED
+    overflow = getattr(pool, "_max_overflow", -1)
+    if not isinstance(overflow, int) or overflow < 0:
+        return _UNLIMITED
+    return pool.size() + overflow
+
+
+def _pool_full(sync_engine: Engine) -> bool:
+    """True when every connection the pool may give out is checked out."""
+    pool = sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return False
+    return pool.checkedout() >= _pool_capacity(sync_engine)
 
 
 def _prefixes(label: str, value: str | Iterable[str]) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -164,12 +191,22 @@ class DBHealthMiddleware:
         self.engine_problems = warn_if_unbounded(
             engine, acquire_timeout=self.acquire_timeout, component="DBHealthMiddleware"
         )
+        self._sync_engine = engine.sync_engine
+        self._clock = time.monotonic
+        self._slots = Slots(_pool_capacity(self._sync_engine))
+        self._overloaded_body = unavailable_body(dependency.name, _OVERLOADED_DETAIL)
+        self._active: set[Lease] = set()
+        self._stall_check: asyncio.Task[None] | None = None
+        #: Connections of requests in flight terminated because the database went down.
+        self.terminated = 0
+        dependency.subscribe(self._on_transition)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._gated(scope["path"]):
             await self.app(scope, receive, send)
             return
         dep = self.dependency
+        lease = Lease(self, self._sync_engine)
         if dep.is_down:
             if (
                 self.read_only_fallback
@@ -177,26 +214,128 @@ class DBHealthMiddleware:
                 and self._replica_dep is not None
                 and not self._replica_dep.is_down
             ):
-                await self._serve(scope, receive, send, None)
+                lease.primary_refused = True  # reads go to the replica; the primary is not tried
+                await self._serve(scope, receive, send, lease)
                 return
             if not dep.admit():
                 await self._refuse(send)
                 return
-        if not observe.may_abandon("db.gate"):
-            # Too many abandoned clean-ups are still unwinding: do not add one.
-            await self._refuse(send)
+        elif self._slots.would_shed(self.acquire_timeout) and not (
+            self.read_only_fallback and scope["method"] in _READ_METHODS
+        ):
+            # The line is longer than the pool can serve within the bound: say so now.
+            self._site.shed("queue")
+            await self._refuse(send, self._overloaded_body, 1, count=False)
             return
-        try:
-            conn = await acquire(self.engine, self.acquire_timeout)
-        except Exception as exc:  # no connection, whatever the reason (timeout, refused, auth): 503
-            dep.record_failure(exc)
-            await self._refuse(send)
-            return
-        dep.record_success()
-        await self._serve(scope, receive, send, conn)
+        await self._serve(scope, receive, send, lease)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, conn: AsyncConnection | None) -> None:
-        lease = Lease(conn) if conn is not None else None
+    # -- the lease's source: fair checkout, check-in ----------------------------
+
+    async def checkout(self, lease: Lease) -> AsyncConnection:
+        """A proven primary connection for ``lease``, in arrival order, within its remaining budget.
+
+        Failure mode: ``DependencyUnavailable`` when the database is down or
+        failed (counted as a failure), ``Overloaded`` when local capacity ran
+        out (counted as shed, never a failure).
+        """
+        dep = self.dependency
+        if lease.primary_refused or (dep.is_down and not dep.admit()):
+            raise self._unavailable()
+        clock = self._clock
+        started = clock()
+        budget = self.acquire_timeout - lease.waited
+        slots = self._slots
+        if budget <= 0:
+            raise self._shed("budget")
+        if not observe.may_abandon("db.gate"):
+            raise self._shed("abandoned-cap")  # too many abandoned clean-ups unwind: add none
+        if not slots.try_take():
+            outcome = await slots.take(budget)
+            if outcome != GRANTED:
+                lease.waited += clock() - started
+                if outcome == "down":
+                    raise self._unavailable()
+                if outcome == "pool-saturated" and slots.stalled(self.acquire_timeout):
+                    self._suspect_stall()
+                raise self._shed(outcome)
+        try:
+            conn = await acquire(self.engine, budget - (clock() - started))
+        except Exception as exc:
+            lease.waited += clock() - started
+            slots.release(None)
+            if isinstance(exc, TimeoutError) and _pool_full(self._sync_engine):
+                # Every pooled connection is out (to users outside the gate too): saturation.
+                raise self._shed("pool-saturated") from exc
+            dep.record_failure(exc)
+            raise self._unavailable() from exc
+        except BaseException:
+            lease.waited += clock() - started
+            slots.release(None)
+            raise
+        lease.waited += clock() - started
+        dep.record_success()
+        lease.taken_at = clock()
+        self._active.add(lease)
+        return conn
+
+    async def checkin(self, lease: Lease) -> None:
+        """Return ``lease``'s connection to the pool (bounded) and its slot to the line."""
+        conn, lease.conn = lease.conn, None
+        if conn is None:
+            return
+        self._active.discard(lease)
+        held = self._clock() - lease.taken_at
+        try:
+            await release(conn, self.acquire_timeout)
+        except Exception as exc:
+            # The work is done; a failed return to the pool only counts as a failure.
+            if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
+                raise
+            self.dependency.record_failure(exc)
+        finally:
+            self._slots.release(held)
+
+    def _unavailable(self) -> DependencyUnavailable:
+        dep = self.dependency
+        return DependencyUnavailable(dep.name, f"{dep.name} is unavailable", retry_after=self.retry_after)
+
+    def _shed(self, reason: str) -> Overloaded:
+        self._site.shed(reason)
+        return Overloaded(self.dependency.name, reason, _OVERLOADED_DETAIL, retry_after=1)
+
+    # -- outages: end the work in flight, confirm a stall ------------------------
+
+    def _on_transition(self, dep: Dependency) -> None:
+        """The database went down: end what waits on it now instead of at its own timeout."""
+        if not dep.is_down:
+            return
+        self._slots.refuse_all("down")
+        for lease in list(self._active):
+            conn = lease.conn
+            driver = _driver(conn) if conn is not None else None
+            if driver is not None:
+                driver.terminate()  # its pending query fails at once; the handler answers 503
+                self.terminated += 1
+
+    def _suspect_stall(self) -> None:
+        """Every slot is held and none came back for a whole bound: ask the server directly, once."""
+        task = self._stall_check
+        if task is not None and not task.done():
+            return
+        self._stall_check = asyncio.get_running_loop().create_task(
+            self._confirm_stall(), name=f"degrade.db.stall-check[{self.dependency.name}]"
+        )
+
+    async def _confirm_stall(self) -> None:
+        dep = self.dependency
+        result = await dep.run_check(reason="stalled")
+        if not result.ok and not dep.is_down and self._slots.stalled(self.acquire_timeout):
+            # The held connections make no progress and a fresh one fails too: the server is gone.
+            dep.mark_down(reason="stalled")
+
+    # -- serving -----------------------------------------------------------------
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
         lease_token = LEASE.set(lease)
         request_token = REQUEST.set(RequestContext())
         started = False
@@ -213,38 +352,34 @@ class DBHealthMiddleware:
             answer = self._answer_for(exc)
             if answer is None or started:
                 raise
-            body, retry_after = answer
-            await self._refuse(send, body, retry_after)
+            body, retry_after, outage = answer
+            await self._refuse(send, body, retry_after, count=outage)
         finally:
             REQUEST.reset(request_token)
             LEASE.reset(lease_token)
-            if lease is not None:
-                await self._release(lease)
+            lease.closed = True
+            if lease.conn is not None:
+                await self.checkin(lease)
 
-    def _answer_for(self, exc: Exception) -> tuple[bytes, int] | None:
-        """The 503 for a handler's exception, or None if it is not a database failure."""
+    def _answer_for(self, exc: Exception) -> tuple[bytes, int, bool] | None:
+        """The 503 for a handler's exception (body, Retry-After, is it an outage), or None."""
         if isinstance(exc, DependencyUnavailable):
-            # Raised by the router, which counted the failure on the right dependency.
+            # Raised by the lease or the router, which counted it on the right dependency.
             if exc.dependency not in self._names:
                 return None
-            return unavailable_body(exc.dependency, exc.detail), exc.retry_after
+            if isinstance(exc, Overloaded):
+                return self._overloaded_body, exc.retry_after, False
+            return unavailable_body(exc.dependency, exc.detail), exc.retry_after, True
         if not is_database_failure(exc):
             return None
         self.dependency.record_failure(exc)
-        return self._body, self.retry_after
+        return self._body, self.retry_after, True
 
-    async def _release(self, lease: Lease) -> None:
-        lease.closed = True
-        try:
-            await release(lease.conn, self.acquire_timeout)
-        except Exception as exc:
-            # The response is out; a failed return to the pool only counts as a failure.
-            if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
-                raise
-            self.dependency.record_failure(exc)
-
-    async def _refuse(self, send: Send, body: bytes | None = None, retry_after: int | None = None) -> None:
-        self._site.count()
+    async def _refuse(
+        self, send: Send, body: bytes | None = None, retry_after: int | None = None, *, count: bool = True
+    ) -> None:
+        if count:
+            self._site.count()
         headers = (
             self._headers
             if retry_after is None

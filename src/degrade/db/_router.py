@@ -144,6 +144,11 @@ class ReadReplicaRouter:
         self._on_primary = False  # reads fall back to the primary because of the replica
         self._monitor: asyncio.Task[None] | None = None
         self._site = None
+        self._replica_active: set[AsyncConnection] = set()
+        #: Replica connections of reads in flight terminated because the replica went down.
+        self.terminated = 0
+        if dependency is not None:
+            dependency.subscribe(self._on_replica_transition)
         if replica is not None and dependency is not None:
             if dependency.check is None:
                 dependency.check = replica_check(
@@ -250,7 +255,7 @@ class ReadReplicaRouter:
             yield active  # nested: one transaction
             return
         request_context()  # so the commit listener has somewhere to record
-        session, lease = self._primary_session()
+        session, lease = await self._primary_session()
         token = ACTIVE_WRITE.set(session)
         try:
             yield session
@@ -280,7 +285,7 @@ class ReadReplicaRouter:
                 conn = await self._replica_connection()
         lease: Lease | None = None
         if conn is None:
-            session, lease = self._primary_session()
+            session, lease = await self._primary_session()
             dep = self.primary_dependency
             detail = "the primary database failed"
         else:
@@ -317,7 +322,18 @@ class ReadReplicaRouter:
         if self._on_primary:
             self._on_primary = False
             logger.info("db.replica.restored", replica=dep.name)
+        self._replica_active.add(conn)
         return conn
+
+    def _on_replica_transition(self, dep: Dependency) -> None:
+        """The replica went down: end the reads in flight on it now (they answer as a replica failure)."""
+        if not dep.is_down:
+            return
+        for conn in list(self._replica_active):
+            driver = _driver(conn)
+            if driver is not None:
+                driver.terminate()
+                self.terminated += 1
 
     def _fell_back(self, error: str) -> None:
         if self._site is not None:
@@ -332,12 +348,17 @@ class ReadReplicaRouter:
                 detail="reads run on the primary until the replica is back",
             )
 
-    def _primary_session(self) -> tuple[AsyncSession, Lease | None]:
-        """A session on the request's leased connection when free, else on the primary's pool."""
+    async def _primary_session(self) -> tuple[AsyncSession, Lease | None]:
+        """A session on the request's lease (checked out now if need be) when free, else on the pool."""
         lease = LEASE.get()
         if lease is not None and lease.available_for(self._primary_sync):
             lease.busy = True
-            return self._factory(bind=lease.conn), lease
+            try:
+                conn = await lease.connection()  # the gate's fair line and bound; 503 errors propagate
+            except BaseException:
+                lease.busy = False
+                raise
+            return self._factory(bind=conn), lease
         dep = self.primary_dependency
         if dep is not None and dep.is_down and not dep.admit():
             raise DependencyUnavailable(dep.name, "the primary database is down", retry_after=dep.retry_after)
@@ -355,14 +376,16 @@ class ReadReplicaRouter:
     ) -> None:
         """Close the session (and the replica connection ``conn``), bounded; failures only count.
 
-        A leased connection stays checked out (the middleware returns it); the
-        session's uncommitted work is rolled back here, like any session's.
+        A leased connection goes back to the pool once the block's transaction
+        is over (unless :func:`degrade.db.connection` pinned it for the whole
+        request); the session's uncommitted work is rolled back here, like any
+        session's.
         """
         try:
             if conn is not None:  # the replica's
                 await _bounded_close(session, self.close_timeout, conn)
                 await release(conn, self.close_timeout)
-            elif lease is not None:
+            elif lease is not None and lease.conn is not None:
                 await _bounded_close(session, self.close_timeout, lease.conn)
             else:  # the primary's pool, outside a gated request: bounded by the engine's settings
                 await session.close()
@@ -372,10 +395,13 @@ class ReadReplicaRouter:
             if dep is not None:
                 dep.record_failure(exc)
         finally:
+            if conn is not None:
+                self._replica_active.discard(conn)
+                if not conn.closed:
+                    await discard(conn)
             if lease is not None:
                 lease.busy = False
-            if conn is not None and not conn.closed:
-                await discard(conn)
+                await lease.give_back()
 
     def __repr__(self) -> str:
         replica = "none" if self.dependency is None else f"{self.dependency.name}={self.dependency.state}"

@@ -1,0 +1,262 @@
+"""The DB gate under concurrent load on the real Postgres: fair, shedding, never a false outage.
+
+And what happens to work in flight: a database that goes down frees its waiters
+at once, and a slow Redis never exhausts the Postgres pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from degrade import Dependency, Registry, Severity, _bounded, checks, fail_soft
+from degrade import redis as dredis
+from degrade.db import DBHealthMiddleware, ReadReplicaRouter, connection, engine_options
+from degrade.testing import FaultProxy
+
+pytestmark = pytest.mark.integration
+
+#: Margin on top of a bound: the tests share 2 CPUs with other work.
+MARGIN = 0.35
+
+
+def gate_site(dep: Dependency) -> Any:
+    return next(s for s in dep.sites if s.name == "degrade.db.DBHealthMiddleware")
+
+
+def sleeping_app(engine: AsyncEngine, db: Dependency, seconds: float, **gate: Any) -> Starlette:
+    """``GET /api/work``: one query of ``seconds`` on the gate's connection."""
+
+    async def work(request: Request) -> Response:
+        conn = await connection()
+        await conn.execute(text(f"SELECT pg_sleep({seconds})"))
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[Route("/api/work", work)],
+        middleware=[Middleware(DBHealthMiddleware, engine=engine, dependency=db, include=("/api",), **gate)],
+    )
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)
+
+
+async def timed(c: httpx.AsyncClient, path: str) -> tuple[int, float]:
+    start = time.monotonic()
+    response = await c.get(path)
+    return response.status_code, time.monotonic() - start
+
+
+@pytest.fixture
+async def small_pool(postgres_dsn: str) -> AsyncIterator[AsyncEngine]:
+    """Two connections, no overflow: saturation is easy to reach."""
+    eng = create_async_engine(
+        postgres_dsn, **engine_options(acquire_timeout=1.0, command_timeout=5.0, pool_size=2, max_overflow=0)
+    )
+    try:
+        yield eng
+    finally:
+        await _bounded.settle_abandoned(5.0)
+        await eng.dispose()
+
+
+class TestSaturationIsNotAnOutage:
+    async def test_fair_line_serves_everyone_within_the_work(
+        self, small_pool: AsyncEngine, registry: Registry, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """50 concurrent requests, pool 2, 20 ms each: all 200 in arrival order, the dependency stays ok."""
+        db = registry.dependency("db", severity=Severity.SEV1, check=checks.sqlalchemy(small_pool))
+        async with client(sleeping_app(small_pool, db, 0.02)) as c:
+            results = await asyncio.gather(*(timed(c, "/api/work") for _ in range(50)))
+        statuses = [status for status, _ in results]
+        assert statuses == [200] * 50
+        total_work = 50 * 0.02 / 2
+        assert max(seconds for _, seconds in results) <= total_work + MARGIN
+        assert db.state == "ok"
+        assert db.failures == 0
+        assert gate_site(db).shed_total == 0
+        assert sentry_events == []
+        assert small_pool.sync_engine.pool.checkedout() == 0
+
+    async def test_overload_sheds_at_once_and_never_trips(
+        self, small_pool: AsyncEngine, registry: Registry, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """200 concurrent, pool 2, 50 ms each: the excess gets 503 at once, the rest 200 in time; db ok."""
+        db = registry.dependency("db", severity=Severity.SEV1, check=checks.sqlalchemy(small_pool))
+        async with client(sleeping_app(small_pool, db, 0.05)) as c:
+            for _ in range(4):  # the line measures how long a request holds a connection
+                assert (await c.get("/api/work")).status_code == 200
+            results = await asyncio.gather(*(timed(c, "/api/work") for _ in range(200)))
+        served = [seconds for status, seconds in results if status == 200]
+        shed = sorted(seconds for status, seconds in results if status == 503)
+        assert len(served) + len(shed) == 200
+        # 2 connections x 1 s / 50 ms: about 40 can be served within the bound.
+        assert 20 <= len(served) <= 80
+        assert max(served) <= 1.0 + MARGIN
+        assert shed[len(shed) // 2] < 0.1  # most are refused at once (the bench measures the p99)
+        site = gate_site(db)
+        assert site.shed_total == len(shed)
+        assert site.degraded_calls == 0  # shedding is not an outage's refusal
+        assert db.state == "ok"
+        assert db.failures == 0
+        assert sentry_events == []
+
+    async def test_shed_answer_is_the_shared_503(self, small_pool: AsyncEngine, registry: Registry) -> None:
+        """A shed request gets 503, Retry-After: 1 and the shared JSON body naming the dependency."""
+        db = registry.dependency("db", severity=Severity.SEV1)
+        async with client(sleeping_app(small_pool, db, 0.3, acquire_timeout=0.2)) as c:
+            results = await asyncio.gather(*(c.get("/api/work") for _ in range(6)))
+        refused = [r for r in results if r.status_code == 503]
+        assert refused
+        assert refused[0].headers["retry-after"] == "1"
+        assert refused[0].json()["error"] == "dependency_unavailable"
+        assert refused[0].json()["dependency"] == "db"
+        assert db.state == "ok"
+
+
+class TestInFlightWork:
+    async def test_queries_in_flight_end_when_the_database_goes_down(
+        self, pg_proxy: FaultProxy, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """pg_sleep in flight, Postgres blackholed: once db is down they answer 503 within ~0.1 s."""
+        engine = create_async_engine(
+            pg_proxy.url_for(postgres_dsn), **engine_options(acquire_timeout=0.5, command_timeout=5.0)
+        )
+        db = registry.dependency("db", severity=Severity.SEV1, recovery_interval=0.2, check_timeout=0.4)
+        try:
+            async with client(sleeping_app(engine, db, 3.0, acquire_timeout=0.5)) as c:
+                in_flight = [asyncio.ensure_future(timed(c, "/api/work")) for _ in range(4)]
+                await asyncio.sleep(0.3)  # the queries are running
+                pg_proxy.blackhole()
+                await asyncio.sleep(0.2)
+                went_down = time.monotonic()
+                db.mark_down(reason="test")  # as traffic or a probe would after the fault
+                results = await asyncio.gather(*in_flight)
+                answered = time.monotonic() - went_down
+        finally:
+            pg_proxy.up()
+            await _bounded.settle_abandoned(5.0)
+            await engine.dispose()
+        assert [status for status, _ in results] == [503] * 4
+        assert answered < 0.1 + MARGIN
+        assert all(seconds < 3.0 for _, seconds in results)  # not at the query's own end
+
+    async def test_waiters_in_line_are_answered_when_it_goes_down(
+        self, small_pool: AsyncEngine, registry: Registry
+    ) -> None:
+        """Requests waiting for a connection get their 503 at the transition, not at their bound."""
+        db = registry.dependency("db", severity=Severity.SEV1)
+        async with client(sleeping_app(small_pool, db, 0.6)) as c:
+            first = [asyncio.ensure_future(c.get("/api/work")) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            waiting = [asyncio.ensure_future(timed(c, "/api/work")) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            db.mark_down(reason="test")
+            results = await asyncio.gather(*waiting)
+            await asyncio.gather(*first)
+        assert [status for status, _ in results] == [503, 503, 503]
+        assert time.monotonic() - start < 0.1 + MARGIN
+
+
+class TestReadOnlyFallbackWindow:
+    async def test_gets_on_the_replica_while_the_primary_is_silent(
+        self, pg_proxy: FaultProxy, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Primary blackholed, replica healthy: for_read() GETs get 200, detection window included."""
+        primary = create_async_engine(pg_proxy.url_for(postgres_dsn), **engine_options(acquire_timeout=0.5))
+        replica = create_async_engine(postgres_dsn, **engine_options(acquire_timeout=0.5))
+        db = registry.dependency("db", severity=Severity.SEV1, recovery_interval=0.2, check_timeout=0.4)
+        replica_dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        router = ReadReplicaRouter(primary=primary, replica=replica, dependency=replica_dep)
+
+        async def read(request: Request) -> Response:
+            async with router.for_read() as session:
+                return JSONResponse({"one": (await session.execute(text("SELECT 1"))).scalar()})
+
+        async def write(request: Request) -> Response:
+            async with router.for_write() as session:
+                await session.execute(text("SELECT 1"))
+            return JSONResponse({})
+
+        app = Starlette(
+            routes=[Route("/api/read", read), Route("/api/write", write, methods=["POST"])],
+            middleware=[
+                Middleware(
+                    DBHealthMiddleware,
+                    engine=primary,
+                    dependency=db,
+                    acquire_timeout=0.5,
+                    router=router,
+                    read_only_fallback=True,
+                )
+            ],
+        )
+        try:
+            async with client(app) as c:
+                assert (await c.post("/api/write")).status_code == 200
+                pg_proxy.blackhole()
+                writes = [asyncio.ensure_future(c.post("/api/write")) for _ in range(3)]
+                reads = await asyncio.gather(*(c.get("/api/read") for _ in range(20)))
+                assert {r.status_code for r in reads} == {200}
+                assert {(await w).status_code for w in writes} == {503}
+                reads = await asyncio.gather(*(c.get("/api/read") for _ in range(20)))
+                assert {r.status_code for r in reads} == {200}
+        finally:
+            pg_proxy.up()
+            await _bounded.settle_abandoned(5.0)
+            await primary.dispose()
+            await replica.dispose()
+
+
+class TestNoCascade:
+    async def test_slow_redis_never_exhausts_the_postgres_pool(
+        self,
+        small_pool: AsyncEngine,
+        registry: Registry,
+        redis_proxy: FaultProxy,
+        redis_url: str,
+        unique: str,
+    ) -> None:
+        """Redis 200 ms slower (not failing), 100 concurrent cache-only GETs: no DB-gate 503."""
+        redis_client = dredis.client(redis_proxy.url_for(redis_url), timeout=1.0)
+        cache_dep = registry.dependency("redis", severity=Severity.SEV2)
+        db = registry.dependency("db", severity=Severity.SEV1)
+
+        @fail_soft(cache_dep, fallback=None, timeout=0.8, reason="cache miss")
+        async def cached(key: str) -> bytes | None:
+            value: bytes | None = await redis_client.get(f"{unique}:{key}")
+            return value
+
+        async def item(request: Request) -> Response:
+            return JSONResponse({"cached": (await cached("item")) is not None})
+
+        app = Starlette(
+            routes=[Route("/api/item", item)],
+            middleware=[Middleware(DBHealthMiddleware, engine=small_pool, dependency=db, include=("/api",))],
+        )
+        try:
+            async with client(app) as c:
+                redis_proxy.latency(0.2)
+                results = await asyncio.gather(*(c.get("/api/item") for _ in range(100)))
+        finally:
+            redis_proxy.up()
+            await redis_client.aclose()
+        assert {r.status_code for r in results} == {200}
+        assert gate_site(db).degraded_calls == 0
+        assert gate_site(db).shed_total == 0
+        assert small_pool.sync_engine.pool.checkedout() == 0
+        assert db.state == "ok"

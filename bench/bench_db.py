@@ -12,7 +12,7 @@ What it measures, against the goals of issue 3:
 1. healthy request cost, gated vs ungated: the same handler (one ``SELECT 1``)
    in the same Starlette app; ungated it checks out its own connection
    (``async with engine.connect()``), gated it uses the gate's
-   (``current_connection()``). The ASGI app is called directly (minimal scope,
+   (``await connection()``). The ASGI app is called directly (minimal scope,
    no HTTP client), timeit-style, interleaved; wall time and this process's CPU
    time per request. Goal <= 1.05x.
 2. time to the first 503 with the database blackholed (TCP accepted, nothing
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS, async_loop, compare, format_table, run_meta, write_section
 
 from degrade import Registry, Severity, _bounded, checks
-from degrade.db import DBHealthMiddleware, ReadReplicaRouter, current_connection, engine_options
+from degrade.db import DBHealthMiddleware, ReadReplicaRouter, connection, engine_options
 from degrade.testing import FaultProxy
 
 SECTION = "## Postgres"
@@ -141,9 +141,7 @@ def build_app(engine: AsyncEngine, dep: Any | None) -> Starlette:
             return JSONResponse({"one": (await conn.execute(SELECT_1)).scalar()})
 
     async def gated(request: Request) -> Response:
-        conn = current_connection()
-        if conn is None:
-            raise RuntimeError("bench bug: no gate connection")
+        conn = await connection()
         return JSONResponse({"one": (await conn.execute(SELECT_1)).scalar()})
 
     if dep is None:

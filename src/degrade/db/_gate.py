@@ -86,23 +86,34 @@ class DBHealthMiddleware:
     * while ``dependency`` is down: 503 at once, without touching the pool or
       the handler (``read_only_fallback`` lets GET/HEAD through to a healthy
       replica, see below);
-    * otherwise it checks out a pooled connection, bounded *hard* by
-      ``acquire_timeout`` (the wait stops at the bound even while SQLAlchemy or
-      asyncpg is still unwinding; that clean-up finishes in the background,
-      counted and capped). No connection in time: 503 and one failure counted
-      on ``dependency``. The connection is handed to the request
-      (:func:`degrade.db.current_connection`, and the sessions of a
-      :class:`~degrade.db.ReadReplicaRouter` on the same engine), so a request
-      pays one pool checkout in total; it is returned when the request ends;
+    * when the line of requests waiting for a connection is already longer
+      than the pool can serve within ``acquire_timeout`` (at the hold time it
+      measures): 503 at once, counted as *shed* (saturation is not an outage);
+    * otherwise the handler runs, and the request's first database use
+      (:func:`degrade.db.connection`, or a session of a
+      :class:`~degrade.db.ReadReplicaRouter` on the same engine) checks out a
+      pooled connection: in arrival order, at most ``pool_size +
+      max_overflow`` at once, bounded *hard* by what is left of
+      ``acquire_timeout`` (the wait stops at the bound even while SQLAlchemy
+      or asyncpg is still unwinding; that clean-up finishes in the background,
+      counted and capped), proven by the ``BEGIN`` its first statement sends
+      anyway. A failed or silent checkout is a 503 and one failure counted on
+      ``dependency``; no free slot in time is a 503 counted as shed, never a
+      failure. A router block gives the connection back when it ends; one
+      from ``connection()`` goes back when the request ends;
     * a database failure raised by the handler becomes a 503 while the
       response has not started (and counts a failure); after
-      ``http.response.start`` it propagates. Other exceptions always propagate.
+      ``http.response.start`` it propagates. Other exceptions always propagate;
+    * when ``dependency`` goes down, the connections of requests in flight
+      are terminated (their pending query fails at once, so they answer 503)
+      and the requests waiting in line get their 503 at once.
 
-    Every 503 has the shared JSON body and ``Retry-After``, and is counted on
-    the site ``degrade.db.DBHealthMiddleware`` (runbook, Prometheus). Nothing is
-    logged per request. At construction it warns once (``db.engine.unbounded``)
-    when the engine's settings leave a wait unbounded; see
-    :func:`degrade.db.engine_options`.
+    Every 503 has the shared JSON body and ``Retry-After`` (1 s when shed), and
+    is counted on the site ``degrade.db.DBHealthMiddleware`` (runbook,
+    Prometheus: degraded calls for outages, ``degrade_shed_total`` for
+    shedding). Nothing is logged per request. At construction it warns once
+    (``db.engine.unbounded``) when the engine's settings leave a wait
+    unbounded; see :func:`degrade.db.engine_options`.
 
     FAIL-LOUD: the database is the source of truth; without it the API answers
     503 quickly instead of piling requests up.

@@ -260,3 +260,32 @@ class TestNoCascade:
         assert gate_site(db).shed_total == 0
         assert small_pool.sync_engine.pool.checkedout() == 0
         assert db.state == "ok"
+
+
+class TestReplicaSaturation:
+    async def test_saturated_replica_pool_reads_on_the_primary_without_blaming_it(
+        self, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Every replica connection busy: the read runs on the primary, counted as shed; replica stays ok."""
+        primary = create_async_engine(postgres_dsn, **engine_options(acquire_timeout=0.5))
+        replica = create_async_engine(
+            postgres_dsn, **engine_options(acquire_timeout=0.2, pool_size=1, max_overflow=0)
+        )
+        replica_dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        router = ReadReplicaRouter(
+            primary=primary, replica=replica, dependency=replica_dep, connect_timeout=0.2
+        )
+        try:
+            async with replica.connect() as held:
+                await held.exec_driver_sql("SELECT 1")  # the replica's only connection is busy
+                for _ in range(4):
+                    async with router.for_read() as session:
+                        assert (await session.execute(text("SELECT 1"))).scalar() == 1
+            site = next(s for s in replica_dep.sites if s.name.endswith("for_read"))
+            assert site.shed_calls == {"pool-saturated": 4}
+            assert replica_dep.state == "ok"
+            assert replica_dep.failures == 0
+        finally:
+            await _bounded.settle_abandoned(5.0)
+            await primary.dispose()
+            await replica.dispose()

@@ -30,11 +30,34 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 from .._bounded import hard_timeout
 
-__all__ = ["acquire", "discard", "release"]
+__all__ = ["acquire", "discard", "pool_capacity", "pool_full", "release"]
+
+
+#: Slots of a pool without a limit (overflow -1, NullPool): the line never forms.
+_UNLIMITED = 1 << 30
+
+
+def pool_capacity(sync_engine: Engine) -> int:
+    """How many connections the engine's pool gives out at once (pool_size + max_overflow)."""
+    pool = sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return _UNLIMITED
+    overflow = getattr(pool, "_max_overflow", -1)
+    if not isinstance(overflow, int) or overflow < 0:
+        return _UNLIMITED
+    return pool.size() + overflow
+
+
+def pool_full(sync_engine: Engine) -> bool:
+    """True when every connection the pool may give out is checked out."""
+    pool = sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return False
+    return pool.checkedout() >= pool_capacity(sync_engine)
 
 
 def _driver(conn: AsyncConnection) -> Any:

@@ -7,16 +7,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import QueuePool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import observe
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded
 from ..responses import send_json, unavailable_body
-from ._conn import _driver, acquire, release
+from ._conn import _driver, acquire, pool_capacity, pool_full, release
 from ._context import LEASE, REQUEST, Lease, RequestContext
 from ._errors import is_database_failure
 from ._settings import warn_if_unbounded
@@ -29,27 +27,6 @@ __all__ = ["DBHealthMiddleware"]
 
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _OVERLOADED_DETAIL = "the database is busy: no pooled connection free in time, retry shortly"
-#: Slots of a pool without a limit (overflow -1, NullPool): the line never forms.
-_UNLIMITED = 1 << 30
-
-
-def _pool_capacity(sync_engine: Engine) -> int:
-    """How many connections the engine's pool gives out at once (pool_size + max_overflow)."""
-    pool = sync_engine.pool
-    if not isinstance(pool, QueuePool):
-        return _UNLIMITED
-    overflow = getattr(pool, "_max_overflow", -1)
-    if not isinstance(overflow, int) or overflow < 0:
-        return _UNLIMITED
-    return pool.size() + overflow
-
-
-def _pool_full(sync_engine: Engine) -> bool:
-    """True when every connection the pool may give out is checked out."""
-    pool = sync_engine.pool
-    if not isinstance(pool, QueuePool):
-        return False
-    return pool.checkedout() >= _pool_capacity(sync_engine)
 
 
 def _prefixes(label: str, value: str | Iterable[str]) -> tuple[tuple[str, ...], frozenset[str]]:
@@ -204,7 +181,7 @@ class DBHealthMiddleware:
         )
         self._sync_engine = engine.sync_engine
         self._clock = time.monotonic
-        self._slots = Slots(_pool_capacity(self._sync_engine))
+        self._slots = Slots(pool_capacity(self._sync_engine))
         self._overloaded_body = unavailable_body(dependency.name, _OVERLOADED_DETAIL)
         self._active: set[Lease] = set()
         self._stall_check: asyncio.Task[None] | None = None
@@ -274,7 +251,7 @@ class DBHealthMiddleware:
         except Exception as exc:
             lease.waited += clock() - started
             slots.release(None)
-            if isinstance(exc, TimeoutError) and _pool_full(self._sync_engine):
+            if isinstance(exc, TimeoutError) and pool_full(self._sync_engine):
                 # Every pooled connection is out (to users outside the gate too): saturation.
                 raise self._shed("pool-saturated") from exc
             dep.record_failure(exc)

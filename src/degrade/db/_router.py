@@ -16,7 +16,7 @@ from .. import observe
 from ..dependency import Dependency
 from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable
 from ..observe import logger
-from ._conn import _driver, _killing_after, acquire, discard, release
+from ._conn import _driver, _killing_after, acquire, discard, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
 from ._lag import replica_check
@@ -315,6 +315,11 @@ class ReadReplicaRouter:
         try:
             conn = await acquire(replica, self.connect_timeout)
         except Exception as exc:  # refused, silent, reset, auth failure: read elsewhere
+            if isinstance(exc, TimeoutError) and pool_full(replica.sync_engine):
+                # Every replica connection is out to other reads: saturation, not a down replica.
+                if self._site is not None:
+                    self._site.shed("pool-saturated")
+                return None
             dep.record_failure(exc)
             self._fell_back(type(exc).__name__)
             return None

@@ -6,6 +6,10 @@ overrun the bound by seconds. :func:`hard_timeout` runs the work in its own task
 and stops waiting at the bound: the caller gets ``TimeoutError`` on time while
 the cancelled task unwinds in the background. Such abandoned tasks are counted
 and capped, so a blackholed service cannot make them pile up.
+
+The wait can also end early: given ``cancel_on`` (a future such as
+:meth:`degrade.Dependency.went_down`), the work is abandoned the same way as
+soon as that future completes, and :class:`Interrupted` is raised.
 """
 
 from __future__ import annotations
@@ -20,6 +24,19 @@ T = TypeVar("T")
 MAX_ABANDONED = 256
 
 _abandoned: set[asyncio.Task[Any]] = set()
+
+
+class Interrupted(Exception):
+    """:func:`hard_timeout` gave up before its bound because its ``cancel_on`` future completed.
+
+    Not a ``TimeoutError``: the work did not outlive its bound, the caller learnt
+    that waiting longer is pointless (its dependency went down meanwhile).
+    """
+
+    def __init__(self, cancel_on: asyncio.Future[Any]) -> None:
+        super().__init__("gave up: the awaited dependency went down")
+        #: The future that ended the wait (callers check it is theirs).
+        self.cancel_on = cancel_on
 
 
 class Abandoned:
@@ -58,23 +75,38 @@ def can_abandon() -> bool:
     return len(_abandoned) < MAX_ABANDONED
 
 
-async def hard_timeout(coro: Coroutine[Any, Any, T], timeout: float) -> T:  # noqa: ASYNC109 - this is the bound
+async def hard_timeout(
+    coro: Coroutine[Any, Any, T],
+    timeout: float,  # noqa: ASYNC109 - this is the bound
+    cancel_on: asyncio.Future[Any] | None = None,
+) -> T:
     """Await ``coro`` for at most ``timeout`` seconds, then raise ``TimeoutError``.
 
     The work is cancelled at the bound; its clean-up finishes in the background.
     Cancelling the caller cancels the work too, and the CancelledError propagates.
+
+    ``cancel_on``, when given, ends the wait early: once it completes (and the
+    work has not finished first) the work is cancelled and abandoned exactly as
+    at the bound (counted in ``Abandoned.total``) and :class:`Interrupted` is
+    raised. ``cancel_on`` itself is only watched, never cancelled or awaited
+    for its result, so one future can be shared by every caller.
     """
     task = asyncio.ensure_future(coro)
     try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
+        if cancel_on is None:
+            await asyncio.wait((task,), timeout=timeout)
+        else:
+            await asyncio.wait((task, cancel_on), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
         _abandon(task)
         raise
-    if done:
+    if task.done():  # finished, even if cancel_on completed in the same turn: its outcome wins
         return task.result()
     task.cancel()
     _abandon(task)
+    if cancel_on is not None and cancel_on.done():
+        raise Interrupted(cancel_on)
     raise TimeoutError(f"gave up after {timeout:g}s")
 
 

@@ -10,6 +10,11 @@ returns it. Redis is an optimisation here, never a requirement:
   dependency, the loader runs, nothing is written.
 * Concurrent misses for one key in one process share one loader call
   (single-flight), so an outage or an expiry does not stampede the database.
+* Reads in flight when the dependency goes down (``timeout=`` set) are answered
+  at once as misses: the loader runs, nothing is written.
+* Local limits (a full single-flight map, the process's cap of abandoned calls)
+  are saturation, not an outage: counted as shed on the read site
+  (``Site.shed_calls``), never a failure of the dependency.
 * The loader's own errors propagate unchanged and are never cached.
 
 Failure mode: FAIL-SOFT. The runbook lists the cache's read, write and
@@ -27,13 +32,16 @@ from typing import Any, Protocol, TypeVar, cast
 
 from .dependency import Dependency
 from .exceptions import ConfigurationError
-from .modes import fail_soft
+from .modes import fail_soft, site_of
 from .observe import logger
 from .redis import warn_if_unsafe
 
 __all__ = ["CacheStats", "FailSoftCache", "JSONSerializer", "Serializer"]
 
 T = TypeVar("T")
+
+#: The reason a miss is shed (loads without sharing) when the single-flight map is full.
+SHED_SINGLEFLIGHT = "singleflight-full"
 
 
 class Serializer(Protocol):
@@ -105,7 +113,8 @@ class CacheStats:
     loads: int = 0
     #: Callers that shared another caller's in-flight load instead of loading.
     coalesced: int = 0
-    #: Misses that could not join the single-flight map because it was full.
+    #: Misses that could not join the single-flight map because it was full (also
+    #: counted as shed, reason ``"singleflight-full"``, on the read site).
     uncoalesced: int = 0
     #: Entries that could not be decoded and were treated as misses.
     decode_errors: int = 0
@@ -129,9 +138,13 @@ class FailSoftCache:
         prefix: Prepended to every key.
         serializer: Encodes values; :class:`JSONSerializer` by default.
         timeout: Hard bound of each Redis call, in seconds (``None``: only the
-            client's own socket timeout).
+            client's own socket timeout). With a bound, a Redis call in flight
+            when ``dependency`` goes down is abandoned at once (a miss; the
+            loader answers); without one it runs until the client gives up.
         max_inflight: Most keys loading at once in the single-flight map; a
-            miss beyond it loads on its own (counted in ``stats.uncoalesced``).
+            miss beyond it loads on its own, counted in ``stats.uncoalesced``
+            and shed on the read site (reason ``"singleflight-full"``): local
+            saturation, never a failure of ``dependency``.
         name: Shown in the runbook and logs.
     """
 
@@ -171,7 +184,6 @@ class FailSoftCache:
         self.name = name
         self.stats = CacheStats()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self._warned_full = False
         self._warned_decode = False
 
         async def read(full_key: str) -> bytes | str | _Read:
@@ -205,6 +217,8 @@ class FailSoftCache:
             timeout=timeout,
             reason=f"invalidate cannot reach Redis: the old entry may be served until its ttl ({ttl:g}s)",
         )(invalidate)
+        #: The read site: where reads answered without Redis and shed misses are counted.
+        self._read_site = site_of(self._read)
 
     async def get_or_load(
         self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: float | None = None
@@ -234,15 +248,11 @@ class FailSoftCache:
             except _LeaderGone:
                 continue  # the caller that was loading was cancelled: load (or join) anew
         if len(self._inflight) >= self.max_inflight:
+            # Local saturation, not an outage: the miss loads on its own (no sharing),
+            # counted and logged (degrade.shed, rate-limited) on the read site;
+            # Redis's state is not touched.
             self.stats.uncoalesced += 1
-            if not self._warned_full:
-                self._warned_full = True
-                logger.warning(
-                    "cache.singleflight_full",
-                    cache=self.name,
-                    max_inflight=self.max_inflight,
-                    detail="misses beyond the bound load without sharing; see stats.uncoalesced",
-                )
+            self._read_site.shed(SHED_SINGLEFLIGHT)
             return await self._fill(key, loader, ttl)
         # This caller loads; later callers for the key wait on `shared`. The load
         # runs inline (no task per call), so a known outage stays cheap.

@@ -11,6 +11,15 @@ lists.
 Only dependency errors count (connection, timeout, driver availability; see
 ``on=``); any other exception propagates unchanged and is not a failure.
 ``asyncio.CancelledError`` is never caught.
+
+Saturation is not an outage: a ``timeout=`` site that finds the process-wide
+cap of abandoned calls reached answers by its policy without calling, counted
+as *shed* (``site.shed("abandoned-cap")``), never as a failure of the
+dependency nor as a degraded call. Work in flight on a ``timeout=`` site is
+raced against :meth:`~degrade.Dependency.went_down`: when the dependency goes
+down meanwhile (another caller's failures, a probe, ``mark_down()``) the call
+is abandoned at once and answered by its policy, as at its timeout but without
+counting a failure.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import observe
-from ._bounded import hard_timeout
+from ._bounded import Interrupted, hard_timeout
 from ._classify import ErrorPredicate, predicate
 from .dependency import Dependency, Site
 from .exceptions import ConfigurationError, DependencyUnavailable
@@ -62,6 +71,10 @@ def _with_timeouts(is_failure: ErrorPredicate, timeout: float | None) -> ErrorPr
         return isinstance(exc, TimeoutError) or is_failure(exc)
 
     return failure
+
+
+#: The reason a ``timeout=`` site sheds a call at the abandoned-work cap.
+SHED_ABANDONED = "abandoned-cap"
 
 
 def _register(dep: Dependency, fn: Callable[..., Any], mode: Any, reason: str, fallback: str | None) -> Site:
@@ -125,13 +138,25 @@ class _FailSoft(Generic[T]):
                     return await fallback_async(args, kwargs)
                 if timeout is not None and not observe.may_abandon(site.name):
                     # Too many calls abandoned at their bound still unwind: do not add one.
-                    site.count()
+                    # Local saturation (shed), not a failure of dep nor a degraded call.
+                    site.shed(SHED_ABANDONED)
                     return await fallback_async(args, kwargs)
+                down = None
                 try:
                     if timeout is None:
+                        # Not raced against dep.went_down(): that needs a task per call
+                        # (~10 us) on the hot path of every healthy call. See docs/modes.md.
                         result = await fn(*args, **kwargs)
                     else:
-                        result = await hard_timeout(fn(*args, **kwargs), timeout)
+                        down = dep.went_down()
+                        result = await hard_timeout(fn(*args, **kwargs), timeout, down)
+                except Interrupted as exc:
+                    if exc.cancel_on is not down:
+                        raise  # another site's, escaped from fn: not ours to answer, not a failure
+                    # dep went down while this call was in flight: answered now, not at the
+                    # bound; abandoned (counted) like at the bound, no failure counted.
+                    site.count()
+                    return await fallback_async(args, kwargs)
                 except Exception as exc:
                     if isinstance(exc, DependencyUnavailable) and exc.dependency == name:
                         pass  # a nested fail-loud site already counted this failure
@@ -212,26 +237,35 @@ class _FailLoud:
         if hatch is not None:
             site.hatch = hatch.name
         detail = f"{name} is unavailable"
+        shed_detail = f"{name} is busy: too many calls still unwinding in this process"
 
         def refuse() -> DependencyUnavailable:
             site.count()
             return DependencyUnavailable(name, detail, retry_after=retry_after)
 
-        def through_hatch(args: Any, kwargs: Any) -> Any:
+        def through_hatch(args: Any, kwargs: Any, *, count: bool = True) -> Any:
             # Only called while the hatch is open: the operator chose the fallback over a 503.
             assert hatch is not None  # noqa: S101 - narrowing for the type checker only
-            site.count()
+            if count:
+                site.count()
             hatch.used(site.name)
             fallback = hatch.fallback
             return fallback(*args, **kwargs) if callable(fallback) else fallback
 
         if inspect.iscoroutinefunction(fn):
 
-            async def hatch_async(args: Any, kwargs: Any) -> Any:
-                value = through_hatch(args, kwargs)
+            async def hatch_async(args: Any, kwargs: Any, *, count: bool = True) -> Any:
+                value = through_hatch(args, kwargs, count=count)
                 if inspect.isawaitable(value):
                     value = await value
                 return value
+
+            async def shed_async(args: Any, kwargs: Any) -> Any:
+                # Local saturation: counted as shed, not as a degraded call nor a failure of dep.
+                site.shed(SHED_ABANDONED)
+                if hatch is not None and hatch.is_open:
+                    return await hatch_async(args, kwargs, count=False)
+                raise DependencyUnavailable(name, shed_detail, retry_after=retry_after)
 
             @functools.wraps(fn)
             async def loud_async(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -241,14 +275,22 @@ class _FailLoud:
                     raise refuse()
                 if timeout is not None and not observe.may_abandon(site.name):
                     # Too many calls abandoned at their bound still unwind: do not add one.
-                    if hatch is not None and hatch.is_open:
-                        return await hatch_async(args, kwargs)
-                    raise refuse()
+                    return await shed_async(args, kwargs)
+                down = None
                 try:
                     if timeout is None:
+                        # Not raced against dep.went_down(): see fail_soft and docs/modes.md.
                         result = await fn(*args, **kwargs)
                     else:
-                        result = await hard_timeout(fn(*args, **kwargs), timeout)
+                        down = dep.went_down()
+                        result = await hard_timeout(fn(*args, **kwargs), timeout, down)
+                except Interrupted as exc:
+                    if exc.cancel_on is not down:
+                        raise  # another site's, escaped from fn: not ours to answer, not a failure
+                    # dep went down while this call was in flight: refused now, not at the bound.
+                    if hatch is not None and hatch.is_open:
+                        return await hatch_async(args, kwargs)
+                    raise refuse() from exc
                 except Exception as exc:
                     if isinstance(exc, DependencyUnavailable) or not is_failure(exc):
                         raise
@@ -351,7 +393,9 @@ def fail_soft(
         timeout: Seconds the call may take (async functions only); a hard bound.
             A call outliving it is cancelled and left to unwind in the background;
             while ``degrade._bounded.MAX_ABANDONED`` such calls still unwind, the
-            fallback answers at once (counted, not a failure of ``dep``).
+            fallback answers at once (shed: ``site.shed_calls["abandoned-cap"]``,
+            not a failure of ``dep``). A call in flight when ``dep`` goes down
+            is abandoned the same way and the fallback answers at once.
         reason: What the user gets while degraded, for the runbook.
     """
     _validate(dep, timeout, reason)
@@ -382,7 +426,10 @@ def fail_loud(
         timeout: Seconds the call may take (async functions only); a hard bound.
             A call outliving it is cancelled and left to unwind in the background;
             while ``degrade._bounded.MAX_ABANDONED`` such calls still unwind, the call
-            is refused at once (``DependencyUnavailable``, not a failure of ``dep``).
+            is refused at once (``DependencyUnavailable``; shed:
+            ``site.shed_calls["abandoned-cap"]``, not a failure of ``dep``). A call
+            in flight when ``dep`` goes down is abandoned the same way and
+            refused at once.
         reason: What breaks for the user, for the runbook.
         retry_after: ``Retry-After`` seconds; defaults to the dependency's.
         hatch: An :class:`~degrade.hatch.EscapeHatch` on the same dependency.

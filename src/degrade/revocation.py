@@ -18,6 +18,13 @@ accepted again until they expire. Here what happens is a required decision,
 
 :meth:`RevocationList.revoke` is FAIL-LOUD whatever the policy: a logout that
 cannot be recorded must not look like it was.
+
+Saturation is not an outage: at the process's cap of abandoned calls (see
+:mod:`degrade.modes`) a lookup or revoke is answered by the same policy without
+calling Redis, counted as shed on its site (``shed_calls["abandoned-cap"]``),
+never as a failure of the dependency. A lookup in flight when the dependency
+goes down is answered by the policy at once. The local set's bound
+(``max_local``) sheds no call: it only forgets the oldest local revocations.
 """
 
 from __future__ import annotations

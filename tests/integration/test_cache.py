@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from degrade import Registry, Severity, checks
+from degrade import Registry, Severity, _bounded, checks, fail_soft
 from degrade.cache import FailSoftCache
 from degrade.testing import FaultProxy
 
@@ -153,3 +153,59 @@ class TestOutages:
         loader = Loader(delay=0.05)
         await asyncio.gather(*(cache.get_or_load("hot", loader) for _ in range(30)))
         assert loader.calls == 1
+
+
+class TestInFlightWhenRedisGoesDown:
+    async def test_reads_in_flight_through_a_blackhole_answer_at_once(
+        self,
+        registry: Registry,
+        redis_proxy: FaultProxy,
+        redis_url: str,
+        redis_direct: aioredis.Redis,
+        unique: str,
+    ) -> None:
+        """Reads hang in a blackhole (cache bound 5 s, socket 10 s); once other callers' failures
+        open the dependency, every read in flight is answered by the loader at once."""
+        # A slow-to-fail client on purpose (degrade.redis.client refuses it): only the race ends the reads.
+        client = aioredis.Redis.from_url(
+            redis_proxy.url_for(redis_url), socket_timeout=10.0, socket_connect_timeout=1.0, retry=None
+        )
+        dep = registry.dependency(
+            "redis",
+            severity=Severity.SEV2,
+            failure_threshold=2,
+            check=checks.redis(client),
+            recovery_interval=30,
+        )
+        cache = FailSoftCache(client, dep, ttl=30, prefix=f"{unique}:", timeout=5.0, name=unique)
+
+        @fail_soft(dep, fallback=None, timeout=0.05, reason="test: another caller with a short bound")
+        async def ping() -> object:
+            return await client.ping()
+
+        try:
+            loader = Loader()
+            await cache.get_or_load("warm", loader)  # pooled connection up, key written
+            redis_proxy.blackhole()
+            reads = [asyncio.ensure_future(cache.get_or_load(f"k{i}", loader)) for i in range(10)]
+            await asyncio.sleep(0.2)  # the reads are stuck in the blackhole
+            assert not any(r.done() for r in reads)
+            assert await ping() is None  # two timeouts: down
+            assert await ping() is None
+            assert dep.is_down
+            start = time.perf_counter()
+            results = await asyncio.gather(*reads)
+            assert time.perf_counter() - start < 0.2
+            assert [r["id"] for r in results] == [7] * 10
+            assert loader.calls == 11
+            assert cache.stats.unavailable == 10
+            read_site = next(s for s in dep.sites if s.name.endswith(f"[{unique}].read"))
+            assert read_site.degraded_calls == 10
+            assert read_site.shed_calls == {}
+            assert dep.failures == 2  # the pings' timeouts; the interrupted reads are not failures
+            redis_proxy.up()
+            assert await _bounded.settle_abandoned(5.0) == 0
+            assert await redis_direct.exists(*(f"{unique}:k{i}" for i in range(10))) == 0  # nothing written
+        finally:
+            redis_proxy.up()
+            await client.aclose()

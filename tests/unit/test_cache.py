@@ -8,14 +8,16 @@ import time
 from typing import Any
 
 import pytest
+import sentry_sdk
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
-from degrade import ConfigurationError, Registry, Severity
+from degrade import ConfigurationError, Registry, Severity, _bounded
 from degrade.cache import FailSoftCache, JSONSerializer
+from degrade.dependency import Site
 
-from ..support import FakeRedis
+from ..support import FakeRedis, eventually
 
 
 class Loader:
@@ -34,6 +36,11 @@ class Loader:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def site_named(dep: Any, suffix: str) -> Site:
+    """The cache's site on ``dep`` whose name ends with ``suffix`` (".read", ".write", ".invalidate")."""
+    return next(s for s in dep.sites if s.name.endswith(suffix))
 
 
 @pytest.fixture
@@ -254,16 +261,27 @@ class TestSingleFlight:
         await asyncio.gather(cache.get_or_load("a", loader), cache.get_or_load("b", loader))
         assert loader.calls == 2
 
-    async def test_map_is_bounded(self, fake: FakeRedis, dep: Any) -> None:
-        """Beyond max_inflight keys a miss loads on its own; counted and logged once."""
+    async def test_map_is_bounded(
+        self, fake: FakeRedis, dep: Any, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """Beyond max_inflight keys a miss loads on its own: shed, logged once, never Redis's failure."""
         cache = FailSoftCache(fake, dep, 60, max_inflight=2)
         loader = Loader("v", delay=0.05)
         with capture_logs() as logs:
-            await asyncio.gather(*(cache.get_or_load(f"k{i}", loader) for i in range(5)))
+            results = await asyncio.gather(*(cache.get_or_load(f"k{i}", loader) for i in range(5)))
+        assert results == ["v"] * 5  # the policy: each miss beyond the bound loads on its own
         assert loader.calls == 5
         assert cache.stats.uncoalesced == 3
-        assert [e["event"] for e in logs] == ["cache.singleflight_full"]
+        read = site_named(dep, ".read")
+        assert read.shed_calls == {"singleflight-full": 3}
+        assert read.degraded_calls == 0
+        shed = [e for e in logs if e["event"] == "degrade.shed"]
+        assert [e["event"] for e in logs] == ["degrade.shed"]  # rate-limited: one line for three
+        assert (shed[0]["site"], shed[0]["reason"]) == (read.name, "singleflight-full")
         assert cache._inflight == {}
+        assert (dep.state, dep.failures, dep.last_error) == ("ok", 0, None)
+        sentry_sdk.flush()
+        assert sentry_events == []
 
     async def test_map_empties_after_each_load(self, cache: FailSoftCache) -> None:
         """Finished loads (success or error) leave the in-flight map."""
@@ -299,6 +317,54 @@ class TestSingleFlight:
         assert await asyncio.gather(*waiters) == ["v", "v", "v"]
         assert loader.calls == 2  # the cancelled load, then one shared reload
         assert cache._inflight == {}
+
+
+class TestSaturation:
+    """Local limits shed (answer by policy, counted); they never blame Redis."""
+
+    async def test_abandoned_cap_reads_as_a_miss(
+        self,
+        cache: FailSoftCache,
+        fake: FakeRedis,
+        dep: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        sentry_events: list[dict[str, Any]],
+    ) -> None:
+        """At the abandoned-work cap no Redis call is made; the loader answers; shed, not failed."""
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 0)
+        loader = Loader("from-postgres")
+        assert [await cache.get_or_load(f"k{i}", loader) for i in range(3)] == ["from-postgres"] * 3
+        assert fake.calls == []
+        assert cache.stats.unavailable == 3
+        assert site_named(dep, ".read").shed_calls == {"abandoned-cap": 3}
+        assert site_named(dep, ".read").degraded_calls == 0
+        assert site_named(dep, ".write").shed_calls == {}  # nothing is written after a shed read
+        assert await cache.invalidate("k0") is False
+        assert site_named(dep, ".invalidate").shed_calls == {"abandoned-cap": 1}
+        assert (dep.state, dep.failures, dep.last_error) == ("ok", 0, None)
+        sentry_sdk.flush()
+        assert sentry_events == []
+
+
+class TestInFlightWhenRedisGoesDown:
+    async def test_reads_in_flight_answer_at_once(self, fake: FakeRedis, dep: Any) -> None:
+        """Reads hanging on Redis (timeout 5 s) are answered by the loader as soon as it goes down."""
+        cache = FailSoftCache(fake, dep, 60, prefix="p:", timeout=5.0)
+        fake.delay = 30.0
+        loader = Loader("from-postgres")
+        abandoned = _bounded.Abandoned.total
+        tasks = [asyncio.ensure_future(cache.get_or_load(f"k{i % 3}", loader)) for i in range(9)]
+        await eventually(lambda: len(fake.calls) == 3, within=1.0, interval=0.001)
+        start = time.perf_counter()
+        dep.mark_down()
+        assert await asyncio.gather(*tasks) == ["from-postgres"] * 9
+        assert time.perf_counter() - start < 0.2
+        assert loader.calls == 3  # single flight still holds: one load per key
+        assert cache.stats.unavailable == 3
+        assert site_named(dep, ".read").degraded_calls == 3
+        assert _bounded.Abandoned.total == abandoned + 3
+        assert [c[0] for c in fake.calls] == ["get"] * 3  # nothing written
+        await _bounded.settle_abandoned(1.0)
 
 
 class TestRunbookSites:

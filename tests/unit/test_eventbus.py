@@ -15,7 +15,7 @@ import tenacity
 from structlog.testing import capture_logs
 
 from degrade import ConfigurationError, MissingExtraError, Registry, Severity
-from degrade.eventbus import EventPublisher, PublishResult
+from degrade.eventbus import DiskSpool, EventPublisher, PublishResult
 from degrade.eventbus._event import Event, check_headers, encode_payload, new_id
 from degrade.eventbus._report import Counts, Reporter
 from degrade.eventbus._retry import CONNECTION_ERRORS, wait_jittered
@@ -161,6 +161,55 @@ class TestPublish:
         assert len(summaries) == 1
         assert summaries[0]["by_reason"] == {"buffer_full": 2, "shutdown": 3}
         assert summaries[0]["sample_message_ids"][:2] == ["m3", "m4"]
+
+    async def test_full_buffer_is_shed_not_an_outage(self, sentry_events: list[dict[str, Any]]) -> None:
+        """A full buffer drops as before (counted, summarised, reported) and is shed on the site;
+        the broker's dependency is not touched and no dependency event reaches Sentry."""
+        registry = Registry()
+        dep = registry.dependency("rabbitmq", severity=Severity.SEV1)
+        bus = EventPublisher(closed_port_url(), "ex", dependency=dep, buffer_size=3, log_interval=60)
+        assert bus.site is not None
+        with capture_logs() as logs:
+            results = [await bus.publish("a.b", {"i": i}, message_id=f"m{i}") for i in range(6)]
+            await asyncio.sleep(0)  # the drops' Sentry reports are sent from the loop
+            states = (dep.state, dep.failures, dep.last_error, bus.degraded)
+            await bus.close(timeout=0)
+        assert states == ("ok", 0, None, False)
+        assert results == [PublishResult.QUEUED] * 3 + [PublishResult.DROPPED] * 3
+        assert bus.stats.dropped_by_reason == {"buffer_full": 3, "shutdown": 3}
+        assert bus.site.shed_calls == {"buffer-full": 3}  # shutdown is not saturation
+        assert bus.site.degraded_calls == 0
+        shed = [e for e in logs if e["event"] == "degrade.shed"]
+        assert len(shed) == 1  # rate-limited per site
+        assert shed[0]["reason"] == "buffer-full"
+        assert not [e for e in logs if e["event"].startswith("dependency.")]
+        summaries = [e for e in logs if e["event"] == "eventbus.dropped"]
+        sentry_sdk.flush()
+        # Nothing is lost silently: each drop is still reported (eventbus.reason=buffer_full) ...
+        reported = [e for e in sentry_events if e["tags"].get("eventbus.reason") == "buffer_full"]
+        assert [e["extra"]["message_id"] for e in reported] == ["m3", "m4", "m5"]
+        # ... but the shedding itself sends nothing, and the dependency never went down.
+        assert not [e for e in sentry_events if "degrade.dependency" in e.get("tags", {})]
+        assert [e["by_reason"] for e in summaries] == [{"buffer_full": 3, "shutdown": 3}]
+        await registry.aclose()
+
+    async def test_full_spool_is_shed_once_per_event(self, tmp_path: Any) -> None:
+        """Events the spool has no room for are shed as spool-full (buffer-full when that came first)."""
+        registry = Registry()
+        dep = registry.dependency("rabbitmq", severity=Severity.SEV2)
+        spool = DiskSpool(tmp_path / "spool", max_bytes=1024)
+        bus = EventPublisher(closed_port_url(), "ex", dependency=dep, spool=spool, buffer_size=4)
+        assert bus.site is not None
+        payload = {"blob": "x" * 300}
+        results = [await bus.publish("a.b", payload) for i in range(5)]
+        assert results == [PublishResult.QUEUED] * 4 + [PublishResult.DROPPED]  # no spool open yet
+        assert bus.site.shed_calls == {"buffer-full": 1}
+        await bus.close(timeout=0)  # the 4 buffered events go to the spool, which takes 2 or 3
+        by_reason = bus.stats.dropped_by_reason
+        assert by_reason["spool_full"] >= 1
+        assert bus.site.shed_calls == {"buffer-full": 1, "spool-full": by_reason["spool_full"]}
+        assert (dep.state, dep.failures) == ("ok", 0)
+        await registry.aclose()
 
     async def test_publish_after_close_drops_as_shutdown(self) -> None:
         """A publish after close() drops at once with reason shutdown."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Any
 
 import pytest
+import sentry_sdk
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -23,7 +25,7 @@ from degrade import (
     site_of,
 )
 
-from ..support import FakeClock
+from ..support import FakeClock, eventually
 
 DSN = "redis://:hunter2@cache.internal:6379/0"
 
@@ -689,7 +691,8 @@ class TestAbandonCap:
                 assert [await scan(), await scan()] == ["unscanned", "unscanned"]  # refused at the cap
             assert len(calls) == 2  # the function was not called again
             assert roomy.failures == 2  # the cap is not the scanner's failure
-            assert site_of(scan).degraded_calls == 4
+            assert site_of(scan).degraded_calls == 2  # the two timeouts; the refusals are shed
+            assert site_of(scan).shed_calls == {"abandoned-cap": 2}
             assert _bounded.Abandoned.refused == refused_before + 2
             assert REGISTRY.get_sample_value("degrade_abandoned_refused_total") == metric_before + 2
             capped = [e for e in logs if e["event"] == "degrade.abandoned_cap"]
@@ -721,3 +724,264 @@ class TestAbandonCap:
         finally:
             release.set()
             await _bounded.settle_abandoned(5.0)
+
+
+class TestSaturationIsNotAnOutage:
+    """At the abandoned-work cap a timeout= site sheds: policy answer, counted, dependency untouched."""
+
+    @pytest.fixture
+    def full(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The process-wide cap of abandoned calls is reached (a cap of 0: no room at all)."""
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 0)
+        monkeypatch.setattr(observe, "_abandon_log_due", 0.0)
+
+    @staticmethod
+    def assert_untouched(dep: Dependency, sentry_events: list[dict[str, Any]]) -> None:
+        sentry_sdk.flush()
+        assert dep.state == "ok"
+        assert dep.failures == 0
+        assert dep.last_error is None
+        assert sentry_events == []
+
+    async def test_fail_soft_sheds_to_its_fallback(
+        self, dep: Dependency, full: None, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """Fallback without calling; shed_calls["abandoned-cap"] counts each; no failure, no Sentry event."""
+        calls: list[int] = []
+
+        @fail_soft(dep, fallback="cached", timeout=5.0, reason="x")
+        async def get() -> str:
+            calls.append(1)
+            return "fresh"
+
+        site = site_of(get)
+        with capture_logs() as logs:
+            assert [await get() for _ in range(3)] == ["cached"] * 3
+        assert calls == []
+        assert site.shed_calls == {"abandoned-cap": 3}
+        assert site.degraded_calls == 0  # saturation is not counted as an outage answer
+        shed_lines = [e for e in logs if e["event"] == "degrade.shed"]
+        assert len(shed_lines) == 1  # rate-limited per site
+        assert (shed_lines[0]["site"], shed_lines[0]["reason"]) == (site.name, "abandoned-cap")
+        self.assert_untouched(dep, sentry_events)
+
+    async def test_fail_loud_sheds_with_a_503(
+        self, dep: Dependency, full: None, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """DependencyUnavailable (503) without calling, counted as shed, not as a failure."""
+        calls: list[int] = []
+
+        @fail_loud(dep, timeout=5.0, reason="x")
+        async def load() -> str:
+            calls.append(1)
+            return "session"
+
+        for _ in range(3):
+            with pytest.raises(DependencyUnavailable) as info:
+                await load()
+            assert info.value.dependency == "cache"
+            assert info.value.retry_after == 7
+            assert "busy" in info.value.detail
+        assert calls == []
+        assert site_of(load).shed_calls == {"abandoned-cap": 3}
+        assert site_of(load).degraded_calls == 0
+        self.assert_untouched(dep, sentry_events)
+
+    async def test_fail_loud_with_an_open_hatch_sheds_to_the_hatch(self, dep: Dependency, full: None) -> None:
+        """An open hatch still answers instead of the 503; the call is counted as shed only."""
+        assert dep._registry is not None
+        hatch = dep._registry.escape_hatch("SCAN", dependency=dep, reason="x", fallback="unscanned")
+        hatch.open(by="test")
+
+        @fail_loud(dep, timeout=5.0, hatch=hatch, reason="x")
+        async def scan() -> str:
+            return "scanned"
+
+        assert await scan() == "unscanned"
+        assert site_of(scan).shed_calls == {"abandoned-cap": 1}
+        assert site_of(scan).degraded_calls == 0
+        assert dep.failures == 0
+        hatch.close()
+
+
+class TestInFlightWhenItGoesDown:
+    """A timeout= call in flight when its dependency goes down is answered at once, not at its bound."""
+
+    @staticmethod
+    def hanging(started: asyncio.Event, unwound: list[bool]) -> Any:
+        async def call() -> str:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # never answers
+            except asyncio.CancelledError:
+                unwound.append(True)
+                raise
+            return "answer"
+
+        return call
+
+    async def test_fail_soft_answers_its_fallback_at_once(self, dep: Dependency) -> None:
+        """mark_down() mid-call: the fallback within 0.2 s of a 5 s bound; counted and abandoned."""
+        started, unwound = asyncio.Event(), []
+        get = fail_soft(dep, fallback="fallback", timeout=5.0, reason="x")(self.hanging(started, unwound))
+        abandoned = _bounded.Abandoned.total
+        task = asyncio.ensure_future(get())
+        await started.wait()
+        start = time.perf_counter()
+        dep.mark_down()
+        assert await task == "fallback"
+        assert time.perf_counter() - start < 0.2
+        assert site_of(get).degraded_calls == 1
+        assert site_of(get).shed_calls == {}
+        assert _bounded.Abandoned.total == abandoned + 1  # abandoned, as at the bound
+        assert dep.failures == dep.failure_threshold  # mark_down's; the call added none
+        await _bounded.settle_abandoned(1.0)
+        assert unwound == [True]
+
+    async def test_fail_loud_raises_at_once(self, dep: Dependency) -> None:
+        """A fail-loud call in flight raises DependencyUnavailable as soon as the dependency goes down."""
+        started, unwound = asyncio.Event(), []
+        load = fail_loud(dep, timeout=5.0, reason="x")(self.hanging(started, unwound))
+        task = asyncio.ensure_future(load())
+        await started.wait()
+        start = time.perf_counter()
+        dep.mark_down()
+        with pytest.raises(DependencyUnavailable) as info:
+            await task
+        assert time.perf_counter() - start < 0.2
+        assert info.value.dependency == "cache"
+        assert site_of(load).degraded_calls == 1
+        await _bounded.settle_abandoned(1.0)
+        assert unwound == [True]
+
+    async def test_fail_loud_with_an_open_hatch_answers_the_hatch(self, dep: Dependency) -> None:
+        """An open hatch answers the in-flight call instead of the 503."""
+        assert dep._registry is not None
+        hatch = dep._registry.escape_hatch("H", dependency=dep, reason="x", fallback="hatched")
+        hatch.open(by="test")
+        started, unwound = asyncio.Event(), []
+        load = fail_loud(dep, timeout=5.0, hatch=hatch, reason="x")(self.hanging(started, unwound))
+        task = asyncio.ensure_future(load())
+        await started.wait()
+        dep.mark_down()
+        assert await asyncio.wait_for(task, 0.2) == "hatched"
+        hatch.close()
+        await _bounded.settle_abandoned(1.0)
+
+    async def test_other_callers_failures_end_every_call_in_flight(self, dep: Dependency) -> None:
+        """Twenty calls hang; two failing calls open the dependency: all twenty answer at once."""
+        started, unwound = asyncio.Event(), []
+        get = fail_soft(dep, fallback=None, timeout=5.0, reason="x")(self.hanging(started, unwound))
+
+        @fail_soft(dep, fallback="failed", reason="y")
+        async def failing() -> str:
+            raise ConnectionRefusedError
+
+        tasks = [asyncio.ensure_future(get()) for _ in range(20)]
+        await started.wait()
+        await asyncio.sleep(0)
+        start = time.perf_counter()
+        assert [await failing(), await failing()] == ["failed", "failed"]
+        assert dep.is_down
+        assert await asyncio.gather(*tasks) == [None] * 20
+        assert time.perf_counter() - start < 0.2
+        assert dep.failures == 2  # the two real failures; the interrupted calls add none
+        assert site_of(get).degraded_calls == 20
+        await _bounded.settle_abandoned(1.0)
+        assert len(unwound) == 20
+
+    async def test_an_answer_that_arrived_first_wins(self, dep: Dependency) -> None:
+        """A call that already finished is not turned into a fallback by a later outage."""
+
+        @fail_soft(dep, fallback="fallback", timeout=5.0, reason="x")
+        async def get() -> str:
+            return "answer"
+
+        assert await get() == "answer"
+        dep.mark_down()
+        assert site_of(get).degraded_calls == 0
+
+    async def test_no_timeout_means_no_race(self, dep: Dependency) -> None:
+        """Without timeout= the call is awaited inline (no task): it runs on to its own end.
+
+        Racing would cost a task per healthy call; a site that wants in-flight
+        calls ended on an outage declares a bound.
+        """
+        release = asyncio.Event()
+
+        @fail_soft(dep, fallback="fallback", reason="x")
+        async def get() -> str:
+            await release.wait()
+            return "answer"
+
+        task = asyncio.ensure_future(get())
+        await asyncio.sleep(0.01)
+        dep.mark_down()
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        release.set()
+        assert await task == "answer"
+
+    async def test_cancelling_the_caller_still_propagates(self, dep: Dependency) -> None:
+        """CancelledError is never swallowed; the shared went_down() future is left alone."""
+        started, unwound = asyncio.Event(), []
+        get = fail_soft(dep, fallback="fallback", timeout=5.0, reason="x")(self.hanging(started, unwound))
+        task = asyncio.ensure_future(get())
+        await started.wait()
+        down = dep.went_down()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not down.cancelled()
+        assert not down.done()
+        await _bounded.settle_abandoned(1.0)
+        assert unwound == [True]
+
+    async def test_healthy_calls_leave_no_callback_on_the_shared_future(self, dep: Dependency) -> None:
+        """Each call's wait removes its callback from went_down(): nothing accumulates while ok."""
+
+        @fail_soft(dep, fallback=None, timeout=5.0, reason="x")
+        async def get(i: int) -> int:
+            return i
+
+        assert await asyncio.gather(*(get(i) for i in range(100))) == list(range(100))
+        assert not dep.went_down()._callbacks  # type: ignore[attr-defined]
+
+
+class TestHardTimeoutCancelOn:
+    async def test_cancel_on_abandons_the_work(self) -> None:
+        """cancel_on completing ends the wait with Interrupted; the work is cancelled and counted."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        started, cancelled = asyncio.Event(), []
+
+        async def work() -> int:
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            return 1
+
+        before = _bounded.Abandoned.total
+        task = asyncio.ensure_future(_bounded.hard_timeout(work(), 5.0, fut))
+        await started.wait()
+        fut.set_result(None)
+        with pytest.raises(_bounded.Interrupted) as info:
+            await task
+        assert info.value.cancel_on is fut
+        assert not isinstance(info.value, TimeoutError)
+        assert _bounded.Abandoned.total == before + 1
+        await eventually(lambda: cancelled == [True], within=1.0)
+
+    async def test_the_bound_still_applies(self) -> None:
+        """A pending cancel_on does not lift the bound: TimeoutError at timeout."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with pytest.raises(TimeoutError):
+            await _bounded.hard_timeout(asyncio.sleep(10), 0.02, fut)
+        assert not fut.done()
+
+    async def test_a_result_is_returned_when_cancel_on_is_pending(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert await _bounded.hard_timeout(asyncio.sleep(0, "ok"), 1.0, fut) == "ok"
+        assert not fut.done()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+import sentry_sdk
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
-from degrade import ConfigurationError, DependencyUnavailable, Registry, Severity
+from degrade import ConfigurationError, DependencyUnavailable, Registry, Severity, _bounded
+from degrade.dependency import Site
 from degrade.revocation import RevocationList
 
 from ..support import FakeClock, FakeRedis
@@ -270,6 +273,79 @@ class TestRevokeFailsLoud:
         with pytest.raises(DependencyUnavailable):
             await rl.revoke("j")
         assert dep.failures == 1
+
+
+def site_named(dep: Any, suffix: str) -> Site:
+    return next(s for s in dep.sites if s.name.endswith(suffix))
+
+
+class TestSaturation:
+    """At the abandoned-work cap lookups and revokes are shed: answered by policy, Redis not blamed."""
+
+    @pytest.fixture(autouse=True)
+    def full(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(_bounded, "MAX_ABANDONED", 0)
+
+    @staticmethod
+    def assert_untouched(fake: FakeRedis, dep: Any, sentry_events: list[dict[str, Any]]) -> None:
+        sentry_sdk.flush()
+        assert fake.calls == []
+        assert (dep.state, dep.failures, dep.last_error) == ("ok", 0, None)
+        assert sentry_events == []
+
+    async def test_deny_answers_revoked(
+        self, fake: FakeRedis, dep: Any, clock: FakeClock, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        rl = make(fake, dep, clock, "deny")
+        assert [await rl.is_revoked(f"t{i}") for i in range(3)] == [True] * 3
+        lookup = site_named(dep, ".is_revoked")
+        assert (lookup.shed_calls, lookup.degraded_calls) == ({"abandoned-cap": 3}, 0)
+        self.assert_untouched(fake, dep, sentry_events)
+
+    async def test_raise_answers_503_and_revoke_too(
+        self, fake: FakeRedis, dep: Any, clock: FakeClock, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        rl = make(fake, dep, clock, "raise")
+        with pytest.raises(DependencyUnavailable):
+            await rl.is_revoked("t")
+        with pytest.raises(DependencyUnavailable):
+            await rl.revoke("j")
+        assert rl.local_size == 1  # still remembered by this process
+        assert site_named(dep, ".is_revoked").shed_calls == {"abandoned-cap": 1}
+        assert site_named(dep, ".revoke").shed_calls == {"abandoned-cap": 1}
+        self.assert_untouched(fake, dep, sentry_events)
+
+    async def test_allow_fails_open_by_its_policy(
+        self, fake: FakeRedis, dep: Any, clock: FakeClock, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """allow: the shed lookup accepts the token, which is failing open: its one security event
+        is sent (the policy's transition), and nothing about the dependency."""
+        rl = make(fake, dep, clock, "allow")
+        assert [await rl.is_revoked(f"t{i}") for i in range(3)] == [False] * 3
+        assert rl.failing_open
+        assert rl.accepted_unverified == 3
+        assert site_named(dep, ".is_revoked").shed_calls == {"abandoned-cap": 3}
+        sentry_sdk.flush()
+        assert [e["tags"].get("degrade.security") for e in sentry_events] == ["revocation_fail_open"]
+        assert (dep.state, dep.failures) == ("ok", 0)
+
+
+class TestInFlightWhenRedisGoesDown:
+    async def test_lookup_in_flight_answers_by_policy_at_once(
+        self, fake: FakeRedis, dep: Any, clock: FakeClock
+    ) -> None:
+        """deny, timeout 5 s: a lookup hanging on Redis answers True as soon as Redis goes down."""
+        rl = RevocationList(fake, dep, on_outage="deny", timeout=5.0, clock=clock)
+        fake.delay = 30.0
+        task = asyncio.ensure_future(rl.is_revoked("t"))
+        await asyncio.sleep(0.01)
+        assert fake.calls == [("exists", "degrade:revoked:t")]
+        start = time.perf_counter()
+        dep.mark_down()
+        assert await task is True
+        assert time.perf_counter() - start < 0.2
+        assert site_named(dep, ".is_revoked").degraded_calls == 1
+        await _bounded.settle_abandoned(1.0)
 
 
 class TestRunbookSites:

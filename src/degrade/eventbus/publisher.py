@@ -62,7 +62,7 @@ from aiormq.exceptions import AMQPError, DeliveryError
 from pamqp import commands as spec
 from yarl import URL
 
-from ..dependency import Dependency
+from ..dependency import Dependency, Site
 from ..exceptions import ConfigurationError
 from ..observe import logger, report_to_sentry
 from ._event import Batch, Event, check_headers, check_routing_key, encode_payload
@@ -78,6 +78,9 @@ __all__ = ["EventPublisher", "PublishResult", "PublisherStats"]
 DISCONNECT_TIMEOUT = 2.5
 #: Relative jitter of each backoff wait: a wait is base * (1 - JITTER * U[0, 1)).
 JITTER = 0.2
+#: ``Site.shed`` reasons: the in-memory buffer, or the spool, had no room (saturation, not an outage).
+SHED_BUFFER_FULL = "buffer-full"
+SHED_SPOOL_FULL = "spool-full"
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -182,6 +185,13 @@ class EventPublisher:
     rest. A full buffer drops (or spools) the same way before degraded mode.
     The first successful connection ends degraded mode (``eventbus.recovered``).
 
+    Saturation is not an outage: a full buffer (or a full spool) is local
+    capacity, so besides the drop accounting above it is counted as shed on
+    the publish site (``site.shed_calls["buffer-full"]`` / ``["spool-full"]``,
+    Prometheus ``degrade_shed_total``) and never feeds ``dependency`` a
+    failure. Only the broker's own behaviour (connect attempts failing or
+    timing out for ``degrade_after``) marks it down.
+
     Start and stop it with the app: ``registry.manage(bus)`` (the registry's
     lifespan calls ``start()`` / ``aclose()``) or ``async with bus:``.
 
@@ -260,9 +270,11 @@ class EventPublisher:
         self.broker = f"{parsed.host}:{parsed.explicit_port or 5672}{parsed.path or '/'}"
         self._degrade_after = _positive("degrade_after", degrade_after, allow_zero=True)
         self._buffer_size = _count("buffer_size", buffer_size)
+        #: The publish site on ``dependency`` (None without one): where shed events are counted.
+        self.site: Site | None = None
         if dependency is not None:
             where = "spooled to disk and replayed" if spool is not None else "dropped, counted and reported"
-            dependency.add_site(
+            self.site = dependency.add_site(
                 f"degrade.eventbus.EventPublisher[{exchange}].publish",
                 "fail_soft",
                 f"publish never waits: events are buffered (up to {self._buffer_size}) while the broker "
@@ -414,6 +426,10 @@ class EventPublisher:
         if dep is not None and dep.forced:
             return self._divert(event, "dependency_down")
         if len(self._buffer) + len(self._in_flight) >= self._buffer_size:
+            # Local capacity, not an outage: shed (counted on the site, no failure fed
+            # to the dependency), then spooled or dropped and reported like any drop.
+            if self.site is not None:
+                self.site.shed(SHED_BUFFER_FULL)
             return self._divert(event, "buffer_full")
         self._buffer.append(event)
         self._counts.queued += 1
@@ -428,6 +444,8 @@ class EventPublisher:
                 if self.spool.append(event):
                     self._reporter.spooled_one(event)
                     return PublishResult.SPOOLED
+                if reason != "buffer_full" and self.site is not None:
+                    self.site.shed(SHED_SPOOL_FULL)  # local capacity (one shed per event)
                 reason = "spool_full"
             except OSError as exc:
                 reason = "spool_error"

@@ -25,24 +25,22 @@ import inspect
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypedDict
 
-from . import observe
+from . import _validate, observe
 from ._bounded import hard_timeout
 from .exceptions import ConfigurationError
+from .policies import Consecutive, Probe, Trip
 
-if TYPE_CHECKING:
-    from .hatch import EscapeHatch
-    from .registry import Registry
-
-__all__ = ["CheckResult", "Dependency", "Severity", "Site"]
+__all__ = ["CheckResult", "Dependency", "DependencyOptions", "Severity", "Site"]
 
 Check = Callable[[], Awaitable[object]]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 Listener = Callable[["Dependency"], object]
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 #: Relative jitter of the probe interval: each wait is interval * (1 +/- JITTER).
 JITTER = 0.1
@@ -119,6 +117,22 @@ class CheckResult:
     error: str | None = None  # the exception's class name; never its text
 
 
+class DependencyOptions(TypedDict, total=False):
+    """The options of :class:`Dependency` that :meth:`degrade.Registry.dependency` passes through."""
+
+    impact: str
+    runbook: str | None
+    check: Check | None
+    critical: bool | None
+    trip: Trip | None
+    recovery: Probe | None
+    retry_after: int
+    watch_interval: float | None
+    failure_threshold: int | None
+    recovery_interval: float | None
+    check_timeout: float | None
+
+
 class Dependency:
     """One backing service (database, cache, broker, ...) and its health state.
 
@@ -138,12 +152,14 @@ class Dependency:
         runbook: str | None = None,
         check: Check | None = None,
         critical: bool | None = None,
-        failure_threshold: int = 3,
-        recovery_interval: float = 0.5,
-        check_timeout: float = 0.8,
+        trip: Trip | None = None,
+        recovery: Probe | None = None,
         retry_after: int = 5,
         watch_interval: float | None = None,
-        registry: Registry | None = None,
+        failure_threshold: int | None = None,
+        recovery_interval: float | None = None,
+        check_timeout: float | None = None,
+        spawn: Spawn | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: Callable[[], float] = random.random,
@@ -154,19 +170,8 @@ class Dependency:
             raise ConfigurationError(
                 f"severity must be a degrade.Severity (SEV1, SEV2 or SEV3); got {severity!r}"
             )
-        if (
-            isinstance(failure_threshold, bool)
-            or not isinstance(failure_threshold, int)
-            or failure_threshold < 1
-        ):
-            raise ConfigurationError(f"failure_threshold must be an int >= 1; got {failure_threshold!r}")
-        for label, value in (("recovery_interval", recovery_interval), ("check_timeout", check_timeout)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
-        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
-            raise ConfigurationError(
-                f"retry_after must be a whole number of seconds >= 0; got {retry_after!r}"
-            )
+        trip, recovery = _policies(trip, recovery, failure_threshold, recovery_interval, check_timeout)
+        retry_after = _validate.whole_seconds("retry_after", retry_after)
         if check is not None and not callable(check):
             raise ConfigurationError(f"check must be an async callable taking no arguments; got {check!r}")
         self.name = name
@@ -175,18 +180,13 @@ class Dependency:
         self.runbook = runbook
         self.check = check
         self.critical = severity == Severity.SEV1 if critical is None else critical
-        self.failure_threshold = failure_threshold
-        self.recovery_interval = float(recovery_interval)
-        self.check_timeout = float(check_timeout)
+        #: How it trips (:class:`~degrade.policies.Consecutive` by default).
+        self.trip = trip
+        #: How it recovers (:class:`~degrade.policies.Probe` by default).
+        self.recovery = recovery
+        self._tracker = trip.tracker(clock)
         if watch_interval is not None:
-            if (
-                isinstance(watch_interval, bool)
-                or not isinstance(watch_interval, int | float)
-                or not watch_interval > 0
-            ):
-                raise ConfigurationError(
-                    f"watch_interval must be a positive number of seconds or None; got {watch_interval!r}"
-                )
+            _validate.seconds("watch_interval", watch_interval)
             if check is None:
                 raise ConfigurationError(
                     "watch_interval needs a check: there is nothing to run while it is ok"
@@ -195,11 +195,12 @@ class Dependency:
         self.watch_interval = None if watch_interval is None else float(watch_interval)
         self.retry_after = retry_after
         self.sites: list[Site] = []
-        #: Escape hatches that may soften this dependency's fail-loud sites.
-        self.hatches: list[EscapeHatch] = []
+        #: Components (an event publisher, a replica router's lag monitor) that the
+        #: lifespan of the registry owning this dependency starts and stops.
+        self.components: list[Any] = []
         #: Class name of the last failure seen, never its text (it may hold a DSN).
         self.last_error: str | None = None
-        self._registry = registry
+        self._spawn = spawn
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
@@ -236,6 +237,22 @@ class Dependency:
     def failures(self) -> int:
         """Consecutive failures seen since the last success."""
         return self._failures
+
+    @property
+    def failure_threshold(self) -> int | None:
+        """Failures in a row that open it, when ``trip`` is :class:`~degrade.policies.Consecutive`."""
+        trip = self.trip
+        return trip.failures if isinstance(trip, Consecutive) else None
+
+    @property
+    def recovery_interval(self) -> float:
+        """Seconds between probes while down (``recovery.interval``)."""
+        return self.recovery.interval
+
+    @property
+    def check_timeout(self) -> float:
+        """Bound of one check run (``recovery.timeout``)."""
+        return self.recovery.timeout
 
     @property
     def since(self) -> float:
@@ -352,18 +369,19 @@ class Dependency:
         self._failures += 1
         if error is not None:
             self.last_error = type(error).__name__
-        if not self._down and self._failures >= self.failure_threshold:
+        if self._tracker.failure() and not self._down:
             self._go_down(error, reason)
 
     def record_success(self) -> None:
         """Count one success: reset the failure count and close it if it was down."""
         self._failures = 0
+        self._tracker.success()
         if self._down and not self._forced:
             self._go_up()
 
     def mark_down(self, error: BaseException | None = None, *, reason: str = "marked") -> None:
         """Open it now, whatever the failure count (an operator or a safety net knows)."""
-        self._failures = max(self._failures, self.failure_threshold)
+        self._failures = max(self._failures, self.failure_threshold or 1)
         if error is not None:
             self.last_error = type(error).__name__
         if not self._down:
@@ -382,7 +400,7 @@ class Dependency:
         self._forced += 1
         try:
             if not self._down:
-                self._failures = max(self._failures, self.failure_threshold)
+                self._failures = max(self._failures, self.failure_threshold or 1)
                 self._go_down(None, "simulated")
             yield self
         finally:
@@ -390,7 +408,7 @@ class Dependency:
             if not self._forced and self._down:
                 if was_down:
                     # It was really down before the simulation: stay down, let the probe decide.
-                    self._start_probe()
+                    self.resume_probe()
                 else:
                     self._failures = 0
                     self._go_up()
@@ -399,37 +417,62 @@ class Dependency:
 
     def _go_down(self, error: BaseException | None, reason: str) -> None:
         self._down = True
+        self._tracker.reset()
         self._since = self._clock()
         self.changed_at = time.time()
         self._next_trial = self._since + self.recovery_interval
         observe.dependency_down(self, error, reason)
         if not self._forced:
-            self._start_probe()
+            self.resume_probe()
         self._notify()
 
     def _go_up(self) -> None:
         now = self._clock()
         down_for = now - self._since
         self._down = False
+        self._tracker.reset()
         self._since = now
         self.changed_at = time.time()
         observe.dependency_recovered(self, down_for)
         self._notify()
 
-    def _start_probe(self) -> None:
-        if self.check is None or (self._probe is not None and not self._probe.done()):
+    def resume_probe(self) -> None:
+        """Start the background probe if it is down, not forced, has a check and none runs yet.
+
+        The registry's lifespan calls it for dependencies that went down before
+        the event loop ran; a transition to down calls it too. Without a
+        running loop it does nothing: recovery is then by trial (see
+        :meth:`admit`).
+        """
+        if not self._down or self._forced or self.check is None:
+            return
+        if self._probe is not None and not self._probe.done():
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (sync caller): recovery by trial, see admit()
-        self._probe = loop.create_task(self._probe_loop(), name=f"degrade.probe[{self.name}]")
-        if self._registry is not None:
-            self._registry._track(self._probe)
+        name = f"degrade.probe[{self.name}]"
+        if self._spawn is not None:
+            self._probe = self._spawn(self._probe_loop(), name)
+        else:
+            self._probe = loop.create_task(self._probe_loop(), name=name)
+
+    def manage(self, component: Any) -> Any:
+        """Have the lifespan of the registry that owns this dependency start and stop ``component``.
+
+        For safety nets built on a dependency that run background work (the
+        replica router's lag monitor): they need no reference to the registry.
+        Returns ``component``. Failure mode: none here; see
+        :meth:`degrade.Registry.manage`.
+        """
+        if component not in self.components:
+            self.components.append(component)
+        return component
 
     def next_interval(self) -> float:
-        """The next probe wait: ``recovery_interval`` jittered by +/-10%."""
-        return self.recovery_interval * (1.0 + JITTER * (2.0 * self._rng() - 1.0))
+        """The next probe wait: ``recovery.interval`` jittered (``recovery.jitter``, +/-10% by default)."""
+        return self.recovery.next_wait(self._rng)
 
     async def _probe_loop(self) -> None:
         while self._down:
@@ -449,7 +492,7 @@ class Dependency:
         if self.watch_interval is None:
             return
         while True:
-            await self._sleep(self.watch_interval * (1.0 + JITTER * (2.0 * self._rng() - 1.0)))
+            await self._sleep(self.watch_interval * (1.0 + self.recovery.jitter * (2.0 * self._rng() - 1.0)))
             if not self._down:
                 await self.run_check(reason="watch")
 
@@ -477,7 +520,7 @@ class Dependency:
             return CheckResult(ok=not self._down, latency=0.0, error=self.last_error if self._down else None)
         start = self._clock()
         try:
-            await hard_timeout(_call(self.check), self.check_timeout)
+            await hard_timeout(_call(self.check), self.recovery.timeout)
         except Exception as exc:  # a failed check is any exception; CancelledError passes
             self.record_failure(exc, reason=reason)
             return CheckResult(ok=False, latency=self._clock() - start, error=type(exc).__name__)
@@ -486,6 +529,38 @@ class Dependency:
 
     def __repr__(self) -> str:
         return f"<Dependency {self.name!r} {self.severity.label} {self.state}>"
+
+
+def _policies(
+    trip: Trip | None,
+    recovery: Probe | None,
+    failure_threshold: int | None,
+    recovery_interval: float | None,
+    check_timeout: float | None,
+) -> tuple[Trip, Probe]:
+    """The trip and recovery policies, from the policy objects or the older keyword shorthands."""
+    if trip is not None and failure_threshold is not None:
+        raise ConfigurationError("pass trip=Consecutive(n) or failure_threshold=n, not both")
+    if recovery is not None and (recovery_interval is not None or check_timeout is not None):
+        raise ConfigurationError(
+            "pass recovery=Probe(interval=..., timeout=...) or recovery_interval=/check_timeout=, not both"
+        )
+    if trip is None:
+        trip = Consecutive(
+            3 if failure_threshold is None else _validate.count("failure_threshold", failure_threshold)
+        )
+    elif not isinstance(trip, Trip):
+        raise ConfigurationError(f"trip must be a degrade.policies.Trip such as Consecutive(3); got {trip!r}")
+    if recovery is None:
+        recovery = Probe(
+            interval=0.5
+            if recovery_interval is None
+            else _validate.seconds("recovery_interval", recovery_interval),
+            timeout=0.8 if check_timeout is None else _validate.seconds("check_timeout", check_timeout),
+        )
+    elif not isinstance(recovery, Probe):
+        raise ConfigurationError(f"recovery must be a degrade.policies.Probe; got {recovery!r}")
+    return trip, recovery
 
 
 async def _call(check: Check) -> object:

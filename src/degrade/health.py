@@ -131,8 +131,9 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
                 shed[reason] = shed.get(reason, 0) + count
         if shed:
             out[dep.name]["shed"] = shed
-        if dep.hatches:
-            out[dep.name]["escape_hatches"] = [hatch.describe() for hatch in dep.hatches]
+        hatches = registry.hatches_for(dep)
+        if hatches:
+            out[dep.name]["escape_hatches"] = [hatch.describe() for hatch in hatches]
     return out
 
 

@@ -15,15 +15,60 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
 from . import _bounded
 from ._extras import optional
 
-if TYPE_CHECKING:
-    from .dependency import Dependency, Site
+
+class _Severity(Protocol):
+    @property
+    def value(self) -> int: ...
+    @property
+    def label(self) -> str: ...
+
+
+class Dependency(Protocol):
+    """What the signals read of a :class:`degrade.Dependency` (a protocol: no import cycle)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def impact(self) -> str: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def severity(self) -> _Severity: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def is_down(self) -> bool: ...
+    @property
+    def failures(self) -> int: ...
+
+
+class Site(Protocol):
+    """What the signals read of a :class:`degrade.Site`."""
+
+    _shed_log_due: float
+    _shed_logged: int
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dependency(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def degraded_calls(self) -> int: ...
+    @property
+    def shed_calls(self) -> dict[str, int]: ...
+
+    @property
+    def shed_total(self) -> int: ...
+
 
 __all__ = ["logger", "metrics", "report_to_sentry", "security_event"]
 
@@ -305,10 +350,10 @@ def dependency_down(dep: Dependency, error: BaseException | None, reason: str) -
         impact=dep.impact or None,
     )
     metrics.transition(dep)
-    if dep.severity <= 2:
+    if dep.severity.value <= 2:
         report_to_sentry(
             f"degrade: dependency {dep.name} is down",
-            level="error" if dep.severity == 1 else "warning",
+            level="error" if dep.severity.value == 1 else "warning",
             tags={
                 "degrade.dependency": dep.name,
                 "degrade.severity": dep.severity.label,
@@ -329,7 +374,7 @@ def dependency_recovered(dep: Dependency, down_for: float) -> None:
         error=dep.last_error,
     )
     metrics.transition(dep)
-    if dep.severity <= 2:
+    if dep.severity.value <= 2:
         report_to_sentry(
             f"degrade: dependency {dep.name} recovered",
             level="info",

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping
+from typing import Any, Protocol, Unpack, runtime_checkable
 
 from ._bounded import settle_abandoned
-from .dependency import Check, Clock, Dependency, Severity, Sleep
+from .dependency import Clock, Dependency, DependencyOptions, Severity, Sleep
 from .exceptions import ConfigurationError
 from .hatch import OPENING_VALUES, EscapeHatch
 from .observe import logger
@@ -75,58 +75,40 @@ class Registry:
     # -- dependencies --------------------------------------------------------
 
     def dependency(
-        self,
-        name: str,
-        *,
-        severity: Severity,
-        impact: str = "",
-        runbook: str | None = None,
-        check: Check | None = None,
-        critical: bool | None = None,
-        failure_threshold: int = 3,
-        recovery_interval: float = 0.5,
-        check_timeout: float = 0.8,
-        retry_after: int = 5,
-        watch_interval: float | None = None,
+        self, name: str, *, severity: Severity, **options: Unpack[DependencyOptions]
     ) -> Dependency:
         """Declare a backing service and return its :class:`Dependency`.
 
         Args:
             name: Unique, e.g. ``"db"``, ``"redis"``.
             severity: ``Severity.SEV1`` (worst) to ``SEV3``.
-            impact: What users see while it is down (goes into the runbook).
-            runbook: Path or URL of the sub-runbook.
-            check: Async callable that raises when the service is unhealthy
-                (see :mod:`degrade.checks`).
-            critical: Down => ``/health/deep`` 503. Defaults to ``severity == SEV1``.
-            failure_threshold: Consecutive failures that open it.
-            recovery_interval: Seconds between probes while down (jittered).
-            check_timeout: Bound of each check run, in seconds.
-            retry_after: ``Retry-After`` seconds of 503s caused by it.
-            watch_interval: Also run the check every this many seconds while ok
-                (from the lifespan), for a service no request touches.
+            **options: Those of :class:`Dependency`: ``impact`` (what users see
+                while it is down, for the runbook), ``runbook`` (path or URL of
+                the sub-runbook), ``check`` (an async callable that raises when
+                the service is unhealthy, see :mod:`degrade.checks`),
+                ``critical`` (down => ``/health/deep`` 503; defaults to
+                ``severity == SEV1``), ``trip`` (how it goes down,
+                :class:`~degrade.policies.Consecutive` ``(3)`` by default),
+                ``recovery`` (how it comes back,
+                :class:`~degrade.policies.Probe` ``(interval=0.5, timeout=0.8)``
+                by default), ``retry_after`` (seconds, for its 503s),
+                ``watch_interval`` (also run the check this often while ok).
+                ``failure_threshold``, ``recovery_interval`` and
+                ``check_timeout`` are shorthands for the two policies.
 
         Raises:
-            ValueError: empty or duplicate name, non-positive interval or timeout.
+            ConfigurationError: empty or duplicate name, or a bad option.
         """
         if isinstance(name, str) and name in self._deps:
             raise ConfigurationError(f"a dependency named {name!r} is already registered")
         dep = Dependency(
             name,
             severity=severity,
-            impact=impact,
-            runbook=runbook,
-            check=check,
-            critical=critical,
-            failure_threshold=failure_threshold,
-            recovery_interval=recovery_interval,
-            check_timeout=check_timeout,
-            retry_after=retry_after,
-            watch_interval=watch_interval,
-            registry=self,
+            spawn=self._spawn,
             clock=self._clock,
             sleep=self._sleep,
             rng=self._rng,
+            **options,
         )
         self._deps[name] = dep
         return dep
@@ -165,8 +147,11 @@ class Registry:
             clock=self._clock,
         )
         self._hatches[name] = hatch
-        dependency.hatches.append(hatch)
         return hatch
+
+    def hatches_for(self, dependency: Dependency) -> tuple[EscapeHatch, ...]:
+        """The escape hatches that may soften ``dependency``'s fail-loud sites."""
+        return tuple(hatch for hatch in self._hatches.values() if hatch.dependency is dependency)
 
     @property
     def hatches(self) -> Mapping[str, EscapeHatch]:
@@ -207,11 +192,23 @@ class Registry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a dependency's background work (its probe) as a task this registry stops at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._track(task)
+        return task
+
+    def _all_components(self) -> list[Component]:
+        found = list(self._components)
+        for dep in self._deps.values():
+            found.extend(c for c in dep.components if c not in found)
+        return found
+
     async def aclose(self) -> None:
         """Stop every probe and managed component (idempotent)."""
         for dep in self._deps.values():
             await dep.stop_probe()
-        for component in reversed(self._components):
+        for component in reversed(self._all_components()):
             await self._stop(component)
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
@@ -239,7 +236,7 @@ class Registry:
         Never raises on a dependency's account: a component whose ``start()``
         fails is logged and left stopped.
         """
-        for component in self._components:
+        for component in self._all_components():
             try:
                 async with asyncio.timeout(self.shutdown_timeout):
                     await component.start()
@@ -248,8 +245,7 @@ class Registry:
                     "component.start_failed", component=type(component).__name__, error=type(exc).__name__
                 )
         for dep in self._deps.values():
-            if dep.is_down and not dep._forced:
-                dep._start_probe()
+            dep.resume_probe()
             if dep.watch_interval is not None:
                 self._track(
                     asyncio.get_running_loop().create_task(dep.watch(), name=f"degrade.watch[{dep.name}]")

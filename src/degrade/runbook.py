@@ -52,14 +52,9 @@ def _site_table(sites: list[Site]) -> list[str]:
 
 
 def _detection(dep: Dependency) -> str:
-    if dep.check is not None:
-        recovery = (
-            f"a background check every {dep.recovery_interval:g} s (each bounded by {dep.check_timeout:g} s)"
-        )
-    else:
-        recovery = f"one trial call every {dep.recovery_interval:g} s (no check configured)"
+    recovery = dep.recovery.describe(has_check=dep.check is not None)
     return (
-        f"down after {dep.failure_threshold} consecutive failures; recovery by {recovery}; "
+        f"down after {dep.trip.describe()}; recovery by {recovery}; "
         f"503s carry `Retry-After: {dep.retry_after}`"
     )
 
@@ -96,13 +91,14 @@ def render_runbook(registry: Registry, *, title: str = "Runbook: graceful degrad
             lines.append("No fail-soft or fail-loud site is declared on this dependency.")
         else:
             lines += _site_table(sites)
-        if dep.hatches:
+        hatches = registry.hatches_for(dep)
+        if hatches:
             lines += [
                 "",
                 "| Escape hatch | How to open it | What opening it trades away |",
                 "| --- | --- | --- |",
             ]
-            for hatch in dep.hatches:
+            for hatch in hatches:
                 how = f"`{hatch.env}=false` at start-up, or `hatch.open()`" if hatch.env else "`hatch.open()`"
                 lines.append(f"| `{hatch.name}` | {how} | {_cell(hatch.reason)} |")
     lines += [

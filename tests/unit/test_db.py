@@ -553,7 +553,7 @@ class TestRouterConfig:
         other = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/y")
         try:
             router = ReadReplicaRouter(primary=engine, replica=other, dependency=dep, max_lag=5)
-            assert router in registry._components
+            assert router in dep.components  # started and stopped by the owning registry's lifespan
             await router.start()
             await router.start()  # idempotent
             await router.aclose()

@@ -20,6 +20,7 @@ PUBLIC_MODULES = [
     "degrade.hatch",
     "degrade.health",
     "degrade.modes",
+    "degrade.policies",
     "degrade.observe",
     "degrade.ratelimit",
     "degrade.redis",

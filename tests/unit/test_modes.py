@@ -16,6 +16,7 @@ from degrade import (
     ConfigurationError,
     Dependency,
     DependencyUnavailable,
+    EscapeHatch,
     Registry,
     Severity,
     _bounded,
@@ -789,8 +790,7 @@ class TestSaturationIsNotAnOutage:
 
     async def test_fail_loud_with_an_open_hatch_sheds_to_the_hatch(self, dep: Dependency, full: None) -> None:
         """An open hatch still answers instead of the 503; the call is counted as shed only."""
-        assert dep._registry is not None
-        hatch = dep._registry.escape_hatch("SCAN", dependency=dep, reason="x", fallback="unscanned")
+        hatch = EscapeHatch("SCAN", dependency=dep, reason="x", fallback="unscanned")
         hatch.open(by="test")
 
         @fail_loud(dep, timeout=5.0, hatch=hatch, reason="x")
@@ -856,8 +856,7 @@ class TestInFlightWhenItGoesDown:
 
     async def test_fail_loud_with_an_open_hatch_answers_the_hatch(self, dep: Dependency) -> None:
         """An open hatch answers the in-flight call instead of the 503."""
-        assert dep._registry is not None
-        hatch = dep._registry.escape_hatch("H", dependency=dep, reason="x", fallback="hatched")
+        hatch = EscapeHatch("H", dependency=dep, reason="x", fallback="hatched")
         hatch.open(by="test")
         started, unwound = asyncio.Event(), []
         load = fail_loud(dep, timeout=5.0, hatch=hatch, reason="x")(self.hanging(started, unwound))

@@ -124,7 +124,7 @@ class TestValidation:
     @pytest.mark.parametrize("value", [0, -0.5, math.nan, True, "1"])
     def test_non_positive_intervals(self, option: str, value: Any) -> None:
         """Non-positive (or non-numeric) intervals are a ValueError naming the option."""
-        with pytest.raises(ValueError, match=f"{option} must be a positive number of seconds"):
+        with pytest.raises(ValueError, match=f"{option} must be a finite number of seconds > 0"):
             Registry().dependency("db", severity=Severity.SEV1, **{option: value})
 
     @pytest.mark.parametrize("value", [0, -1, 1.5, True])
@@ -447,5 +447,5 @@ class TestWatch:
         registry = Registry()
         with pytest.raises(ValueError, match="watch_interval needs a check"):
             registry.dependency("a", severity=Severity.SEV3, watch_interval=1.0)
-        with pytest.raises(ValueError, match="watch_interval must be a positive number"):
+        with pytest.raises(ValueError, match="watch_interval must be a finite number of seconds > 0"):
             registry.dependency("b", severity=Severity.SEV3, watch_interval=0, check=lambda: asyncio.sleep(0))

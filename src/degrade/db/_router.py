@@ -161,9 +161,8 @@ class ReadReplicaRouter:
                 "reads run on the primary instead (slower primary, no user-visible error)",
                 fallback="the primary",
             )
-            registry = dependency._registry
-            if self.max_lag is not None and registry is not None:
-                registry.manage(self)
+            if self.max_lag is not None:
+                dependency.manage(self)  # the owning registry's lifespan runs the lag monitor
             warn_if_unbounded(replica, acquire_timeout=self.connect_timeout, component="ReadReplicaRouter")
         # Read-your-writes: remember commits on the primary in the request's context.
         event.listen(self._primary_sync, "commit", self._on_commit)

@@ -1,0 +1,90 @@
+"""Trip and recovery policies: values validated when made, shared by Registry.dependency and Dependency."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from degrade import ConfigurationError, Dependency, Registry, Severity
+from degrade.policies import Consecutive, Probe
+
+
+class TestConsecutive:
+    def test_trips_after_n_in_a_row(self) -> None:
+        """trip=Consecutive(2): two failures in a row open it; a success in between resets the count."""
+        dep = Registry().dependency("svc", severity=Severity.SEV2, trip=Consecutive(2))
+        dep.record_failure(OSError())
+        dep.record_success()
+        dep.record_failure(OSError())
+        assert dep.state == "ok"
+        dep.record_failure(OSError())
+        assert dep.state == "down"
+        assert dep.failure_threshold == 2
+
+    @pytest.mark.parametrize("value", [0, -1, 1.5, True, "3"])
+    def test_validated(self, value: object) -> None:
+        """A bad count is refused when the policy is made."""
+        with pytest.raises(ConfigurationError, match="failures must be an int >= 1"):
+            Consecutive(value)  # type: ignore[arg-type]
+
+    def test_described_for_the_runbook(self) -> None:
+        """The runbook's words."""
+        assert Consecutive(3).describe() == "3 consecutive failures"
+        assert Consecutive(1).describe() == "1 consecutive failure"
+
+    def test_one_value_serves_many_dependencies(self) -> None:
+        """The policy holds no state: each dependency counts its own failures."""
+        rule = Consecutive(2)
+        a = Dependency("a", severity=Severity.SEV3, trip=rule)
+        b = Dependency("b", severity=Severity.SEV3, trip=rule)
+        a.record_failure(OSError())
+        a.record_failure(OSError())
+        b.record_failure(OSError())
+        assert (a.state, b.state) == ("down", "ok")
+
+
+class TestProbe:
+    def test_recovery_values(self) -> None:
+        """recovery=Probe(...) sets the probe interval and the check bound."""
+        dep = Dependency("svc", severity=Severity.SEV3, recovery=Probe(interval=0.2, timeout=0.3))
+        assert (dep.recovery_interval, dep.check_timeout) == (0.2, 0.3)
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"interval": 0}, {"timeout": math.inf}, {"interval": math.nan}, {"jitter": 1.0}]
+    )
+    def test_validated(self, kwargs: dict[str, float]) -> None:
+        """Zero, infinite or NaN seconds and a jitter of 1 or more are refused."""
+        with pytest.raises(ConfigurationError):
+            Probe(**kwargs)
+
+    def test_jitter(self) -> None:
+        """next_wait stays within interval x (1 +/- jitter)."""
+        probe = Probe(interval=1.0, jitter=0.1)
+        assert probe.next_wait(lambda: 0.0) == pytest.approx(0.9)
+        assert probe.next_wait(lambda: 0.5) == pytest.approx(1.0)
+        assert probe.next_wait(lambda: 0.999999) == pytest.approx(1.1, abs=1e-5)
+
+
+class TestShorthands:
+    def test_old_keywords_build_the_same_policies(self) -> None:
+        """failure_threshold / recovery_interval / check_timeout still work and build the policies."""
+        dep = Dependency(
+            "svc", severity=Severity.SEV3, failure_threshold=4, recovery_interval=0.3, check_timeout=0.2
+        )
+        assert dep.trip == Consecutive(4)
+        assert dep.recovery == Probe(interval=0.3, timeout=0.2)
+
+    def test_both_spellings_at_once_is_an_error(self) -> None:
+        """Giving a policy and its shorthand together is ambiguous: refused."""
+        with pytest.raises(ConfigurationError, match="not both"):
+            Dependency("svc", severity=Severity.SEV3, trip=Consecutive(2), failure_threshold=3)
+        with pytest.raises(ConfigurationError, match="not both"):
+            Dependency("svc", severity=Severity.SEV3, recovery=Probe(), check_timeout=0.5)
+
+    def test_wrong_policy_type(self) -> None:
+        """A number where a policy goes is refused with the class to use."""
+        with pytest.raises(ConfigurationError, match="Consecutive"):
+            Dependency("svc", severity=Severity.SEV3, trip=3)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="Probe"):
+            Dependency("svc", severity=Severity.SEV3, recovery=0.5)  # type: ignore[arg-type]

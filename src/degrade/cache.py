@@ -34,7 +34,7 @@ from .dependency import Dependency
 from .exceptions import ConfigurationError
 from .modes import fail_soft, site_of
 from .observe import logger
-from .redis import warn_if_unsafe
+from .redis import warn_problems
 
 __all__ = ["CacheStats", "FailSoftCache", "JSONSerializer", "Serializer"]
 
@@ -174,7 +174,7 @@ class FailSoftCache:
             callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))
         ):
             raise ConfigurationError("serializer must have dumps(value) and loads(data) methods")
-        warn_if_unsafe(client, component=f"FailSoftCache[{name}]")
+        warn_problems(client, component=f"FailSoftCache[{name}]")
         self.client = client
         self.dependency = dependency
         self.ttl = float(ttl)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ._bounded import hard_timeout
 from ._extras import require
 from .exceptions import CheckFailed, ConfigurationError
 
-__all__ = ["amqp", "disk", "http", "redis", "sqlalchemy", "tcp"]
+__all__ = ["amqp", "disk", "http", "redis", "replica", "sentinel", "sqlalchemy", "tcp"]
 
 Check = Callable[[], Awaitable[None]]
 
@@ -29,6 +29,28 @@ def _positive(label: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
     return float(value)
+
+
+def _private_engine(engine: Any) -> Callable[[], Any]:
+    """A lazily made copy of ``engine`` with its own pool (``pool.recreate()``: same connect arguments)."""
+    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+    if not isinstance(engine, AsyncEngine):
+        raise ConfigurationError(
+            f"a database check needs an AsyncEngine (create_async_engine(...)); got {type(engine).__name__}"
+        )
+    own: list[Any] = []
+
+    def private() -> Any:
+        if not own:
+            sync = engine.sync_engine
+            try:
+                own.append(create_async_engine(sync.url, pool=sync.pool.recreate()))
+            except Exception:  # an unusual pool or dialect: share the engine's pool, as before
+                own.append(engine)
+        return own[0]
+
+    return private
 
 
 def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") -> Check:
@@ -41,24 +63,9 @@ def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") ->
     fresh connection, which also proves the server accepts new ones.
     """
     sa = require("sqlalchemy", "postgres", feature="checks.sqlalchemy")
-    from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-
     timeout = _positive("timeout", timeout)
-    if not isinstance(engine, AsyncEngine):
-        raise ConfigurationError(
-            f"checks.sqlalchemy needs an AsyncEngine (create_async_engine(...)); got {type(engine).__name__}"
-        )
+    private = _private_engine(engine)
     statement = sa.text(query)
-    own: list[Any] = []
-
-    def private() -> Any:
-        if not own:
-            sync = engine.sync_engine
-            try:
-                own.append(create_async_engine(sync.url, pool=sync.pool.recreate()))
-            except Exception:  # an unusual pool or dialect: share the engine's pool, as before
-                own.append(engine)
-        return own[0]
 
     async def check() -> None:
         async def run() -> None:
@@ -147,5 +154,130 @@ def disk(path: str, min_free_bytes: int) -> Check:
         free = shutil.disk_usage(path).free
         if free < min_free_bytes:
             raise CheckFailed(f"{free} bytes free, want {min_free_bytes}")
+
+    return check
+
+
+def sentinel(
+    sentinels: Sequence[tuple[str, int]],
+    service_name: str,
+    *,
+    timeout: float = 0.5,
+    min_reachable: int | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> Check:
+    """A health check that fails while Sentinel could not fail over automatically.
+
+    Each run asks every Sentinel ``SENTINEL CKQUORUM <service_name>``
+    concurrently, each on a fresh connection bounded by ``timeout``. It passes
+    when at least ``min_reachable`` Sentinels answer (default: a majority of
+    those listed) and at least one of them confirms quorum and failover
+    authorisation. Register it on a SEV-2 dependency: losing quorum does not stop
+    the master, it stops automatic recovery from the next master failure.
+
+    Failure mode: raises :class:`~degrade.exceptions.CheckFailed` (or a
+    connection error when no Sentinel answers); never a false "healthy".
+
+    Args:
+        sentinels: ``[(host, port), ...]`` of every Sentinel of the deployment.
+        service_name: The master's name in the Sentinel configuration.
+        timeout: Bound of each Sentinel query, in seconds (keep it under the
+            dependency's ``check_timeout``).
+        min_reachable: Sentinels that must answer; defaults to ``len // 2 + 1``.
+        username: Sentinel ACL user, if required.
+        password: Sentinel password, if required.
+    """
+    require("redis", "redis", feature="checks.sentinel")
+    from redis.asyncio import Redis
+    from redis.exceptions import ResponseError
+
+    from .redis._client import _addresses, _no_retry
+
+    nodes = _addresses(sentinels)
+    if not isinstance(service_name, str) or not service_name:
+        raise ConfigurationError("service_name must be the master's name in the Sentinel configuration")
+    _positive("timeout", timeout)
+    need = len(nodes) // 2 + 1 if min_reachable is None else min_reachable
+    if isinstance(need, bool) or not isinstance(need, int) or not 1 <= need <= len(nodes):
+        raise ConfigurationError(f"min_reachable must be an int in 1..{len(nodes)}; got {min_reachable!r}")
+
+    async def ask(host: str, port: int) -> bool:
+        node = Redis(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=_no_retry(),
+        )
+        try:
+            await node.execute_command("SENTINEL", "CKQUORUM", service_name)  # type: ignore[no-untyped-call]
+        except ResponseError:
+            return False  # reachable, but it says quorum or authorisation is lost
+        finally:
+            await node.aclose()
+        return True
+
+    async def check() -> None:
+        answers = await asyncio.gather(
+            *(hard_timeout(ask(host, port), timeout) for host, port in nodes), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # CancelledError and friends are never "unhealthy"
+        reachable = [a for a in answers if isinstance(a, bool)]
+        if len(reachable) < need:
+            raise CheckFailed(
+                f"{len(reachable)} of {len(nodes)} sentinels answered; automatic failover needs {need}"
+            )
+        if not any(reachable):
+            raise CheckFailed("no reachable sentinel can reach quorum and authorise a failover")
+
+    return check
+
+
+def replica(engine: Any, *, max_lag: float | None = None, timeout: float = 0.8) -> Check:
+    """Check a read replica: connect, and with ``max_lag``, measure replication lag.
+
+    ``registry.dependency("db-replica", ..., check=checks.replica(replica, max_lag=5))``.
+    :class:`~degrade.db.ReadReplicaRouter` installs the same check on its
+    dependency when that has none. Like :func:`sqlalchemy`, it runs on a
+    private copy of the engine's pool, so reads that keep every replica
+    connection busy do not fail it.
+
+    Failure mode: raises on a connection failure, ``TimeoutError`` after
+    ``timeout`` (hard bound), and :class:`~degrade.CheckFailed` when the lag is
+    over ``max_lag`` or unknown (a primary behind the replica URL, a standby
+    that has not replayed anything yet).
+    """
+    sa = require("sqlalchemy", "postgres", feature="checks.replica")
+    timeout = _positive("timeout", timeout)
+    if max_lag is not None:
+        max_lag = _positive("max_lag", max_lag)
+    private = _private_engine(engine)
+    ping = sa.text("SELECT 1")
+
+    async def run() -> None:
+        from .db._lag import replica_lag
+
+        own_engine = private()
+        try:
+            async with own_engine.connect() as conn:
+                if max_lag is None:
+                    await conn.execute(ping)
+                    return
+                lag = await replica_lag(conn)
+        finally:
+            if own_engine is not engine:
+                await own_engine.dispose()
+        if lag is None:
+            raise CheckFailed("replication lag is unknown (not a standby, or nothing replayed yet)")
+        if lag > max_lag:
+            raise CheckFailed(f"replication lag {lag:.1f}s is over max_lag={max_lag:g}s")
+
+    async def check() -> None:
+        await hard_timeout(run(), timeout)
 
     return check

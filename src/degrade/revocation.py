@@ -38,7 +38,7 @@ from .dependency import Dependency
 from .exceptions import ConfigurationError
 from .modes import fail_loud, fail_soft
 from .observe import logger, security_event
-from .redis import warn_if_unsafe
+from .redis import warn_problems
 
 __all__ = ["OnOutage", "RevocationList"]
 
@@ -99,7 +99,7 @@ class RevocationList:
         _positive("token_ttl", token_ttl)
         if isinstance(max_local, bool) or not isinstance(max_local, int) or max_local < 1:
             raise ConfigurationError(f"max_local must be an int >= 1; got {max_local!r}")
-        warn_if_unsafe(client, component=f"RevocationList[{name}]")
+        warn_problems(client, component=f"RevocationList[{name}]")
         self.client = client
         self.dependency = dependency
         self.on_outage: OnOutage = on_outage

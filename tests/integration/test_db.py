@@ -31,7 +31,6 @@ from degrade.db import (
     connection,
     current_connection,
     engine_options,
-    replica_check,
     replica_lag,
 )
 from degrade.testing import FaultProxy
@@ -671,7 +670,7 @@ class TestLag:
             ).scalar()
             assert float(naive) > 1.0  # what a naive check would call lag
             assert await replica_lag(conn) == 0.0
-        await replica_check(replica, max_lag=0.5)()
+        await checks.replica(replica, max_lag=0.5)()
 
     async def test_null_on_a_primary_is_unknown(self, pair: tuple[AsyncEngine, str]) -> None:
         """Pointed at a primary, lag is None and the check fails: unknown is never zero."""
@@ -679,7 +678,7 @@ class TestLag:
         async with primary.connect() as conn:
             assert await replica_lag(conn) is None
         with pytest.raises(CheckFailed, match="unknown"):
-            await replica_check(primary, max_lag=5)()
+            await checks.replica(primary, max_lag=5)()
 
     async def test_lagging_replica_counts_as_down_until_caught_up(
         self, cluster: PgCluster, pair: tuple[AsyncEngine, str], replica: AsyncEngine, registry: Registry

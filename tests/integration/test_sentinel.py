@@ -61,7 +61,7 @@ class TestFailover:
             await master.set(key, value)
         assert await master.wait(1, 2000) == 1  # replicated before the crash
         assert await cluster.client_for(cluster.replica).get("before:0") == b"value-0"
-        assert dredis.unsafe_settings(master) == ()
+        assert dredis.problems(master) == ()
         first = await limiter.hit("user:1", "1000/minute")
         assert (first.allowed, first.source) == (True, "redis")
 
@@ -104,7 +104,7 @@ class TestQuorum:
             "redis_sentinel",
             severity=Severity.SEV2,
             impact="automatic failover is unavailable; a master failure now needs an operator",
-            check=dredis.sentinel_check(cluster.sentinels, SERVICE, timeout=0.5),
+            check=checks.sentinel(cluster.sentinels, SERVICE, timeout=0.5),
         )
         app = Starlette(routes=health_routes(registry, details=True, cache_ttl=0))
         transport = httpx.ASGITransport(app=app)
@@ -128,7 +128,7 @@ class TestQuorum:
 
         # Even when one answering Sentinel would do, the survivor's own CKQUORUM
         # fails once it has seen the other two go down.
-        lone = dredis.sentinel_check(cluster.sentinels, SERVICE, timeout=0.5, min_reachable=1)
+        lone = checks.sentinel(cluster.sentinels, SERVICE, timeout=0.5, min_reachable=1)
 
         async def noquorum() -> bool:
             try:

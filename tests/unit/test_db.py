@@ -31,6 +31,7 @@ from degrade import (
     MissingExtraError,
     Registry,
     Severity,
+    checks,
 )
 from degrade.db import (
     DBHealthMiddleware,
@@ -40,9 +41,8 @@ from degrade.db import (
     connection,
     current_connection,
     engine_options,
-    engine_problems,
     is_database_failure,
-    replica_check,
+    problems,
     replica_lag,
 )
 
@@ -178,14 +178,36 @@ class TestEngineOptions:
 
 
 class TestEngineProblems:
+    def test_sync_engine_is_a_problem(self) -> None:
+        """A sync Engine is reported (degrade needs create_async_engine); a non-engine is refused."""
+        from sqlalchemy import create_engine
+
+        found = problems(create_engine("sqlite://"))
+        assert any("create_async_engine" in p for p in found)
+        with pytest.raises(ConfigurationError, match="takes a SQLAlchemy engine"):
+            problems("postgresql+asyncpg://127.0.0.1/x")  # type: ignore[arg-type]
+
+    async def test_old_names_warn(self) -> None:
+        """engine_problems, replica_check and the redis checkers' old names still work, with a warning."""
+        from degrade import db as ddb
+
+        eng = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x")
+        try:
+            with pytest.warns(DeprecationWarning, match=r"use degrade\.db\.problems\(\)"):
+                assert isinstance(ddb.engine_problems(eng), list)
+            with pytest.warns(DeprecationWarning, match=r"use degrade\.checks\.replica\(\)"):
+                ddb.replica_check(eng)
+        finally:
+            await eng.dispose()
+
     async def test_defaults_are_unbounded(self) -> None:
         """A default engine: asyncpg's 60 s connect timeout and no command_timeout are reported."""
         eng = create_async_engine(f"postgresql+asyncpg://u:secret@127.0.0.1:{_closed_port()}/x")
         try:
-            problems = engine_problems(eng, acquire_timeout=1.0)
+            found = problems(eng, acquire_timeout=1.0)
         finally:
             await eng.dispose()
-        text = " ".join(problems)
+        text = " ".join(found)
         assert "60s" in text
         assert "command_timeout" in text
         assert "pool_timeout=30s" in text
@@ -197,8 +219,8 @@ class TestEngineProblems:
             f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x", **engine_options(acquire_timeout=1.0)
         )
         try:
-            assert engine_problems(eng, acquire_timeout=1.0) == []
-            assert any("exceeds" in p for p in engine_problems(eng, acquire_timeout=0.5))
+            assert problems(eng, acquire_timeout=1.0) == ()
+            assert any("exceeds" in p for p in problems(eng, acquire_timeout=0.5))
         finally:
             await eng.dispose()
 
@@ -207,7 +229,7 @@ class TestEngineProblems:
         """NullPool and max_overflow=-1 leave connection attempts uncapped: reported."""
         eng = create_async_engine(f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/x", **kwargs)
         try:
-            assert any("cap" in p for p in engine_problems(eng))
+            assert any("cap" in p for p in problems(eng))
         finally:
             await eng.dispose()
 
@@ -452,11 +474,11 @@ class TestLagDecision:
         assert await replica_lag(self._conn(standby=True, caught_up=False, since_replay=None)) is None
 
     def test_replica_check_validates(self, engine: AsyncEngine) -> None:
-        """replica_check rejects non-positive timeouts and lags."""
+        """checks.replica rejects non-positive timeouts and lags."""
         with pytest.raises(ConfigurationError):
-            replica_check(engine, max_lag=0)
+            checks.replica(engine, max_lag=0)
         with pytest.raises(ConfigurationError):
-            replica_check(engine, timeout=-1)
+            checks.replica(engine, timeout=-1)
 
     async def test_check_fails_on_unknown_lag(
         self, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
@@ -477,13 +499,18 @@ class TestLagDecision:
 
                 return Ctx()
 
+            async def dispose(self) -> None:
+                return None
+
+        # The check runs on a private copy of the engine's pool: hand it the fake instead.
+        monkeypatch.setattr(checks, "_private_engine", lambda engine: FakeEngine)
         for value, ok in ((None, False), (9.0, False), (0.5, True)):
 
             async def fake_lag(conn: Any, value: float | None = value) -> float | None:
                 return value
 
             monkeypatch.setattr(lag_module, "replica_lag", fake_lag)
-            check = replica_check(FakeEngine(), max_lag=2)  # type: ignore[arg-type]
+            check = checks.replica(engine, max_lag=2)
             if ok:
                 await check()
             else:

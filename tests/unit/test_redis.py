@@ -14,7 +14,7 @@ from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from degrade import ConfigurationError
+from degrade import ConfigurationError, checks
 from degrade import redis as dredis
 
 SECRET = "s3cr3t-pw"
@@ -45,7 +45,7 @@ class TestClient:
         assert isinstance(kw["retry"], Retry)
         assert kw["retry"]._retries == 0
         assert kw["health_check_interval"] == dredis.DEFAULT_HEALTH_CHECK_INTERVAL
-        assert dredis.unsafe_settings(c) == ()
+        assert dredis.problems(c) == ()
         assert dredis.hung_call_seconds(c) == pytest.approx(0.25)
 
     async def test_bounded_blocking_pool(self, closing: list[Any]) -> None:
@@ -115,7 +115,7 @@ class TestUnsafeSettings:
         """redis-py's from_url defaults wait 5 s for a socket."""
         c = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
         closing.append(c)
-        problems = dredis.unsafe_settings(c)
+        problems = dredis.problems(c)
         assert "socket_timeout=5s (over 1s)" in problems
         assert "connect_timeout=5s (over 1s)" in problems
         assert dredis.hung_call_seconds(c) == 5.0
@@ -124,7 +124,7 @@ class TestUnsafeSettings:
         """Redis() retries 10 times with backoff: about a minute against a hung server."""
         c = aioredis.Redis()
         closing.append(c)
-        problems = dredis.unsafe_settings(c)
+        problems = dredis.problems(c)
         assert any("10 client-side retries" in p for p in problems)
         assert dredis.hung_call_seconds(c) == pytest.approx(11 * 5 + 10 * 1)
 
@@ -132,7 +132,7 @@ class TestUnsafeSettings:
         """socket_timeout=None means a hung Redis blocks forever."""
         c = aioredis.Redis(socket_timeout=None, retry=Retry(ConstantBackoff(0), 0))
         closing.append(c)
-        assert any("blocks a call forever" in p for p in dredis.unsafe_settings(c))
+        assert any("blocks a call forever" in p for p in dredis.problems(c))
         assert math.isinf(dredis.hung_call_seconds(c))
 
     async def test_retry_on_error_counts_as_retry(self, closing: list[Any]) -> None:
@@ -144,7 +144,7 @@ class TestUnsafeSettings:
             retry_on_error=[RedisConnectionError],
         )
         closing.append(c)
-        assert any("1 client-side retries" in p for p in dredis.unsafe_settings(c))
+        assert any("1 client-side retries" in p for p in dredis.problems(c))
 
     async def test_unlimited_retries(self, closing: list[Any]) -> None:
         """retries=-1 (redis-py: forever) is flagged."""
@@ -152,7 +152,7 @@ class TestUnsafeSettings:
             socket_timeout=0.1, socket_connect_timeout=0.1, retry=Retry(ConstantBackoff(0), -1)
         )
         closing.append(c)
-        assert "unlimited client-side retries" in dredis.unsafe_settings(c)
+        assert "unlimited client-side retries" in dredis.problems(c)
 
     async def test_slow_blocking_pool(self, closing: list[Any]) -> None:
         """A blocking pool that waits 20 s (its default) for a connection is flagged."""
@@ -161,13 +161,13 @@ class TestUnsafeSettings:
         )
         c = aioredis.Redis.from_pool(pool)
         closing.append(c)
-        assert dredis.unsafe_settings(c) == ("the pool waits up to 20s for a free connection",)
+        assert dredis.problems(c) == ("the pool waits up to 20s for a free connection",)
 
     async def test_threshold_is_configurable(self, closing: list[Any]) -> None:
         """max_timeout sets the bar: a 0.25 s client fails a 0.1 s bar."""
         c = dredis.client("redis://127.0.0.1:6379/0")
         closing.append(c)
-        assert dredis.unsafe_settings(c, max_timeout=0.1)
+        assert dredis.problems(c, max_timeout=0.1)
 
 
 class TestWarnIfUnsafe:
@@ -176,8 +176,8 @@ class TestWarnIfUnsafe:
         c = aioredis.Redis.from_url(f"redis://:{SECRET}@127.0.0.1:6379/0")
         closing.append(c)
         with capture_logs() as logs:
-            first = dredis.warn_if_unsafe(c, component="cache")
-            second = dredis.warn_if_unsafe(c, component="limiter")
+            first = dredis.warn_problems(c, component="cache")
+            second = dredis.warn_problems(c, component="limiter")
         assert first == second
         assert first
         warnings = [e for e in logs if e["event"] == "redis.unsafe_client"]
@@ -192,13 +192,13 @@ class TestWarnIfUnsafe:
         c = dredis.client("redis://127.0.0.1:6379/0")
         closing.append(c)
         with capture_logs() as logs:
-            assert dredis.warn_if_unsafe(c) == ()
+            assert dredis.warn_problems(c) == ()
         assert logs == []
 
     def test_ignores_test_doubles(self) -> None:
         """An object that is not a redis-py client is not checked."""
         with capture_logs() as logs:
-            assert dredis.warn_if_unsafe(object()) == ()
+            assert dredis.warn_problems(object()) == ()
         assert logs == []
 
 
@@ -224,7 +224,7 @@ class TestSentinelClient:
             nkw = settings(node)
             assert (nkw["socket_timeout"], nkw["socket_connect_timeout"]) == (0.2, 0.2)
             assert nkw["retry"]._retries == 0
-        assert dredis.unsafe_settings(c) == ()
+        assert dredis.problems(c) == ()
 
     async def test_credentials_reach_the_right_connections(self, closing: list[Any]) -> None:
         """password goes to the master pool, sentinel_password to the Sentinel pools."""
@@ -278,16 +278,28 @@ class TestSentinelCheckConfig:
         """min_reachable must be within 1..len(sentinels)."""
         nodes = [("127.0.0.1", 26379), ("127.0.0.1", 26380), ("127.0.0.1", 26381)]
         with pytest.raises(ConfigurationError, match="min_reachable"):
-            dredis.sentinel_check(nodes, "mymaster", min_reachable=4)
+            checks.sentinel(nodes, "mymaster", min_reachable=4)
         with pytest.raises(ConfigurationError, match="min_reachable"):
-            dredis.sentinel_check(nodes, "mymaster", min_reachable=0)
+            checks.sentinel(nodes, "mymaster", min_reachable=0)
 
     def test_returns_async_callable(self) -> None:
-        """sentinel_check builds the check without connecting."""
-        check = dredis.sentinel_check([("127.0.0.1", 26379)], "mymaster")
+        """checks.sentinel builds the check without connecting."""
+        check = checks.sentinel([("127.0.0.1", 26379)], "mymaster")
         assert callable(check)
 
     def test_refuses_bad_timeout(self) -> None:
         """The per-Sentinel timeout must be positive."""
         with pytest.raises(ConfigurationError, match="timeout"):
-            dredis.sentinel_check([("127.0.0.1", 26379)], "mymaster", timeout=0)
+            checks.sentinel([("127.0.0.1", 26379)], "mymaster", timeout=0)
+
+
+class TestOldNames:
+    def test_deprecated_spellings_warn_and_work(self) -> None:
+        """unsafe_settings, warn_if_unsafe and sentinel_check still work, naming their replacement."""
+        c = dredis.client("redis://127.0.0.1:6379/0")
+        with pytest.warns(DeprecationWarning, match=r"degrade\.redis\.problems\(\)"):
+            assert dredis.unsafe_settings(c) == ()
+        with pytest.warns(DeprecationWarning, match=r"degrade\.redis\.warn_problems\(\)"):
+            assert dredis.warn_if_unsafe(c) == ()
+        with pytest.warns(DeprecationWarning, match=r"degrade\.checks\.sentinel\(\)"):
+            assert callable(dredis.sentinel_check([("127.0.0.1", 26379)], "mymaster"))

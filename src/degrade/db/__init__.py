@@ -8,7 +8,7 @@
   reads on a replica that is up and fresh enough, on the primary otherwise,
   with read-your-writes.
 * :func:`engine_options` are the engine settings that bound every wait;
-  :func:`engine_problems` says which ones an engine lacks.
+  :func:`problems` says which ones an engine lacks (:func:`warn_problems` logs them once).
 
 Needs SQLAlchemy 2 (asyncio) and asyncpg: ``pip install 'degrade[postgres]'``.
 See ``docs/postgres.md``.
@@ -27,7 +27,7 @@ from ._errors import is_database_failure  # noqa: E402
 from ._gate import DBHealthMiddleware  # noqa: E402
 from ._lag import LAG_SQL, replica_check, replica_lag  # noqa: E402
 from ._router import ReadReplicaRouter  # noqa: E402
-from ._settings import engine_options, engine_problems  # noqa: E402
+from ._settings import engine_options, engine_problems, problems, warn_problems  # noqa: E402
 
 __all__ = [
     "LAG_SQL",
@@ -38,6 +38,8 @@ __all__ = [
     "engine_options",
     "engine_problems",
     "is_database_failure",
+    "problems",
     "replica_check",
     "replica_lag",
+    "warn_problems",
 ]

@@ -17,7 +17,7 @@ from ..responses import send_json, unavailable_body
 from ._conn import _driver, acquire, pool_capacity, pool_full, release
 from ._context import LEASE, REQUEST, Lease, RequestContext
 from ._errors import is_database_failure
-from ._settings import warn_if_unbounded
+from ._settings import warn_problems
 from ._slots import GRANTED, Slots
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class DBHealthMiddleware:
             f"requests under the gated paths answer 503 (Retry-After: {retry_after}) while the "
             f"database is down or gives no connection within {acquire_timeout:g}s",
         )
-        self.engine_problems = warn_if_unbounded(
+        self.engine_problems = warn_problems(
             engine, acquire_timeout=self.acquire_timeout, component="DBHealthMiddleware"
         )
         self._sync_engine = engine.sync_engine

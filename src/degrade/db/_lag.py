@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._bounded import hard_timeout
-from ..exceptions import CheckFailed, ConfigurationError
+from .. import checks
 
 __all__ = ["LAG_SQL", "replica_check", "replica_lag"]
 
@@ -49,37 +49,10 @@ async def replica_lag(conn: AsyncConnection) -> float | None:
 def replica_check(
     engine: AsyncEngine, *, max_lag: float | None = None, timeout: float = 0.8
 ) -> Callable[[], Awaitable[None]]:
-    """A dependency check for a read replica: connect, and with ``max_lag``, measure lag.
-
-    ``registry.dependency("db-replica", ..., check=replica_check(replica, max_lag=5))``.
-    :class:`~degrade.db.ReadReplicaRouter` installs the same check on its
-    dependency when that has none.
-
-    Failure mode: raises on a connection failure, ``TimeoutError`` after
-    ``timeout`` (hard bound), and :class:`~degrade.CheckFailed` when the lag is
-    over ``max_lag`` or unknown (a primary behind the replica URL, a standby
-    that has not replayed anything yet).
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigurationError(f"timeout must be a positive number of seconds; got {timeout!r}")
-    if max_lag is not None and (
-        isinstance(max_lag, bool) or not isinstance(max_lag, int | float) or not max_lag > 0
-    ):
-        raise ConfigurationError(f"max_lag must be a positive number of seconds or None; got {max_lag!r}")
-    ping = text("SELECT 1")
-
-    async def run() -> None:
-        async with engine.connect() as conn:
-            if max_lag is None:
-                await conn.execute(ping)
-                return
-            lag = await replica_lag(conn)
-        if lag is None:
-            raise CheckFailed("replication lag is unknown (not a standby, or nothing replayed yet)")
-        if lag > max_lag:
-            raise CheckFailed(f"replication lag {lag:.1f}s is over max_lag={max_lag:g}s")
-
-    async def check() -> None:
-        await hard_timeout(run(), timeout)
-
-    return check
+    """Deprecated: :func:`degrade.checks.replica` (every health check lives in ``degrade.checks``)."""
+    warnings.warn(
+        "degrade.db.replica_check() is deprecated; use degrade.checks.replica()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return checks.replica(engine, max_lag=max_lag, timeout=timeout)

@@ -12,15 +12,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from .. import observe
+from .. import checks, observe
 from ..dependency import Dependency
 from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable
 from ..observe import logger
 from ._conn import _driver, _killing_after, acquire, discard, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
-from ._lag import replica_check
-from ._settings import warn_if_unbounded
+from ._settings import warn_problems
 
 __all__ = ["ReadReplicaRouter"]
 
@@ -151,10 +150,10 @@ class ReadReplicaRouter:
             dependency.subscribe(self._on_replica_transition)
         if replica is not None and dependency is not None:
             if dependency.check is None:
-                dependency.check = replica_check(
+                dependency.check = checks.replica(
                     replica, max_lag=self.max_lag, timeout=dependency.check_timeout
                 )
-            self._lag_check = replica_check(replica, max_lag=self.max_lag, timeout=dependency.check_timeout)
+            self._lag_check = checks.replica(replica, max_lag=self.max_lag, timeout=dependency.check_timeout)
             self._site = dependency.add_site(
                 "degrade.db.ReadReplicaRouter.for_read",
                 "fail_soft",
@@ -163,7 +162,7 @@ class ReadReplicaRouter:
             )
             if self.max_lag is not None:
                 dependency.manage(self)  # the owning registry's lifespan runs the lag monitor
-            warn_if_unbounded(replica, acquire_timeout=self.connect_timeout, component="ReadReplicaRouter")
+            warn_problems(replica, acquire_timeout=self.connect_timeout, component="ReadReplicaRouter")
         # Read-your-writes: remember commits on the primary in the request's context.
         event.listen(self._primary_sync, "commit", self._on_commit)
 

@@ -18,6 +18,7 @@ abandoned on the happy path and a handler's queries are bounded too.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +30,7 @@ from sqlalchemy.pool import NullPool, QueuePool
 from ..exceptions import ConfigurationError
 from ..observe import logger
 
-__all__ = ["engine_options", "engine_problems", "warn_if_unbounded"]
+__all__ = ["engine_options", "engine_problems", "problems", "warn_problems"]
 
 _warned: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -109,17 +110,31 @@ def _number(value: object) -> float | None:
         return None
 
 
-def engine_problems(engine: AsyncEngine | Engine, *, acquire_timeout: float = 1.0) -> list[str]:
-    """What in ``engine``'s settings stops a dead database from being bounded.
+def problems(engine: AsyncEngine | Engine, *, acquire_timeout: float = 1.0) -> tuple[str, ...]:
+    """What in ``engine``'s settings stops a dead database from being bounded (empty: all is well).
 
-    Returns short, credential-free sentences (empty when all is well). Checks
-    the pool (bounded size, ``pool_timeout``) and asyncpg's ``timeout`` and
-    ``command_timeout`` when they are visible (a custom ``async_creator``
-    hides them; they are then not judged).
+    Returns short, credential-free sentences. Checks the pool (bounded size,
+    ``pool_timeout``) and asyncpg's ``timeout`` and ``command_timeout`` when
+    they are visible (a custom ``async_creator`` hides them; they are then not
+    judged). A sync ``Engine`` is a problem of its own: degrade's safety nets
+    need ``create_async_engine``. The same pattern as
+    :func:`degrade.redis.problems` / :func:`degrade.redis.warn_problems`.
+
+    Failure mode: never raises on the engine's account; it only reads settings.
     """
+    if not isinstance(engine, AsyncEngine | Engine):
+        raise ConfigurationError(f"problems() takes a SQLAlchemy engine; got {type(engine).__name__}")
+    return tuple(_problems(engine, acquire_timeout))
+
+
+def _problems(engine: AsyncEngine | Engine, acquire_timeout: float) -> list[str]:
+    problems: list[str] = []
+    if isinstance(engine, Engine):
+        problems.append(
+            "a sync Engine: degrade's safety nets run on asyncio; use create_async_engine(url, ...)"
+        )
     sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     pool = sync.pool
-    problems: list[str] = []
     if isinstance(pool, NullPool):
         problems.append(
             "NullPool opens a connection per checkout with no cap: connection attempts pile up "
@@ -155,9 +170,16 @@ def engine_problems(engine: AsyncEngine | Engine, *, acquire_timeout: float = 1.
     return problems
 
 
-def warn_if_unbounded(engine: AsyncEngine, *, acquire_timeout: float, component: str) -> list[str]:
-    """Log ``db.engine.unbounded`` once per engine when :func:`engine_problems` finds any."""
-    problems = engine_problems(engine, acquire_timeout=acquire_timeout)
+def warn_problems(
+    engine: AsyncEngine, *, acquire_timeout: float = 1.0, component: str | None = None
+) -> tuple[str, ...]:
+    """Log one ``db.engine.unbounded`` warning if :func:`problems` finds any; once per engine.
+
+    The gate and the router call it when they are built. Returns what it found.
+
+    Failure mode: never raises on the engine's account; it only reads settings.
+    """
+    problems = _problems(engine, acquire_timeout)
     sync = engine.sync_engine
     if problems and sync not in _warned:
         _warned.add(sync)
@@ -168,4 +190,14 @@ def warn_if_unbounded(engine: AsyncEngine, *, acquire_timeout: float, component:
             problems=problems,
             fix="create_async_engine(url, **degrade.db.engine_options(acquire_timeout=...))",
         )
-    return problems
+    return tuple(problems)
+
+
+def engine_problems(engine: AsyncEngine | Engine, *, acquire_timeout: float = 1.0) -> list[str]:
+    """Deprecated: :func:`problems` (which returns a tuple)."""
+    warnings.warn(
+        "degrade.db.engine_problems() is deprecated; use degrade.db.problems()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return list(problems(engine, acquire_timeout=acquire_timeout))

@@ -1,62 +1,32 @@
-"""Redis clients that fail fast, a start-up warning for clients that don't, and a Sentinel check.
+"""Redis clients that fail fast: :func:`client` and :func:`sentinel_client`.
 
 redis-py's own defaults are built for a script, not a request path: ``Redis()``
 waits 5 s for a socket and retries 10 times with backoff, so one call against a
 hung Redis takes about a minute (measured: 58 s; ``Redis.from_url`` with no
-options: 5 s; see docs/redis.md). :func:`client` and :func:`sentinel_client` build a
-``redis.asyncio.Redis`` that gives up after ``timeout`` (0.25 s by default) and
-never retries on its own: the :class:`~degrade.Dependency` state machine is the
-retry policy (it opens after a few failures, then probes off the request path).
-
-Failure mode: these clients raise ``redis.ConnectionError`` / ``redis.TimeoutError``
-within about ``timeout`` (``connect_timeout`` + ``timeout`` when a connection must
-be opened first); the safety nets that use them (cache, limiter, revocation list,
-``@fail_soft``/``@fail_loud``) turn that into their declared fail mode.
+options: 5 s; see docs/redis.md). These build a ``redis.asyncio.Redis`` that
+gives up after ``timeout`` (0.25 s by default) and never retries on its own:
+the :class:`~degrade.Dependency` state machine is the retry policy (it opens
+after a few failures, then probes off the request path).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import math
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from ._bounded import hard_timeout
-from ._classify import WRITELINES_UNGUARDED, lost_transport_write
-from .checks import Check
-from .exceptions import CheckFailed, ConfigurationError, MissingExtraError
-from .observe import logger
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-try:
-    from redis._defaults import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT
-    from redis.asyncio import BlockingConnectionPool, Redis
-    from redis.asyncio.connection import AbstractConnection
-    from redis.asyncio.retry import Retry
-    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise MissingExtraError(
-        "degrade.redis needs the 'redis' package, which is not installed; "
-        "install it with: pip install 'degrade[redis]'"
-    ) from exc
+from .._classify import WRITELINES_UNGUARDED, lost_transport_write
+from ..exceptions import ConfigurationError
+from ._settings import SAFE_MAX_TIMEOUT, problems
 
-__all__ = [
-    "DEFAULT_HEALTH_CHECK_INTERVAL",
-    "SAFE_MAX_TIMEOUT",
-    "client",
-    "hung_call_seconds",
-    "sentinel_check",
-    "sentinel_client",
-    "unsafe_settings",
-    "warn_if_unsafe",
-]
-
-#: Longest socket / connect / pool wait (seconds) that :func:`unsafe_settings` accepts.
-SAFE_MAX_TIMEOUT = 1.0
+__all__ = ["DEFAULT_HEALTH_CHECK_INTERVAL", "client", "sentinel_client"]
 
 #: Default seconds between redis-py's PING on a connection that sat idle.
 DEFAULT_HEALTH_CHECK_INTERVAL = 30.0
@@ -192,13 +162,13 @@ def client(
     )
     _make_writes_safe(pool)
     redis = Redis.from_pool(pool)
-    problems = unsafe_settings(redis)
-    if problems:
+    found = problems(redis)
+    if found:
         # The URL's query string won over our options (redis-py lets it): refuse
         # rather than hand out a client that hangs. The URL itself is not echoed.
         raise ConfigurationError(
             "the Redis URL overrides fail-fast settings: "
-            + "; ".join(problems)
+            + "; ".join(found)
             + ". Remove them from the URL."
         )
     return redis
@@ -360,196 +330,3 @@ def sentinel_client(
         **kwargs,
     )
     return master
-
-
-# -- start-up check -----------------------------------------------------------
-
-
-def _retries(retry: object, retry_on_error: object) -> tuple[int, float]:
-    """(retries, longest backoff) that redis-py derives for each connection."""
-    if isinstance(retry, Retry):
-        backoff = getattr(retry, "_backoff", None)
-        cap = getattr(backoff, "_cap", None)
-        if cap is None:
-            cap = getattr(backoff, "_backoff", 0.0)  # ConstantBackoff keeps its wait here
-        count = int(getattr(retry, "_retries", 0))
-        return (count if count >= 0 else -1), float(cap or 0.0)
-    if retry_on_error:  # redis-py turns retry_on_error / retry_on_timeout into one retry
-        return 1, 0.0
-    return 0, 0.0
-
-
-def _pool_settings(pool: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}))
-    socket_timeout = kw.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
-    connect_timeout = kw.get("socket_connect_timeout", DEFAULT_SOCKET_CONNECT_TIMEOUT)
-    if connect_timeout is None:
-        connect_timeout = socket_timeout  # redis-py falls back to the socket timeout
-    retry_on_error = list(kw.get("retry_on_error") or [])
-    if kw.get("retry_on_timeout"):
-        retry_on_error.append(TimeoutError)
-    retries, backoff_cap = _retries(kw.get("retry"), retry_on_error)
-    return {
-        "socket_timeout": socket_timeout,
-        "connect_timeout": connect_timeout,
-        "retries": retries,
-        "backoff_cap": backoff_cap,
-        "pool_timeout": getattr(pool, "timeout", 0.0) if isinstance(pool, BlockingConnectionPool) else 0.0,
-    }
-
-
-def _problems(settings: dict[str, Any], max_timeout: float, where: str) -> list[str]:
-    out: list[str] = []
-    for key in ("socket_timeout", "connect_timeout"):
-        value = settings[key]
-        if value is None:
-            out.append(f"{where}{key}=None: a hung Redis blocks a call forever")
-        elif value > max_timeout:
-            out.append(f"{where}{key}={value:g}s (over {max_timeout:g}s)")
-    retries = settings["retries"]
-    if retries < 0:
-        out.append(f"{where}unlimited client-side retries")
-    elif retries > 0:
-        out.append(f"{where}{retries} client-side retries, each waiting out the timeout again")
-    pool_timeout = settings["pool_timeout"]
-    if pool_timeout is None:
-        out.append(f"{where}the pool waits forever for a free connection")
-    elif pool_timeout > max_timeout:
-        out.append(f"{where}the pool waits up to {pool_timeout:g}s for a free connection")
-    return out
-
-
-def hung_call_seconds(client: Redis) -> float:
-    """Roughly how long one call can take against a Redis that accepts but never answers.
-
-    ``(retries + 1) * socket_timeout + retries * backoff cap``; ``inf`` for a
-    client without a socket timeout or with unlimited retries.
-    """
-    s = _pool_settings(client.connection_pool)
-    if s["socket_timeout"] is None or s["retries"] < 0:
-        return math.inf
-    return float((s["retries"] + 1) * s["socket_timeout"] + s["retries"] * s["backoff_cap"])
-
-
-def unsafe_settings(client: Redis, *, max_timeout: float = SAFE_MAX_TIMEOUT) -> tuple[str, ...]:
-    """What makes ``client`` slow to fail, as short credential-free phrases (empty: safe).
-
-    Flags socket or connect timeouts over ``max_timeout`` (or none at all),
-    client-side retries, and a blocking pool that waits longer than
-    ``max_timeout``. For a Sentinel-managed client the Sentinel connections are
-    checked too.
-    """
-    pool = client.connection_pool
-    out = _problems(_pool_settings(pool), max_timeout, "")
-    manager = getattr(pool, "sentinel_manager", None)
-    for node in getattr(manager, "sentinels", ()):
-        for problem in _problems(_pool_settings(node.connection_pool), max_timeout, "sentinel "):
-            if problem not in out:
-                out.append(problem)
-    return tuple(out)
-
-
-_warned: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def warn_if_unsafe(client: object, *, component: str | None = None) -> tuple[str, ...]:
-    """Log one ``redis.unsafe_client`` warning if ``client`` is slow to fail; once per client.
-
-    Call it at start-up (the cache, revocation list and limiter call it when they
-    are built). Returns what :func:`unsafe_settings` found. An object that is
-    not a redis-py client (no ``connection_pool``, e.g. a test double) is not
-    checked.
-
-    Failure mode: never raises on the client's account; it only reads settings.
-    """
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or not isinstance(client, Redis):
-        return ()
-    problems = unsafe_settings(client)
-    if problems and pool not in _warned:
-        _warned.add(pool)
-        logger.warning(
-            "redis.unsafe_client",
-            problems=list(problems),
-            hung_call_up_to_s=hung_call_seconds(client),
-            component=component,
-            advice="build the client with degrade.redis.client() or degrade.redis.sentinel_client()",
-        )
-    return problems
-
-
-# -- Sentinel quorum check ----------------------------------------------------
-
-
-def sentinel_check(
-    sentinels: Sequence[tuple[str, int]],
-    service_name: str,
-    *,
-    timeout: float = 0.5,
-    min_reachable: int | None = None,
-    username: str | None = None,
-    password: str | None = None,
-) -> Check:
-    """A health check that fails while Sentinel could not fail over automatically.
-
-    Each run asks every Sentinel ``SENTINEL CKQUORUM <service_name>``
-    concurrently, each on a fresh connection bounded by ``timeout``. It passes
-    when at least ``min_reachable`` Sentinels answer (default: a majority of
-    those listed) and at least one of them confirms quorum and failover
-    authorisation. Register it on a SEV-2 dependency: losing quorum does not stop
-    the master, it stops automatic recovery from the next master failure.
-
-    Failure mode: raises :class:`~degrade.exceptions.CheckFailed` (or a
-    connection error when no Sentinel answers); never a false "healthy".
-
-    Args:
-        sentinels: ``[(host, port), ...]`` of every Sentinel of the deployment.
-        service_name: The master's name in the Sentinel configuration.
-        timeout: Bound of each Sentinel query, in seconds (keep it under the
-            dependency's ``check_timeout``).
-        min_reachable: Sentinels that must answer; defaults to ``len // 2 + 1``.
-        username: Sentinel ACL user, if required.
-        password: Sentinel password, if required.
-    """
-    nodes = _addresses(sentinels)
-    if not isinstance(service_name, str) or not service_name:
-        raise ConfigurationError("service_name must be the master's name in the Sentinel configuration")
-    _seconds("timeout", timeout)
-    need = len(nodes) // 2 + 1 if min_reachable is None else min_reachable
-    if isinstance(need, bool) or not isinstance(need, int) or not 1 <= need <= len(nodes):
-        raise ConfigurationError(f"min_reachable must be an int in 1..{len(nodes)}; got {min_reachable!r}")
-
-    async def ask(host: str, port: int) -> bool:
-        node = Redis(
-            host=host,
-            port=port,
-            username=username,
-            password=password,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=_no_retry(),
-        )
-        try:
-            await node.execute_command("SENTINEL", "CKQUORUM", service_name)  # type: ignore[no-untyped-call]
-        except ResponseError:
-            return False  # reachable, but it says quorum or authorisation is lost
-        finally:
-            await node.aclose()
-        return True
-
-    async def check() -> None:
-        answers = await asyncio.gather(
-            *(hard_timeout(ask(host, port), timeout) for host, port in nodes), return_exceptions=True
-        )
-        for answer in answers:
-            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
-                raise answer  # CancelledError and friends are never "unhealthy"
-        reachable = [a for a in answers if isinstance(a, bool)]
-        if len(reachable) < need:
-            raise CheckFailed(
-                f"{len(reachable)} of {len(nodes)} sentinels answered; automatic failover needs {need}"
-            )
-        if not any(reachable):
-            raise CheckFailed("no reachable sentinel can reach quorum and authorise a failover")
-
-    return check

@@ -1,7 +1,9 @@
-"""Outage simulation for tests and drills: a fault-injecting TCP proxy.
+"""Outage simulation for tests and drills: a fault-injecting TCP proxy and a fake clock.
 
 :class:`FaultProxy` sits in front of any TCP service and refuses, blackholes,
-delays, resets or cuts its connections on demand. The pytest fixtures
+delays, resets or cuts its connections on demand. :class:`FakeClock` is a clock
+and a sleep in one object whose time moves only when the test moves it
+(``Registry(clock=fake, sleep=fake.sleep)``). The pytest fixtures
 ``fault_proxy`` and ``simulate_outage`` live in :mod:`degrade.testing.plugin`,
 which pytest loads by itself once degrade is installed (entry point ``pytest11``);
 this package does not import pytest.
@@ -9,9 +11,11 @@ this package does not import pytest.
 
 from __future__ import annotations
 
+from ._clock import FakeClock
 from .proxy import Fault, FaultProxy, Outage, ProxyStats
 
 __all__ = [
+    "FakeClock",
     "Fault",
     "FaultProxy",
     "Outage",

@@ -96,7 +96,7 @@ def sentry() -> Iterator[CapturingTransport]:
         yield transport
     finally:
         sentry_sdk.get_client().close()
-        sentry_sdk.get_global_scope().set_client(None)
+        sentry_sdk.Scope.get_global_scope().set_client(None)
     assert not sentry_sdk.get_client().is_active()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,9 @@ from structlog.testing import capture_logs
 
 from degrade import ConfigurationError, checks
 from degrade import redis as dredis
+
+#: redis-py 7.x names its defaults (5 s timeouts, 10 retries); before, a client had no timeout.
+NAMED_DEFAULTS = importlib.util.find_spec("redis._defaults") is not None
 
 SECRET = "s3cr3t-pw"
 
@@ -112,21 +116,28 @@ class TestClient:
 
 class TestUnsafeSettings:
     async def test_from_url_defaults_are_unsafe(self, closing: list[Any]) -> None:
-        """redis-py's from_url defaults wait 5 s for a socket."""
+        """redis-py's from_url defaults wait 5 s for a socket (before 7.x: forever)."""
         c = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
         closing.append(c)
         problems = dredis.problems(c)
-        assert "socket_timeout=5s (over 1s)" in problems
-        assert "connect_timeout=5s (over 1s)" in problems
-        assert dredis.hung_call_seconds(c) == 5.0
+        if NAMED_DEFAULTS:
+            assert "socket_timeout=5s (over 1s)" in problems
+            assert "connect_timeout=5s (over 1s)" in problems
+            assert dredis.hung_call_seconds(c) == 5.0
+        else:
+            assert "socket_timeout=None: a hung Redis blocks a call forever" in problems
+            assert dredis.hung_call_seconds(c) == math.inf
 
     async def test_constructor_defaults_retry_ten_times(self, closing: list[Any]) -> None:
-        """Redis() retries 10 times with backoff: about a minute against a hung server."""
+        """Redis() retries 10 times with backoff (7.x): about a minute against a hung server."""
         c = aioredis.Redis()
         closing.append(c)
         problems = dredis.problems(c)
-        assert any("10 client-side retries" in p for p in problems)
-        assert dredis.hung_call_seconds(c) == pytest.approx(11 * 5 + 10 * 1)
+        if NAMED_DEFAULTS:
+            assert any("10 client-side retries" in p for p in problems)
+            assert dredis.hung_call_seconds(c) == pytest.approx(11 * 5 + 10 * 1)
+        else:  # older redis-py: no timeout at all, which is worse
+            assert any("blocks a call forever" in p for p in problems)
 
     async def test_no_timeout_is_unsafe(self, closing: list[Any]) -> None:
         """socket_timeout=None means a hung Redis blocks forever."""
@@ -184,7 +195,7 @@ class TestWarnIfUnsafe:
         assert len(warnings) == 1
         assert warnings[0]["log_level"] == "warning"
         assert warnings[0]["component"] == "cache"
-        assert warnings[0]["hung_call_up_to_s"] == 5.0
+        assert warnings[0]["hung_call_up_to_s"] == (5.0 if NAMED_DEFAULTS else math.inf)
         assert SECRET not in repr(warnings)
 
     async def test_safe_client_is_silent(self, closing: list[Any]) -> None:
@@ -244,13 +255,14 @@ class TestSentinelClient:
         closed: list[bool] = []
         pool: Any = c.connection_pool
         manager = pool.sentinel_manager
-        original = manager.aclose
+        node = manager.sentinels[0]
+        original = node.aclose
 
-        async def tracking_aclose() -> None:
+        async def tracking_aclose(*args: Any) -> None:
             closed.append(True)
-            await original()
+            await original(*args)
 
-        manager.aclose = tracking_aclose
+        node.aclose = tracking_aclose
         await c.aclose()
         assert closed == [True]
 

@@ -167,9 +167,7 @@ def client(
         # The URL's query string won over our options (redis-py lets it): refuse
         # rather than hand out a client that hangs. The URL itself is not echoed.
         raise ConfigurationError(
-            "the Redis URL overrides fail-fast settings: "
-            + "; ".join(found)
-            + ". Remove them from the URL."
+            "the Redis URL overrides fail-fast settings: " + "; ".join(found) + ". Remove them from the URL."
         )
     return redis
 
@@ -219,7 +217,23 @@ class _SentinelMaster(Redis):
         finally:
             manager = getattr(self.connection_pool, "sentinel_manager", None)
             if manager is not None:
-                await manager.aclose()
+                await _close_sentinels(manager)
+
+
+async def _close_sentinels(manager: Any) -> None:
+    """Close the Sentinel connections: ``Sentinel.aclose()`` where redis-py has it (7.x), else each client."""
+    close = getattr(manager, "aclose", None)
+    if close is not None:
+        await close()
+        return
+    first: BaseException | None = None
+    for node in getattr(manager, "sentinels", ()):
+        try:
+            await node.aclose()
+        except Exception as exc:  # close them all, then report the first failure
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def _addresses(sentinels: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo tour test compat docs runbook generated lint typecheck unit integration bench clean
+.PHONY: setup demo tour test compat compat-lowest docs runbook generated lint typecheck unit integration bench clean
 
 $(STAMP): pyproject.toml
 	.ci/setup-venv $(PYTHON) $(VENV)
@@ -48,6 +48,7 @@ generated: $(STAMP)
 test: lint typecheck docs generated
 	$(BIN)/pytest
 	@$(MAKE) --no-print-directory compat
+	@$(MAKE) --no-print-directory compat-lowest
 
 # The other Pythons pyproject.toml claims, each in its own .venv-X.Y: the unit tests
 # and the integration tests that lean on asyncio's transports (Redis, RabbitMQ, the
@@ -74,8 +75,31 @@ compat:
 	  $$venv/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
 	done
 
+# Every direct dependency at the floor pyproject.toml declares (uv's lowest-direct
+# resolution, in .venv-lowest): the unit tests and the integration tests that touch
+# each driver. A floor that does not pass is raised (or the code made to work there).
+LOWEST_TESTS := tests/unit tests/integration/test_redis.py tests/integration/test_ratelimit.py \
+                tests/integration/test_cache.py tests/integration/test_revocation.py \
+                tests/integration/test_eventbus.py tests/integration/test_db.py \
+                tests/integration/test_db_load.py tests/integration/test_example_app.py::TestDrill
+
+compat-lowest: $(STAMP)
+	@if [ ! .venv-lowest/.installed -nt pyproject.toml ]; then \
+	  echo "compat-lowest: setting up .venv-lowest (uv --resolution lowest-direct)"; \
+	  rm -rf .venv-lowest && $(BIN)/uv venv -q .venv-lowest --python $(BIN)/python && \
+	  VIRTUAL_ENV=$(CURDIR)/.venv-lowest $(BIN)/uv pip install -q --resolution lowest-direct -e ".[all]" --group dev && \
+	  touch .venv-lowest/.installed || exit 1; \
+	fi
+	@.venv-lowest/bin/python -c "import importlib.metadata as m; print('compat-lowest:', ', '.join(f'{d} {m.version(d)}' for d in ('starlette','sqlalchemy','asyncpg','redis','aio-pika','aiormq','tenacity','structlog','sentry-sdk')))"
+	.venv-lowest/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# The end-to-end bench alone (uvicorn + wrk; `make bench` runs it too). Needs wrk: apt-get install wrk.
+.PHONY: bench-e2e
+bench-e2e: $(STAMP)
+	$(BIN)/python bench/bench_e2e.py
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache .site .alerts.yml

@@ -171,7 +171,7 @@ class TestFixturesInAProject:
             class Block:
                 def find_spec(self, name, path=None, target=None):
                     if name.split(".")[0] in BLOCKED:
-                        raise ImportError(f"{name} is blocked")
+                        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
                     return None
 
             sys.meta_path.insert(0, Block())

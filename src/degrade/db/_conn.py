@@ -24,7 +24,6 @@ graceful close that follows finds the socket already gone. No task, no shield.
 from __future__ import annotations
 
 import asyncio
-import time
 import weakref
 from typing import Any
 
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 from .._bounded import hard_timeout
+from .._compat.sqlalchemy import idle_checkout_is_free, lazy_begin, max_overflow
 
 __all__ = ["acquire", "discard", "pool_capacity", "pool_full", "release"]
 
@@ -46,8 +46,8 @@ def pool_capacity(sync_engine: Engine) -> int:
     pool = sync_engine.pool
     if not isinstance(pool, QueuePool):
         return _UNLIMITED
-    overflow = getattr(pool, "_max_overflow", -1)
-    if not isinstance(overflow, int) or overflow < 0:
+    overflow = max_overflow(pool)
+    if overflow is None or overflow < 0:
         return _UNLIMITED
     return pool.size() + overflow
 
@@ -153,49 +153,15 @@ async def _verify(conn: AsyncConnection, budget: float) -> None:
     # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with the first statement
     # of a transaction. Sending it now proves the server answers and spares the
     # handler that round trip: SQLAlchemy sees a transaction already started.
-    start = getattr(adapted, "_start_transaction", None)
-    if (
-        start is not None
-        and getattr(adapted, "_transaction", False) is None
-        and getattr(adapted, "isolation_level", None) != "autocommit"
-    ):
-        op = start()
-    else:  # autocommit (no BEGIN to send) or an unknown adapter: a plain ping
+    op = lazy_begin(adapted)
+    if op is None:  # autocommit (no BEGIN to send) or an unknown adapter: a plain ping
         op = driver.execute(";")
     await _killing_after(driver, budget, op, "verifying the connection")
 
 
 def _instant_checkout(sync_engine: Engine) -> bool:
-    """True when checking out now takes an idle connection without touching any socket.
-
-    Mirrors SQLAlchemy's own fast path (``_ConnectionFairy._checkout`` and
-    ``_ConnectionRecord.get_connection``): an idle connection is queued, no
-    pre-ping, no checkout or engine_connect listener, and the connection the
-    queue hands out next is neither recycled nor invalidated. Anything
-    unexpected (another pool class, changed internals) answers False, which
-    is always safe: the caller then bounds the checkout with a task.
-    """
-    pool = sync_engine.pool
-    if type(pool) is not AsyncAdaptedQueuePool:
-        return False
-    try:
-        if pool._pre_ping or pool.dispatch.checkout or sync_engine.dispatch.engine_connect:
-            return False
-        queue: Any = pool._pool  # sqlalchemy.util.queue.AsyncAdaptedQueue
-        items = queue._queue._queue  # the asyncio.Queue's deque
-        if not items:
-            return False
-        record = items[-1] if queue.use_lifo else items[0]
-        started = record.starttime
-        recycle = pool._recycle
-        return bool(
-            record.dbapi_connection is not None
-            and pool._invalidate_time <= started
-            and record._soft_invalidate_time <= started
-            and (recycle < 0 or time.time() - started <= recycle)
-        )
-    except AttributeError:
-        return False
+    """True when checking out now takes an idle connection without touching any socket."""
+    return idle_checkout_is_free(sync_engine)
 
 
 async def acquire(engine: AsyncEngine, timeout: float) -> AsyncConnection:  # noqa: ASYNC109 - the bound

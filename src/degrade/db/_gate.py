@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import _compat as compat
 from .. import observe
+from .._compat import sqlalchemy as compat_sqlalchemy
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded
 from ..responses import send_json, unavailable_body
@@ -180,6 +182,7 @@ class DBHealthMiddleware:
             engine, acquire_timeout=self.acquire_timeout, component="DBHealthMiddleware"
         )
         self._sync_engine = engine.sync_engine
+        compat.report("sqlalchemy", compat_sqlalchemy.problems())
         self._clock = time.monotonic
         self._slots = Slots(pool_capacity(self._sync_engine))
         self._overloaded_body = unavailable_body(dependency.name, _OVERLOADED_DETAIL)

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 
+from .._compat.sqlalchemy import max_overflow
 from ..exceptions import ConfigurationError
 from ..observe import logger
 
@@ -141,8 +142,8 @@ def _problems(engine: AsyncEngine | Engine, acquire_timeout: float) -> list[str]
             "under load; use the default queue pool with pool_size/max_overflow"
         )
     elif isinstance(pool, QueuePool):
-        max_overflow = getattr(pool, "_max_overflow", 0)
-        if max_overflow < 0 or pool.size() <= 0:
+        overflow = max_overflow(pool)
+        if (overflow is not None and overflow < 0) or pool.size() <= 0:
             problems.append(
                 "the pool is unbounded (max_overflow=-1 or pool_size=0): connection attempts in flight "
                 "are not capped; set pool_size and max_overflow >= 0"

@@ -12,13 +12,15 @@ import weakref
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
 
+from .. import _compat as compat
+from .._compat import redis as compat_redis
+from .._compat.redis import retry_settings
 from ..observe import logger
 
 DEFAULT_SOCKET_TIMEOUT: float | None
 DEFAULT_SOCKET_CONNECT_TIMEOUT: float | None
-try:  # redis-py >= 5.1 names its defaults; before, a connection had no timeout unless given one
+try:  # redis-py 7.x names its defaults; before, a connection had no timeout unless given one
     from redis._defaults import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT
 except ImportError:  # pragma: no cover - older redis-py
     DEFAULT_SOCKET_TIMEOUT = None
@@ -37,20 +39,6 @@ __all__ = [
 SAFE_MAX_TIMEOUT = 1.0
 
 
-def _retries(retry: object, retry_on_error: object) -> tuple[int, float]:
-    """(retries, longest backoff) that redis-py derives for each connection."""
-    if isinstance(retry, Retry):
-        backoff = getattr(retry, "_backoff", None)
-        cap = getattr(backoff, "_cap", None)
-        if cap is None:
-            cap = getattr(backoff, "_backoff", 0.0)  # ConstantBackoff keeps its wait here
-        count = int(getattr(retry, "_retries", 0))
-        return (count if count >= 0 else -1), float(cap or 0.0)
-    if retry_on_error:  # redis-py turns retry_on_error / retry_on_timeout into one retry
-        return 1, 0.0
-    return 0, 0.0
-
-
 def _pool_settings(pool: Any) -> dict[str, Any]:
     kw: dict[str, Any] = dict(getattr(pool, "connection_kwargs", {}))
     socket_timeout = kw.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
@@ -60,7 +48,7 @@ def _pool_settings(pool: Any) -> dict[str, Any]:
     retry_on_error = list(kw.get("retry_on_error") or [])
     if kw.get("retry_on_timeout"):
         retry_on_error.append(TimeoutError)
-    retries, backoff_cap = _retries(kw.get("retry"), retry_on_error)
+    retries, backoff_cap = retry_settings(kw.get("retry"), retry_on_error)
     return {
         "socket_timeout": socket_timeout,
         "connect_timeout": connect_timeout,
@@ -134,6 +122,7 @@ def warn_problems(client: object, *, component: str | None = None) -> tuple[str,
 
     Failure mode: never raises on the client's account; it only reads settings.
     """
+    compat.report("redis", compat_redis.problems())
     pool = getattr(client, "connection_pool", None)
     if pool is None or not isinstance(client, Redis):
         return ()

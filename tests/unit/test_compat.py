@@ -1,0 +1,88 @@
+"""The driver internals degrade's fast paths read are there in the installed versions.
+
+These fail loudly (rather than letting the library fall back silently) when a
+driver release moves an internal; CI runs them at the newest versions and at
+the floors pyproject.toml declares (``make compat-lowest``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from structlog.testing import capture_logs
+
+from degrade import _compat
+
+
+class TestSqlalchemy:
+    def test_fast_paths_available(self) -> None:
+        """The idle-queue read, the lazy BEGIN and max_overflow all work on this SQLAlchemy."""
+        pytest.importorskip("sqlalchemy")
+        pytest.importorskip("asyncpg")
+        from degrade._compat import sqlalchemy
+
+        assert sqlalchemy.problems() == []
+
+    def test_unknown_adapter_falls_back_to_a_ping(self) -> None:
+        """An adapter without the lazy BEGIN gets None: the caller pings instead."""
+        pytest.importorskip("sqlalchemy")
+        from degrade._compat import sqlalchemy
+
+        assert sqlalchemy.lazy_begin(object()) is None
+        assert sqlalchemy.max_overflow(object()) is None
+
+
+class TestRedis:
+    def test_fast_paths_available(self) -> None:
+        """Retry counts and backoff caps are readable on this redis-py."""
+        pytest.importorskip("redis")
+        from degrade._compat import redis
+
+        assert redis.problems() == []
+
+    def test_unknown_retry_reads_as_none(self) -> None:
+        """Something that is not a Retry counts as no retries (never a false warning)."""
+        pytest.importorskip("redis")
+        from degrade._compat import redis
+
+        assert redis.retry_settings(object(), None) == (0, 0.0)
+        assert redis.retry_settings(None, [TimeoutError]) == (1, 0.0)
+
+
+class TestReport:
+    def test_a_fallback_is_logged_once_per_driver(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """report() logs degrade.compat.fallback once per driver, and nothing when all is well."""
+        monkeypatch.setattr(_compat, "_reported", set())
+        with capture_logs() as logs:
+            _compat.report("somedriver", [])
+            _compat.report("somedriver", ["x moved"])
+            _compat.report("somedriver", ["x moved"])
+        assert [e["event"] for e in logs] == ["degrade.compat.fallback"]
+        assert logs[0]["driver"] == "somedriver"
+        assert logs[0]["problems"] == ["x moved"]
+
+
+class TestOptionalImports:
+    def test_only_the_missing_package_itself_is_a_missing_extra(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A package that is absent names its extra; one that fails inside its own import propagates."""
+        import sys
+
+        from degrade import MissingExtraError
+        from degrade._extras import optional, require
+
+        with pytest.raises(MissingExtraError, match=r"degrade\[x\]"):
+            require("degrade_no_such_package", "x", feature="f")
+        assert optional("degrade_no_such_package") is None
+
+        class Finder:
+            def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+                if name == "degrade_broken_pkg":
+                    raise ImportError("cannot import name 'x' from 'degrade_broken_dep'")
+
+        monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+        with pytest.raises(ImportError, match="cannot import name") as info:
+            require("degrade_broken_pkg", "x", feature="f")
+        assert not isinstance(info.value, MissingExtraError)
+        with pytest.raises(ImportError, match="cannot import name"):
+            optional("degrade_broken_pkg")

@@ -214,6 +214,15 @@ class Dependency:
         self._probe: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], Listener | None]] = []
         self._down_future: asyncio.Future[None] | None = None
+        #: Quick relapses in a row (down again within ``recovery.flap_window`` of recovering).
+        self.flaps = 0
+        self._recovered_at: float | None = None
+        self._hold_until = 0.0
+        # observe's bounded reports: per transition kind, when the next Sentry
+        # event may go out and how many were held back meanwhile.
+        self._report_due: dict[str, float] = {}
+        self._report_held: dict[str, int] = {}
+        self._report_held_since: dict[str, float] = {}
         observe.metrics.state(self)
 
     # -- reading the state ---------------------------------------------------
@@ -253,6 +262,16 @@ class Dependency:
     def check_timeout(self) -> float:
         """Bound of one check run (``recovery.timeout``)."""
         return self.recovery.timeout
+
+    @property
+    def flapping(self) -> bool:
+        """True while it relapses quickly after recovering (its recovery is damped)."""
+        return self.flaps > 0
+
+    @property
+    def recovery_delay(self) -> float:
+        """Seconds it is held down before its first probe after the current outage (0: not damped)."""
+        return self.recovery.hold(self.flaps)
 
     @property
     def since(self) -> float:
@@ -416,11 +435,18 @@ class Dependency:
     # -- transitions ---------------------------------------------------------
 
     def _go_down(self, error: BaseException | None, reason: str) -> None:
+        now = self._clock()
+        recovered = self._recovered_at
+        if recovered is not None and now - recovered < self.recovery.flap_window and not self._forced:
+            self.flaps += 1
+        else:
+            self.flaps = 0
+        self._hold_until = now + self.recovery.hold(self.flaps)
         self._down = True
         self._tracker.reset()
-        self._since = self._clock()
+        self._since = now
         self.changed_at = time.time()
-        self._next_trial = self._since + self.recovery_interval
+        self._next_trial = max(self._since + self.recovery_interval, self._hold_until)
         observe.dependency_down(self, error, reason)
         if not self._forced:
             self.resume_probe()
@@ -431,6 +457,7 @@ class Dependency:
         down_for = now - self._since
         self._down = False
         self._tracker.reset()
+        self._recovered_at = now
         self._since = now
         self.changed_at = time.time()
         observe.dependency_recovered(self, down_for)
@@ -475,13 +502,38 @@ class Dependency:
         return self.recovery.next_wait(self._rng)
 
     async def _probe_loop(self) -> None:
+        streak = 0
         while self._down:
-            await self._sleep(self.next_interval())
+            wait = self.next_interval()
+            held = self._hold_until - self._clock()
+            await self._sleep(max(wait, held))  # a flapping dependency is held down longer
             if not self._down:
                 return
             if self._forced:
                 continue
-            await self.run_check(reason="probe")
+            needed = self.recovery.successes
+            if needed <= 1:
+                await self.run_check(reason="probe")
+                continue
+            # Several successes in a row close it: only the last one feeds the state.
+            result = await self._bounded_check()
+            if result is None:
+                streak += 1
+                if streak >= needed:
+                    self.record_success()
+            else:
+                streak = 0
+                self.record_failure(result, reason="probe")
+
+    async def _bounded_check(self) -> Exception | None:
+        """Run the check once, bounded; None when it passed, else what it raised."""
+        if self.check is None:  # pragma: no cover - probes run only with a check
+            return None
+        try:
+            await hard_timeout(_call(self.check), self.recovery.timeout)
+        except Exception as exc:  # a failed check is any exception; CancelledError passes
+            return exc
+        return None
 
     async def watch(self) -> None:
         """Run the check every ``watch_interval`` (jittered) while ok; the lifespan runs this.

@@ -125,6 +125,10 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
             "impact": dep.impact or None,
             "runbook": dep.runbook,
         }
+        if dep.flapping:
+            out[dep.name]["flapping"] = True
+            out[dep.name]["flaps"] = dep.flaps
+            out[dep.name]["recovery_delay_s"] = round(dep.recovery_delay, 3)
         shed: dict[str, int] = {}
         for site in dep.sites:
             for reason, count in site.shed_calls.items():

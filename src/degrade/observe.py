@@ -33,6 +33,10 @@ class _Severity(Protocol):
 class Dependency(Protocol):
     """What the signals read of a :class:`degrade.Dependency` (a protocol: no import cycle)."""
 
+    _report_due: dict[str, float]
+    _report_held: dict[str, int]
+    _report_held_since: dict[str, float]
+
     @property
     def name(self) -> str: ...
     @property
@@ -47,6 +51,10 @@ class Dependency(Protocol):
     def is_down(self) -> bool: ...
     @property
     def failures(self) -> int: ...
+    @property
+    def flaps(self) -> int: ...
+    @property
+    def recovery_delay(self) -> float: ...
 
 
 class Site(Protocol):
@@ -100,6 +108,11 @@ class _Metrics:
             "State transitions of a dependency, by target state.",
             ["dependency", "to"],
         )
+        self.flaps = p.Counter(
+            "degrade_dependency_flaps_total",
+            "Quick relapses: a dependency down again within its flap window after recovering.",
+            ["dependency"],
+        )
         # degrade_fallback_total / degrade_fail_loud_total are read from each
         # Site's own count at scrape time: counting a degraded call, on the hot
         # path of an outage, is then one integer increment instead of a locked
@@ -127,6 +140,8 @@ class _Metrics:
     def transition(self, dep: Dependency) -> None:
         if self.enabled:
             self.transitions.labels(dependency=dep.name, to=dep.state).inc()
+            if dep.is_down and dep.flaps:
+                self.flaps.labels(dependency=dep.name).inc()
             self.state(dep)
 
 
@@ -337,6 +352,37 @@ def security_event(
     )
 
 
+#: Seconds between two Sentry events of one transition kind (down, recovered) of one dependency.
+TRANSITION_REPORT_INTERVAL = 60.0
+
+
+def _flapping_fields(dep: Dependency) -> dict[str, Any]:
+    if not dep.flaps:
+        return {}
+    return {"flapping": True, "flaps": dep.flaps, "recovery_delay_s": round(dep.recovery_delay, 3)}
+
+
+def _report_allowed(dep: Dependency, kind: str) -> tuple[bool, dict[str, Any]]:
+    """At most one Sentry event per transition kind per interval; what was held back is summarised."""
+    now = time.monotonic()
+    if now < dep._report_due.get(kind, 0.0):
+        dep._report_held[kind] = dep._report_held.get(kind, 0) + 1
+        dep._report_held_since.setdefault(kind, now)
+        return False, {}
+    dep._report_due[kind] = now + TRANSITION_REPORT_INTERVAL
+    held = dep._report_held.pop(kind, 0)
+    since = dep._report_held_since.pop(kind, now)
+    if not held:
+        return True, {}
+    return True, {"held_back": held, "held_back_over_s": round(now - since, 1)}
+
+
+def _held_back(summary: dict[str, Any], what: str) -> str:
+    if not summary:
+        return ""
+    return f" (flapping: {summary['held_back']} more {what} in {summary['held_back_over_s']} s)"
+
+
 def dependency_down(dep: Dependency, error: BaseException | None, reason: str) -> None:
     """One dependency went from ok to down."""
     error_class = type(error).__name__ if error is not None else None
@@ -348,19 +394,36 @@ def dependency_down(dep: Dependency, error: BaseException | None, reason: str) -
         reason=reason,
         failures=dep.failures,
         impact=dep.impact or None,
+        **_flapping_fields(dep),
     )
     metrics.transition(dep)
     if dep.severity.value <= 2:
+        allowed, summary = _report_allowed(dep, "down")
+        if not allowed:
+            return
+        flapping = bool(summary) or bool(dep.flaps)
         report_to_sentry(
-            f"degrade: dependency {dep.name} is down",
+            f"degrade: dependency {dep.name} is down"
+            + (
+                f" (flapping: {summary['held_back']} more outages in {summary['held_back_over_s']} s)"
+                if summary
+                else ""
+            ),
             level="error" if dep.severity.value == 1 else "warning",
             tags={
                 "degrade.dependency": dep.name,
                 "degrade.severity": dep.severity.label,
                 "degrade.transition": "down",
+                **({"degrade.flapping": "true"} if flapping else {}),
             },
             fingerprint=["degrade", "dependency", dep.name, "down"],
-            extras={"error_class": error_class, "reason": reason, "impact": dep.impact},
+            extras={
+                "error_class": error_class,
+                "reason": reason,
+                "impact": dep.impact,
+                **_flapping_fields(dep),
+                **summary,
+            },
         )
 
 
@@ -372,17 +435,32 @@ def dependency_recovered(dep: Dependency, down_for: float) -> None:
         severity=dep.severity.label,
         duration_s=round(down_for, 3),
         error=dep.last_error,
+        **_flapping_fields(dep),
     )
     metrics.transition(dep)
     if dep.severity.value <= 2:
+        allowed, summary = _report_allowed(dep, "recovered")
+        if not allowed:
+            return
         report_to_sentry(
-            f"degrade: dependency {dep.name} recovered",
+            f"degrade: dependency {dep.name} recovered"
+            + (
+                f" (flapping: {summary['held_back']} more recoveries in {summary['held_back_over_s']} s)"
+                if summary
+                else ""
+            ),
             level="info",
             tags={
                 "degrade.dependency": dep.name,
                 "degrade.severity": dep.severity.label,
                 "degrade.transition": "recovered",
+                **({"degrade.flapping": "true"} if summary or dep.flaps else {}),
             },
             fingerprint=["degrade", "dependency", dep.name, "recovered"],
-            extras={"down_for_s": round(down_for, 3), "error_class": dep.last_error},
+            extras={
+                "down_for_s": round(down_for, 3),
+                "error_class": dep.last_error,
+                **_flapping_fields(dep),
+                **summary,
+            },
         )

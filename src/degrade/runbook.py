@@ -171,6 +171,22 @@ def render_alerts(registry: Registry, *, runbook_base: str = "", down_for: str =
             f"          description: {_q('Fallbacks or refusals are rising: ' + impact)}",
             f"          runbook_url: {_q(runbook_url)}",
         ]
+    flapping = "sum by (dependency) (increase(degrade_dependency_flaps_total[10m])) > 2"
+    lines += [
+        "      - alert: DegradeDependencyFlapping",
+        f"        expr: {_q(flapping)}",
+        "        labels:",
+        "          severity: warning",
+        "        annotations:",
+        f"          summary: {_q('{{ $labels.dependency }} keeps going down right after recovering')}",
+        "          description: "
+        + _q(
+            "Its recovery is damped (held down longer each time) and Sentry gets one event per "
+            "transition kind a minute; look for a lossy network path or a service that accepts "
+            "then drops connections."
+        ),
+        f"          runbook_url: {_q(runbook_base + 'docs/runbook.md')}",
+    ]
     dropped = "sum by (exchange, reason) (increase(degrade_eventbus_dropped_total[5m])) > 0"
     dropped_summary = "events were dropped on exchange {{ $labels.exchange }} ({{ $labels.reason }})"
     publishers = [d for d in registry if any(s.name.startswith("degrade.eventbus.") for s in d.sites)]

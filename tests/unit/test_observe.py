@@ -10,7 +10,16 @@ import sentry_sdk
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from degrade import Dependency, DependencyUnavailable, Registry, Severity, fail_loud, fail_soft, site_of
+from degrade import (
+    Dependency,
+    DependencyUnavailable,
+    Registry,
+    Severity,
+    fail_loud,
+    fail_soft,
+    observe,
+    site_of,
+)
 from degrade.observe import report_to_sentry, sentry_active
 
 from ..support import CapturingTransport, FakeClock, eventually
@@ -160,9 +169,10 @@ class TestSentry:
         assert recovered["extra"]["down_for_s"] == 3.0
 
     def test_fingerprint_is_stable_across_outages(
-        self, sentry: CapturingTransport, name: str, clock: FakeClock
+        self, sentry: CapturingTransport, name: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Two outages with different errors group under the same fingerprint."""
+        monkeypatch.setattr(observe, "TRANSITION_REPORT_INTERVAL", 0.0)  # two reports in a row allowed
         dep = dependency(name, clock)
         dep.record_failure(ConnectionRefusedError())
         dep.record_success()
@@ -272,3 +282,53 @@ class TestMetrics:
         assert sample("degrade_fail_loud_total", **login_labels) - before == 1
         assert sample("degrade_fail_loud_total", **refresh_labels) == 2
         assert sample("degrade_fallback_total", **login_labels) == 0
+
+
+class TestFlapping:
+    def test_sentry_bounded_per_transition_kind(
+        self, sentry: CapturingTransport, name: str, clock: FakeClock
+    ) -> None:
+        """Ten quick outages: one down and one recovered event; every transition is still logged."""
+        dep = dependency(name, clock)
+        with capture_logs() as logs:
+            for _ in range(10):
+                dep.record_failure(ConnectionRefusedError())
+                clock.advance(0.1)
+                dep.record_success()
+                clock.advance(0.1)
+        kinds = [e["tags"]["degrade.transition"] for e in sentry.events]
+        assert kinds == ["down", "recovered"]
+        downs = [e for e in logs if e["event"] == "dependency.down"]
+        assert len(downs) == 10
+        assert "flapping" not in downs[0]
+        assert downs[-1]["flapping"] is True
+        assert downs[-1]["flaps"] == 9
+
+    def test_held_back_reports_are_summarised_in_the_next_event(
+        self, sentry: CapturingTransport, name: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The next allowed event says how many transitions were held back, tagged degrade.flapping."""
+        dep = dependency(name, clock)
+        for _ in range(3):
+            dep.record_failure(ConnectionRefusedError())
+            dep.record_success()
+        monkeypatch.setattr(observe, "TRANSITION_REPORT_INTERVAL", 0.0)
+        for kind in ("down", "recovered"):
+            dep._report_due[kind] = 0.0
+        dep.record_failure(ConnectionRefusedError())
+        last = sentry.events[-1]
+        assert last["tags"]["degrade.flapping"] == "true"
+        assert "2 more outages" in last["message"]
+        assert last["extra"]["held_back"] == 2
+
+    def test_flaps_metric(self, name: str, clock: FakeClock) -> None:
+        """degrade_dependency_flaps_total counts quick relapses only."""
+        prometheus_client = pytest.importorskip("prometheus_client")
+        dep = dependency(name, clock)
+        dep.record_failure(ConnectionRefusedError())
+        dep.record_success()
+        dep.record_failure(ConnectionRefusedError())
+        sample = prometheus_client.REGISTRY.get_sample_value(
+            "degrade_dependency_flaps_total", {"dependency": name}
+        )
+        assert sample == 1.0

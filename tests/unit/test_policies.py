@@ -88,3 +88,95 @@ class TestShorthands:
             Dependency("svc", severity=Severity.SEV3, trip=3)  # type: ignore[arg-type]
         with pytest.raises(ConfigurationError, match="Probe"):
             Dependency("svc", severity=Severity.SEV3, recovery=0.5)  # type: ignore[arg-type]
+
+
+class TestDampedRecovery:
+    def test_hold_grows_with_quick_relapses_and_is_capped(self) -> None:
+        """Relapses within the flap window hold it down interval x backoff^flaps, at most max_hold."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        dep = Dependency(
+            "svc",
+            severity=Severity.SEV3,
+            failure_threshold=1,
+            recovery=Probe(interval=0.5, backoff=2.0, max_hold=3.0, flap_window=10.0),
+            clock=clock,
+        )
+        holds = []
+        for _ in range(5):
+            dep.record_failure(OSError())
+            holds.append(dep.recovery_delay)
+            clock.advance(1.0)
+            dep.record_success()
+            clock.advance(1.0)
+        assert holds == [0.0, 1.0, 2.0, 3.0, 3.0]
+        assert dep.flapping
+        clock.advance(10.0)  # a stable period resets the count
+        dep.record_failure(OSError())
+        assert dep.flaps == 0
+        assert not dep.flapping
+
+    async def test_probe_waits_out_the_hold(self) -> None:
+        """A flapping dependency's first probe comes after the hold, not after one interval."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        checks: list[float] = []
+
+        async def check() -> None:
+            checks.append(clock())
+
+        dep = Dependency(
+            "svc",
+            severity=Severity.SEV3,
+            check=check,
+            failure_threshold=1,
+            recovery=Probe(interval=0.5, jitter=0.0, backoff=4.0, max_hold=30.0),
+            clock=clock,
+            sleep=clock.sleep,
+        )
+        dep.record_failure(OSError())
+        start = clock()
+        await dep._probe  # type: ignore[misc]
+        assert checks == [start + 0.5]  # the first outage: one interval
+        dep.record_failure(OSError())  # relapse right away: held 0.5 x 4 = 2 s
+        start = clock()
+        await dep._probe  # type: ignore[misc]
+        assert checks[-1] == pytest.approx(start + 2.0)
+
+    async def test_several_successes_in_a_row_close_it(self) -> None:
+        """Probe(successes=3): two passing probes are not enough; a failure restarts the count."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        outcomes = iter([True, True, False, True, True, True])
+        ran = 0
+
+        async def check() -> None:
+            nonlocal ran
+            ran += 1
+            if not next(outcomes):
+                raise OSError("still down")
+
+        dep = Dependency(
+            "svc",
+            severity=Severity.SEV3,
+            check=check,
+            failure_threshold=1,
+            recovery=Probe(interval=0.5, successes=3),
+            clock=clock,
+            sleep=clock.sleep,
+        )
+        dep.record_failure(OSError())
+        await dep._probe  # type: ignore[misc]
+        assert ran == 6
+        assert dep.state == "ok"
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"successes": 0}, {"backoff": 0.5}, {"max_hold": 0}, {"flap_window": -1}]
+    )
+    def test_validated(self, kwargs: dict[str, float]) -> None:
+        """Bad damping values are refused when the policy is made."""
+        with pytest.raises(ConfigurationError):
+            Probe(**kwargs)  # type: ignore[arg-type]

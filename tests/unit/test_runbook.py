@@ -100,7 +100,7 @@ class TestRenderRunbook:
 
 class TestRenderAlerts:
     def test_rules_are_valid_yaml_with_severity_and_runbook(self) -> None:
-        """Two rules per dependency, labelled and annotated, parse as YAML."""
+        """Two rules per dependency and one for flapping, labelled and annotated, parse as YAML."""
         rules = yaml.safe_load(render_alerts(_registry(), runbook_base="https://runbooks.example/"))
         by_name = {r["alert"]: r for r in rules["groups"][0]["rules"]}
         assert set(by_name) == {
@@ -108,6 +108,7 @@ class TestRenderAlerts:
             "DegradeDbDegrading",
             "DegradeRedisCacheDown",
             "DegradeRedisCacheDegrading",
+            "DegradeDependencyFlapping",
         }
         down = by_name["DegradeDbDown"]
         assert down["expr"] == 'degrade_dependency_up{dependency="db"} == 0'
@@ -115,6 +116,7 @@ class TestRenderAlerts:
         assert down["annotations"]["runbook_url"] == "https://runbooks.example/db.md"
         assert by_name["DegradeRedisCacheDown"]["labels"]["severity"] == "info"
         assert "degrade_fallback_total" in by_name["DegradeDbDegrading"]["expr"]
+        assert "degrade_dependency_flaps_total" in by_name["DegradeDependencyFlapping"]["expr"]
 
 
 class TestCli:

@@ -162,7 +162,7 @@ def confirmed_at_least(bus: EventPublisher, n: int) -> Callable[[], bool]:
 
 
 def attempts_at_least(bus: EventPublisher, n: int) -> Callable[[], bool]:
-    return lambda: bus._attempts >= n
+    return lambda: bus._sender.attempts >= n
 
 
 async def time_publishes(

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
-from degrade import Registry, Severity
+from degrade import Registry, Severity, checks
 from degrade.eventbus import EventPublisher, PublishResult
 from degrade.testing import FaultProxy
 
@@ -276,6 +276,75 @@ class TestDegradedMode:
             "degrade_eventbus_dropped_total", {"exchange": broker.exchange, "reason": "degraded"}
         )
         assert value == 8
+
+    async def test_one_state_machine_one_report_per_transition(
+        self, broker: Topology, proxy: FaultProxy, make_bus: Any, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """Refused connects trip the dependency by its own rule before degrade_after; Sentry gets its
+        down and recovered events once each and no transition event of the publisher's."""
+        registry = Registry()
+        dep = registry.dependency("rabbitmq", severity=Severity.SEV2)
+        proxy.refuse()
+        bus = make_bus(proxy.url_for(broker.url), broker.exchange, dependency=dep, degrade_after=1.0)
+        with capture_logs() as logs:
+            async with bus:
+                assert await bus.publish("track.up", {}, message_id="held") is PublishResult.QUEUED
+                await wait_for(lambda: dep.is_down)
+                assert not bus.degraded  # still buffering: the policy waits for degrade_after
+                await wait_for(lambda: bus.degraded)
+                proxy.up()
+                await wait_for(lambda: not dep.is_down and not bus.degraded)
+                assert await bus.publish("track.up", {}, message_id="after") is PublishResult.QUEUED
+                received = await broker.consume(1)
+        await registry.aclose()
+        sentry_sdk.flush()
+        assert received.ids == ["after"]
+        transitions = [
+            (e["tags"]["degrade.dependency"], e["tags"]["degrade.transition"])
+            for e in sentry_events
+            if "degrade.transition" in e["tags"]
+        ]
+        assert transitions == [("rabbitmq", "down"), ("rabbitmq", "recovered")]
+        assert not [e for e in sentry_events if "eventbus.transition" in e["tags"]]
+        assert [e["extra"]["message_id"] for e in sentry_events if e["tags"].get("eventbus.reason")] == [
+            "held"
+        ]
+        (down,) = [e for e in logs if e["event"] == "dependency.down"]
+        assert (down["reason"], down["error"]) == ("traffic", "AMQPConnectionError")
+
+    async def test_a_check_owns_the_broker_while_down(
+        self, broker: Topology, proxy: FaultProxy, make_bus: Any
+    ) -> None:
+        """With checks.amqp on the dependency, its probe alone touches the broker while it is down;
+        the sender connects as soon as the probe brings the dependency back."""
+        url = proxy.url_for(broker.url)
+        probes = 0
+        amqp_check = checks.amqp(url, timeout=0.5)
+
+        async def check() -> None:
+            nonlocal probes
+            probes += 1
+            await amqp_check()
+
+        registry = Registry()
+        dep = registry.dependency("rabbitmq", severity=Severity.SEV2, check=check, recovery_interval=0.1)
+        proxy.refuse()
+        bus = make_bus(url, broker.exchange, dependency=dep, degrade_after=0.3)
+        async with bus:
+            await wait_for(lambda: bus.degraded)
+            attempts, probed = bus._sender.attempts, probes
+            await asyncio.sleep(0.6)
+            assert bus._sender.attempts == attempts  # held: no connect attempt of its own
+            assert probes >= probed + 3
+            proxy.up()
+            took = await wait_for(lambda: bus.connected)
+            assert not dep.is_down
+            assert not bus.degraded
+            assert await bus.publish("track.up", {}, message_id="after") is PublishResult.QUEUED
+            received = await broker.consume(1)
+        await registry.aclose()
+        assert took < 1.5  # about one probe interval, then one connect
+        assert received.ids == ["after"]
 
     async def test_full_buffer_drops_before_degraded_mode(
         self, broker: Topology, proxy: FaultProxy, make_bus: Any, sentry_events: list[dict[str, Any]]

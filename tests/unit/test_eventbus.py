@@ -149,6 +149,31 @@ class TestPublish:
             await bus.publish("a", {}, headers={"when": object()})
         assert bus.stats.buffered == 0
 
+    async def test_bad_arguments_are_configuration_errors(self) -> None:
+        """Every bad argument is a ConfigurationError; the wrong kinds are also TypeError (as before)."""
+        bus = EventPublisher(closed_port_url(), "ex")
+        calls: list[tuple[Any, ...]] = [
+            ("a", ["not", "a", "mapping"], {}),
+            (b"a", {}, {}),
+            ("a", {"x": float("nan")}, {}),
+            ("a", {}, {"message_id": 7}),
+            ("a", {}, {"headers": {1: "x"}}),
+        ]
+        for routing_key, payload, kwargs in calls:
+            with pytest.raises(ConfigurationError) as info:
+                await bus.publish(routing_key, payload, **kwargs)
+            assert isinstance(info.value, TypeError)
+        too_long: list[tuple[str, dict[str, Any]]] = [
+            ("é" * 200, {}),
+            ("a", {"message_id": ""}),
+            ("a", {"message_id": "x" * 256}),
+        ]
+        for routing_key, kwargs in too_long:
+            with pytest.raises(ConfigurationError) as info:
+                await bus.publish(routing_key, {}, **kwargs)
+            assert not isinstance(info.value, TypeError)
+        assert bus.stats.queued == 0
+
     async def test_full_buffer_drops_and_reports(self) -> None:
         """Past buffer_size a publish returns DROPPED, counted as buffer_full and logged in a summary."""
         bus = EventPublisher(closed_port_url(), "ex", buffer_size=3, log_interval=60)
@@ -252,6 +277,10 @@ class TestConfiguration:
             ({"buffer_size": 0}, "buffer_size"),
             ({"connect_timeout": 0}, "connect_timeout"),
             ({"confirm_timeout": float("nan")}, "confirm_timeout"),
+            ({"degrade_after": float("inf")}, "degrade_after"),
+            ({"backoff_max": True}, "backoff_max"),
+            ({"sentry_rate": -1}, "sentry_rate"),
+            ({"replay_batch": 0}, "replay_batch"),
             ({"backoff_initial": 2.0, "backoff_max": 1.0}, "backoff_max"),
             ({"max_in_flight": 0}, "max_in_flight"),
             ({"heartbeat": 0}, "heartbeat"),
@@ -304,7 +333,11 @@ class TestDegradedMode:
             assert delay == pytest.approx(3.8)
             assert time.now + delay == pytest.approx(30.0)
             assert await bus.publish("a", {}) is PublishResult.QUEUED
-            assert not dep.is_down
+            # One state machine: the failed connects fed the dependency, which went down
+            # after its third (failure_threshold); the events still wait in the buffer.
+            assert dep.is_down
+            assert dep.failures >= 3
+            assert not bus.degraded
             time.release()
             await eventually(lambda: bus.degraded, within=5.0, interval=0.002)
             assert time.now == pytest.approx(30.0)
@@ -344,37 +377,39 @@ class TestDegradedMode:
         await asyncio.sleep(0.05)  # first attempt refused; now in a 10 s backoff
         async with asyncio.timeout(1):
             await bus.close()
-        assert bus._task is None
+        assert bus._sender.task is None
+        assert bus._sender.attempts == 1
 
 
 class TestWorker:
     async def test_a_confirm_failed_with_cancelled_error_is_a_connection_loss(self) -> None:
         """A CancelledError from aiormq (it dropped a stuck connection) counts as a connection loss."""
 
-        class DroppedChannel:
-            async def basic_publish(self, *args: Any, **kwargs: Any) -> None:
+        class DroppedLink:
+            async def send(self, event: Event) -> str | None:
                 raise asyncio.CancelledError
 
         bus = EventPublisher(closed_port_url(), "ex")
         await bus.publish("a", {}, message_id="m1")
         with pytest.raises(ConnectionError):
-            await bus._worker(DroppedChannel())
+            await bus._sender._worker(DroppedLink())  # type: ignore[arg-type]
         assert bus.stats.in_flight == 1  # kept, to be sent again on the next connection
-        bus._requeue_in_flight()
+        bus._queue.requeue_in_flight()
         assert bus.stats.buffered == 1
 
     async def test_a_real_cancellation_propagates(self) -> None:
         """Cancelling the worker itself raises CancelledError, never swallowed or converted."""
         started = asyncio.Event()
 
-        class SlowChannel:
-            async def basic_publish(self, *args: Any, **kwargs: Any) -> None:
+        class SlowLink:
+            async def send(self, event: Event) -> str | None:
                 started.set()
                 await asyncio.sleep(10)
+                return None
 
         bus = EventPublisher(closed_port_url(), "ex")
         await bus.publish("a", {})
-        worker = asyncio.create_task(bus._worker(SlowChannel()))
+        worker = asyncio.create_task(bus._sender._worker(SlowLink()))  # type: ignore[arg-type]
         await started.wait()
         worker.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -2,10 +2,12 @@
 
 ``await bus.publish(routing_key, payload)`` puts the event in a bounded
 in-process buffer and returns at once; a background sender publishes it with
-publisher confirms. When the broker stays unreachable for ``degrade_after``
-seconds the publisher degrades: events are dropped (or written to a
-:class:`DiskSpool`), each drop counted, logged in bounded summaries and reported
-to Sentry with the tag ``eventbus.status=degraded``. See ``docs/eventbus.md``.
+publisher confirms. Every connect attempt feeds the broker's
+:class:`~degrade.Dependency` (its state is the only health state); when the
+broker stays unreachable for ``degrade_after`` seconds the publisher degrades:
+events are dropped (or written to a :class:`DiskSpool`), each drop counted,
+logged in bounded summaries and reported to Sentry with the tag
+``eventbus.status=degraded``. See ``docs/eventbus.md``.
 
 Needs the ``rabbitmq`` extra (aio-pika and tenacity): ``pip install 'degrade[rabbitmq]'``.
 """

@@ -3,6 +3,12 @@
 Everything here runs on the request path, so it is plain Python with no I/O:
 the payload is serialised once (JSON for a mapping, bytes as given) and the
 message id is generated without a system call.
+
+Bad arguments raise :class:`~degrade.ConfigurationError`, as everywhere in
+degrade. One of the wrong *kind* (a payload that is not a mapping or bytes, a
+routing key that is not a ``str``) raises :class:`ArgumentTypeError`, a
+``ConfigurationError`` that is also a ``TypeError``: ``publish()`` raised a bare
+``TypeError`` for those before, and ``except TypeError`` keeps working.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..exceptions import ConfigurationError
+
 __all__ = [
     "JSON",
     "OCTETS",
+    "ArgumentTypeError",
     "Batch",
     "Event",
     "check_headers",
+    "check_message_id",
     "check_routing_key",
     "encode_json",
     "encode_payload",
@@ -27,8 +37,17 @@ __all__ = [
 JSON = "application/json"
 OCTETS = "application/octet-stream"
 
-#: AMQP's limit on a routing key (a short string), in UTF-8 bytes.
+#: AMQP's limit on a routing key or message id (a short string), in UTF-8 bytes.
 MAX_ROUTING_KEY = 255
+
+
+class ArgumentTypeError(ConfigurationError, TypeError):
+    """An argument of the wrong kind: a :class:`~degrade.ConfigurationError` that is also a ``TypeError``.
+
+    ``publish()`` raised a bare ``TypeError`` for these before the library
+    settled on ``ConfigurationError``; both ``except`` clauses catch it.
+    """
+
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _encode_json_slow = _ENCODER.encode
@@ -166,7 +185,7 @@ def encode_payload(payload: object) -> tuple[bytes, str]:
     """Serialise a payload once: a JSON-able mapping, or bytes sent as they are.
 
     Raises:
-        TypeError: anything else, or a mapping that JSON cannot encode.
+        ArgumentTypeError: anything else, or a mapping that JSON cannot encode.
     """
     if type(payload) is dict:
         return _json(payload), JSON
@@ -174,24 +193,46 @@ def encode_payload(payload: object) -> tuple[bytes, str]:
         return bytes(payload), OCTETS
     if isinstance(payload, Mapping):
         return _json(dict(payload)), JSON
-    raise TypeError(f"publish() takes a JSON-able mapping or bytes as payload; got {type(payload).__name__}")
+    raise ArgumentTypeError(
+        f"publish() takes a JSON-able mapping or bytes as payload; got {type(payload).__name__}"
+    )
 
 
 def _json(payload: dict[Any, Any]) -> bytes:
     try:
         return _encode_json(payload).encode()
     except (TypeError, ValueError) as exc:  # ValueError: a circular reference, NaN or infinity
-        raise TypeError(f"the payload is not JSON-serialisable: {exc}") from None
+        raise ArgumentTypeError(f"the payload is not JSON-serialisable: {exc}") from None
 
 
 def check_routing_key(routing_key: object) -> str:
-    """Return ``routing_key`` if AMQP accepts it; raise ``TypeError`` / ``ValueError`` otherwise."""
+    """Return ``routing_key`` if AMQP accepts it.
+
+    Raises:
+        ArgumentTypeError: not a ``str``.
+        ConfigurationError: longer than 255 UTF-8 bytes.
+    """
     if type(routing_key) is not str:
-        raise TypeError(f"routing_key must be a str; got {type(routing_key).__name__}")
+        raise ArgumentTypeError(f"routing_key must be a str; got {type(routing_key).__name__}")
     # 63 characters never exceed 255 UTF-8 bytes, so most keys skip the encode.
     if len(routing_key) > 63 and len(routing_key.encode()) > MAX_ROUTING_KEY:
-        raise ValueError(f"routing_key is longer than AMQP's {MAX_ROUTING_KEY} bytes")
+        raise ConfigurationError(f"routing_key is longer than AMQP's {MAX_ROUTING_KEY} bytes")
     return routing_key
+
+
+def check_message_id(message_id: object) -> None:
+    """Accept None (the sender makes one) or a non-empty ``str`` of at most 255 UTF-8 bytes.
+
+    Raises:
+        ArgumentTypeError: neither None nor a ``str``.
+        ConfigurationError: empty, or longer than 255 UTF-8 bytes.
+    """
+    if message_id is None:
+        return
+    if type(message_id) is not str:
+        raise ArgumentTypeError(f"message_id must be a str or None; got {type(message_id).__name__}")
+    if not message_id or (len(message_id) > 63 and len(message_id.encode()) > MAX_ROUTING_KEY):
+        raise ConfigurationError("message_id must be a non-empty string of at most 255 UTF-8 bytes")
 
 
 def check_headers(headers: object) -> dict[str, Any]:
@@ -200,18 +241,18 @@ def check_headers(headers: object) -> dict[str, Any]:
     JSON-able keeps them encodable both as AMQP headers and in a :class:`DiskSpool` record.
 
     Raises:
-        TypeError: not a mapping, a key that is not a str, or a value JSON cannot encode.
+        ArgumentTypeError: not a mapping, a key that is not a str, or a value JSON cannot encode.
     """
     if not isinstance(headers, Mapping):
-        raise TypeError(f"headers must be a mapping; got {type(headers).__name__}")
+        raise ArgumentTypeError(f"headers must be a mapping; got {type(headers).__name__}")
     copied = dict(headers)
     for key in copied:
         if type(key) is not str:
-            raise TypeError(f"header names must be str; got {type(key).__name__}")
+            raise ArgumentTypeError(f"header names must be str; got {type(key).__name__}")
     try:
         _encode_json(copied)
     except (TypeError, ValueError) as exc:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"header values must be JSON-able (str, int, float, bool, None, lists, dicts): {exc}"
         ) from None
     return copied

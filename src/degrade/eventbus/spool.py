@@ -35,6 +35,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from .. import _validate
 from ..exceptions import ConfigurationError
 from ..observe import logger
 from ._event import Batch, Event, encode_json
@@ -86,9 +87,8 @@ class DiskSpool:
         segment_bytes: int = 8 * 1024 * 1024,
         fsync: bool = False,
     ) -> None:
-        for label, value in (("max_bytes", max_bytes), ("segment_bytes", segment_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
-                raise ConfigurationError(f"{label} must be an int >= 1024; got {value!r}")
+        max_bytes = _validate.count("max_bytes", max_bytes, minimum=1024)
+        segment_bytes = _validate.count("segment_bytes", segment_bytes, minimum=1024)
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.segment_bytes = min(segment_bytes, max_bytes)

@@ -185,6 +185,10 @@ class Dependency:
         #: How it recovers (:class:`~degrade.policies.Probe` by default).
         self.recovery = recovery
         self._tracker = trip.tracker(clock)
+        #: For safety nets: feed every success (the trip rule is a rate), not only the
+        #: first after a failure; and pass each success's duration (a slow-call rule).
+        self.counts_calls = self._tracker.counts_calls
+        self.times_calls = self._tracker.times_calls
         if watch_interval is not None:
             _validate.seconds("watch_interval", watch_interval)
             if check is None:
@@ -201,6 +205,8 @@ class Dependency:
         #: Class name of the last failure seen, never its text (it may hold a DSN).
         self.last_error: str | None = None
         self._spawn = spawn
+        #: The dependency's clock (monotonic by default), for safety nets timing calls.
+        self.clock = clock
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
@@ -211,6 +217,7 @@ class Dependency:
         #: Wall-clock time (``time.time()``) of the last transition, for health details.
         self.changed_at = time.time()
         self._next_trial = 0.0
+        self._trial_at: float | None = None  # when the trial call in flight was let through
         self._probe: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], Listener | None]] = []
         self._down_future: asyncio.Future[None] | None = None
@@ -263,6 +270,10 @@ class Dependency:
         """Bound of one check run (``recovery.timeout``)."""
         return self.recovery.timeout
 
+    def trip_figures(self) -> dict[str, Any]:
+        """What the trip rule currently sees (calls, failure %, slow % for a rate), for health details."""
+        return self._tracker.figures()
+
     @property
     def flapping(self) -> bool:
         """True while it relapses quickly after recovering (its recovery is damped)."""
@@ -283,15 +294,21 @@ class Dependency:
 
         True while ok. While down: False, except that a dependency recovering
         by trial (no check, or no event loop for a probe) admits one call per
-        ``recovery_interval``.
+        ``recovery_interval``, and only one at a time (half-open): no other
+        trial is admitted until that one's success or failure is recorded (or,
+        should it never be, for ``2 x interval + timeout``).
         """
         if not self._down:
             return True
         if self._forced or (self._probe is not None and not self._probe.done()):
             return False
         now = self._clock()
+        trial = self._trial_at
+        if trial is not None and now - trial < 2 * self.recovery_interval + self.check_timeout:
+            return False  # one trial at a time: the last one's outcome has not come back yet
         if now >= self._next_trial:
             self._next_trial = now + self.recovery_interval
+            self._trial_at = now
             return True
         return False
 
@@ -386,15 +403,23 @@ class Dependency:
     def record_failure(self, error: BaseException | None = None, *, reason: str = "traffic") -> None:
         """Count one failure; the ``failure_threshold``-th in a row opens it."""
         self._failures += 1
+        self._trial_at = None
         if error is not None:
             self.last_error = type(error).__name__
         if self._tracker.failure() and not self._down:
             self._go_down(error, reason)
 
-    def record_success(self) -> None:
-        """Count one success: reset the failure count and close it if it was down."""
+    def record_success(self, duration: float | None = None) -> None:
+        """Count one success: reset the failure count and close it if it was down.
+
+        ``duration`` (seconds the call took) feeds a slow-call rule
+        (:class:`~degrade.policies.SlowCalls`), which may open it on successes.
+        """
         self._failures = 0
-        self._tracker.success()
+        self._trial_at = None
+        if self._tracker.success(duration) and not self._down:
+            self._go_down(None, "slow")
+            return
         if self._down and not self._forced:
             self._go_up()
 

@@ -125,6 +125,7 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
             "impact": dep.impact or None,
             "runbook": dep.runbook,
         }
+        out[dep.name]["trip"] = {"rule": dep.trip.describe(), **dep.trip_figures()}
         if dep.flapping:
             out[dep.name]["flapping"] = True
             out[dep.name]["flaps"] = dep.flaps

@@ -142,6 +142,7 @@ class _FailSoft(Generic[T]):
                     site.shed(SHED_ABANDONED)
                     return await fallback_async(args, kwargs)
                 down = None
+                started = dep.clock() if dep.times_calls else 0.0
                 try:
                     if timeout is None:
                         # Not raced against dep.went_down(): that needs a task per call
@@ -166,8 +167,8 @@ class _FailSoft(Generic[T]):
                         raise
                     site.count()
                     return await fallback_async(args, kwargs)
-                if dep._failures:
-                    dep.record_success()
+                if dep._failures or dep.counts_calls:
+                    dep.record_success(dep.clock() - started if dep.times_calls else None)
                 return result
 
             soft_async.__degrade_site__ = site  # type: ignore[attr-defined]
@@ -188,6 +189,7 @@ class _FailSoft(Generic[T]):
             if dep._down and not dep.admit():
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
+            started = dep.clock() if dep.times_calls else 0.0
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
@@ -199,8 +201,8 @@ class _FailSoft(Generic[T]):
                     raise
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
-            if dep._failures:
-                dep.record_success()
+            if dep._failures or dep.counts_calls:
+                dep.record_success(dep.clock() - started if dep.times_calls else None)
             return result
 
         soft_sync.__degrade_site__ = site  # type: ignore[attr-defined]
@@ -277,6 +279,7 @@ class _FailLoud:
                     # Too many calls abandoned at their bound still unwind: do not add one.
                     return await shed_async(args, kwargs)
                 down = None
+                started = dep.clock() if dep.times_calls else 0.0
                 try:
                     if timeout is None:
                         # Not raced against dep.went_down(): see fail_soft and docs/modes.md.
@@ -298,8 +301,8 @@ class _FailLoud:
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse() from exc
-                if dep._failures:
-                    dep.record_success()
+                if dep._failures or dep.counts_calls:
+                    dep.record_success(dep.clock() - started if dep.times_calls else None)
                 return result
 
             loud_async.__degrade_site__ = site  # type: ignore[attr-defined]
@@ -322,6 +325,7 @@ class _FailLoud:
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse()
+            started = dep.clock() if dep.times_calls else 0.0
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
@@ -331,8 +335,8 @@ class _FailLoud:
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse() from exc
-            if dep._failures:
-                dep.record_success()
+            if dep._failures or dep.counts_calls:
+                dep.record_success(dep.clock() - started if dep.times_calls else None)
             return result
 
         loud_sync.__degrade_site__ = site  # type: ignore[attr-defined]

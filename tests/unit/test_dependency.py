@@ -361,7 +361,23 @@ class TestTrialRecovery:
         clock.advance(0.2)
         assert dep.admit()
         assert not dep.admit()
+        dep.record_failure()  # the trial failed
         clock.advance(2.0)
+        assert dep.admit()
+
+    def test_one_trial_at_a_time(self) -> None:
+        """Half-open lets exactly one trial through: none other until its outcome is recorded."""
+        clock = FakeClock()
+        _, dep = make(None, clock=clock, failure_threshold=1, recovery_interval=1.0)
+        dep.record_failure()
+        clock.advance(1.0)
+        assert dep.admit()  # the trial goes out and is slow
+        clock.advance(1.5)
+        assert not dep.admit()  # an interval later, still no second trial
+        dep.record_failure()  # the slow trial failed
+        clock.advance(1.0)
+        assert dep.admit()
+        clock.advance(10.0)  # a trial whose outcome never comes back does not block forever
         assert dep.admit()
 
     def test_trial_success_closes_it(self) -> None:

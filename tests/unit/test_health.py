@@ -274,7 +274,7 @@ class TestDetails:
         assert "details" not in (await get(registry)).json()
 
     async def test_fields(self, registry: Registry) -> None:
-        """details=True adds severity, critical, latency, since, error, impact and runbook."""
+        """details=True adds severity, critical, latency, since, error, impact, runbook and the trip rule."""
         registry.dependency(
             "db",
             severity=Severity.SEV1,
@@ -294,7 +294,9 @@ class TestDetails:
             "error",
             "impact",
             "runbook",
+            "trip",
         }
+        assert db["trip"] == {"rule": "3 consecutive failures", "consecutive_failures": 1}  # the failed check
         assert (db["status"], db["severity"], db["critical"], db["error"]) == (
             "down",
             "SEV-1",

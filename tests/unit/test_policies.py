@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
 from degrade import ConfigurationError, Dependency, Registry, Severity
-from degrade.policies import Consecutive, Probe
+from degrade.policies import Consecutive, FailureRate, Probe, SlowCalls
 
 
 class TestConsecutive:
@@ -180,3 +181,115 @@ class TestDampedRecovery:
         """Bad damping values are refused when the policy is made."""
         with pytest.raises(ConfigurationError):
             Probe(**kwargs)  # type: ignore[arg-type]
+
+
+class TestFailureRate:
+    def make(self, rule: object, clock: object) -> Dependency:
+        return Dependency("svc", severity=Severity.SEV2, trip=rule, clock=clock)  # type: ignore[arg-type]
+
+    def test_interleaved_failures_trip_it_and_not_consecutive(self) -> None:
+        """Every other call failing: FailureRate(0.5) trips, Consecutive(3) never does."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        rate = self.make(FailureRate(threshold=0.5, window=10.0, min_calls=20), clock)
+        consecutive = Dependency("other", severity=Severity.SEV2, trip=Consecutive(3), clock=clock)
+        downs: list[str] = []
+        for dep in (rate, consecutive):
+            dep.subscribe(lambda d: downs.append(d.name) if d.is_down else None)
+        for i in range(20):
+            for dep in (rate, consecutive):
+                if i % 2:
+                    dep.record_failure(OSError())
+                else:
+                    dep.record_success()
+            clock.advance(0.1)
+        assert rate.state == "down"  # at the 20th call: 10 of 20 failed
+        assert consecutive.state == "ok"
+        assert downs == ["svc"]
+
+    def test_min_calls_protects_a_quiet_service(self) -> None:
+        """Two failures out of two calls are 100 % but below min_calls: still ok."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        dep = self.make(FailureRate(min_calls=20), clock)
+        dep.record_failure(OSError())
+        dep.record_failure(OSError())
+        assert dep.state == "ok"
+        assert dep.trip_figures() == {"calls": 2, "failure_pct": 100.0, "slow_pct": 0.0}
+
+    def test_window_expires(self) -> None:
+        """Outcomes older than the window no longer count."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        dep = self.make(FailureRate(threshold=0.5, window=2.0, min_calls=4, buckets=4), clock)
+        for _ in range(3):
+            dep.record_failure(OSError())
+        clock.advance(2.5)  # those three slid out
+        dep.record_failure(OSError())
+        assert dep.state == "ok"
+        assert dep.trip_figures()["calls"] == 1
+        for _ in range(3):
+            dep.record_failure(OSError())
+        assert dep.state == "down"
+
+    def test_described(self) -> None:
+        """The runbook's words."""
+        assert FailureRate().describe() == "50% of calls failing over 10 s (at least 20 calls)"
+        assert SlowCalls().describe() == "80% of calls slower than 0.5 s over 10 s (at least 20 calls)"
+        assert (
+            FailureRate() | SlowCalls()
+        ).describe() == f"{FailureRate().describe()} or {SlowCalls().describe()}"
+
+
+class TestSlowCalls:
+    async def test_slow_successes_trip_it_through_a_decorator(self) -> None:
+        """A service answering every call in 0.9 s without an error trips SlowCalls(0.5)."""
+        from degrade import fail_soft
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        dep = Dependency(
+            "svc",
+            severity=Severity.SEV2,
+            trip=FailureRate() | SlowCalls(slower_than=0.5, threshold=0.8, min_calls=5),
+            clock=clock,
+        )
+        assert dep.counts_calls
+        assert dep.times_calls
+
+        @fail_soft(dep, fallback="fallback", reason="slow service")
+        async def call() -> str:
+            clock.advance(0.9)  # the service takes 0.9 s
+            return "answer"
+
+        answers = [await call() for _ in range(6)]
+        assert dep.state == "down"
+        assert answers[:5] == ["answer"] * 5
+        assert answers[5] == "fallback"
+        assert dep.trip_figures()["slow_pct"] == 0.0  # reset when it went down
+
+    def test_fast_successes_do_not(self) -> None:
+        """Successes under slower_than never trip it."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        dep = Dependency("svc", severity=Severity.SEV2, trip=SlowCalls(min_calls=5), clock=clock)
+        for _ in range(50):
+            dep.record_success(0.01)
+        assert dep.state == "ok"
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: FailureRate(threshold=0),
+            lambda: SlowCalls(slower_than=0),
+            lambda: FailureRate(min_calls=0),
+        ],
+    )
+    def test_validated(self, make: Any) -> None:
+        """Bad values are refused when the rule is made."""
+        with pytest.raises(ConfigurationError):
+            make()

@@ -86,3 +86,15 @@ class TestOptionalImports:
         assert not isinstance(info.value, MissingExtraError)
         with pytest.raises(ImportError, match="cannot import name"):
             optional("degrade_broken_pkg")
+
+
+class TestAiormq:
+    def test_fast_paths_available(self) -> None:
+        """aiormq has the transport factory the publisher uses to reset a stalled socket."""
+        pytest.importorskip("aiormq")
+        from degrade._compat import aiormq
+
+        assert aiormq.problems() == []
+        factory = aiormq.factory_for("amqps")
+        assert factory is not None
+        assert factory.transport is None

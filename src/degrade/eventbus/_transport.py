@@ -38,11 +38,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
-from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from aiormq.exceptions import DeliveryError
 from pamqp import commands as spec
 from yarl import URL
 
+from .. import _compat as compat
+from .._compat import aiormq as compat_aiormq
 from ..observe import logger
 from ._event import Event
 
@@ -55,30 +56,20 @@ DISCONNECT_TIMEOUT = 2.5
 _UTC = datetime.UTC
 
 
-class _Factory(TransportFactory):
-    """aiormq's own TCP or TLS factory that remembers the socket's transport."""
-
-    def __init__(self, base: TransportFactory) -> None:
-        self._base = base
-        self.transport: asyncio.WriteTransport | None = None
-
-    async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await self._base.create(url, **kwargs)
-        self.transport = writer.transport
-        return reader, writer
-
-
 class AbortableConnection(aio_pika.Connection):
     """``aio_pika.Connection`` with :meth:`abort`: reset the socket without waiting for the peer."""
 
     def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
         super().__init__(url, loop, **kwargs)
-        base = TLSTransportFactory() if URL(url).scheme == "amqps" else TCPTransportFactory()
-        self._factory = _Factory(base)
-        self.kwargs["transport_factory"] = self._factory
+        compat.report("aiormq", compat_aiormq.problems())  # once, at the first connection
+        self._factory = compat_aiormq.factory_for(URL(url).scheme)
+        if self._factory is not None:
+            self.kwargs["transport_factory"] = self._factory
 
     def abort(self) -> None:
         """Reset the socket now; a ``close()`` after it does not wait for the broker."""
+        if self._factory is None:  # aiormq without the hook: the close waits, bounded
+            return
         transport = self._factory.transport
         if transport is not None and not transport.is_closing():
             transport.abort()

@@ -20,7 +20,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
-from degrade import Dependency, Registry, Severity, checks
+from degrade import Dependency, Registry, Severity, checks, fail_soft
 from degrade import redis as dredis
 from degrade._gcra import Rate
 from degrade.ratelimit import Decision, RateLimiter, RateLimitMiddleware
@@ -353,6 +353,39 @@ class TestOutages:
         decisions = await asyncio.gather(*(limiter.hit(f"k{i}", "5/minute") for i in range(20)))
         assert {d.source for d in decisions} == {"memory"}
         assert limiter.stats.overflow == 14  # 1 in flight, 5 waiting, 14 turned away
+
+    async def test_in_flight_decisions_end_when_redis_goes_down(
+        self,
+        redis_proxy: FaultProxy,
+        redis_proxied: aioredis.Redis,
+        registry: Registry,
+        make: Any,
+        unique: str,
+    ) -> None:
+        """Blackholed with decisions in flight: once the dependency is down they are answered at once."""
+        dep = registry.dependency("redis", severity=Severity.SEV1, failure_threshold=1, recovery_interval=60)
+        limiter = make(redis_proxied, dep, timeout=3.0)
+        assert (await limiter.hit("k", "5/minute")).source == "redis"  # connected, script loaded
+
+        @fail_soft(dep, fallback=None, timeout=0.2, reason="a cache read on the same Redis")
+        async def cached() -> bytes | None:
+            return await redis_proxied.get(f"{unique}:cache")
+
+        redis_proxy.blackhole()
+        start = time.perf_counter()
+        hits = [asyncio.create_task(limiter.hit(f"k{i}", "5/minute")) for i in range(20)]
+        await asyncio.sleep(0.05)
+        assert not any(hit.done() for hit in hits)  # out on the wire or queued behind it
+        assert await cached() is None  # another site sees the outage: the dependency goes down
+        assert dep.is_down
+        decisions = await asyncio.gather(*hits)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 1.0  # not the limiter's 3 s timeout
+        assert {d.source for d in decisions} == {"memory"}
+        assert limiter.stats.cut_short == 20
+        assert dep.failures == 1  # the cache read's; the decisions cut short add none
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {}
 
     async def test_latency_above_the_timeout(
         self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any

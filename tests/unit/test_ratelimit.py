@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aredis
+import redis.exceptions as redis_exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
@@ -495,6 +497,260 @@ class TestNeverFailsOpenByAccident:
         assert len(errors) == 1  # logged once, counted twice
         assert errors[0]["error"] == "KeyError"
         assert "a bug" not in str(errors[0])
+
+
+# -- saturation is not an outage; in-flight work on a Redis that went down -------------
+
+
+def _reply(n: int) -> bytes:
+    """The script's reply for n allowed decisions."""
+    return b" ".join([b"1 9 100000 0"] * n)
+
+
+class _HeldRedis:
+    """A client (no pool: the generic path) whose every EVALSHA waits until ``release()``."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.cancelled = 0
+
+    def register_script(self, script: str) -> Any:
+        return type("Script", (), {"sha": "0" * 40})()
+
+    async def execute_command(self, *args: Any) -> Any:
+        self.calls += 1
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return _reply(int(args[2]))
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+class _Encoder:
+    encoding = "utf-8"
+    encoding_errors = "strict"
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+
+class _HeldConnection:
+    """A pooled connection whose reply never gets read; ``_reader._buffer`` says whether it arrived."""
+
+    def __init__(self, replied: bool) -> None:
+        self.encoder = _Encoder()
+        self._writer = None
+        self._reader = _Reader()
+        if replied:
+            self._reader._buffer += b"$12\r\n1 9 100000 0\r\n"
+        self.sent: list[bytes] = []
+
+    async def send_packed_command(self, packed: Any, check_health: bool = True) -> None:
+        self.sent.append(packed)
+
+    async def read_response(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - redis-py's
+        await asyncio.Event().wait()  # the event loop never gets to it
+
+    async def disconnect(self, nowait: bool = False) -> None:
+        return None
+
+
+class _Pool:
+    """A connection pool: ``exhausted`` (every connection out, waits never end), or failing with ``error``."""
+
+    def __init__(self, *, exhausted: bool = False, error: BaseException | None = None, replied: bool = False):
+        self.exhausted = exhausted
+        self.error = error
+        self.replied = replied
+        self.released = 0
+
+    def can_get_connection(self) -> bool:
+        return not self.exhausted
+
+    async def get_connection(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        if self.exhausted:
+            await asyncio.Event().wait()
+        return _HeldConnection(self.replied)
+
+    async def release(self, conn: Any) -> None:
+        self.released += 1
+
+
+class _PooledRedis:
+    """A client with a connection pool (the limiter's lean path)."""
+
+    connection = None
+
+    def __init__(self, pool: _Pool) -> None:
+        self.connection_pool = pool
+
+    def register_script(self, script: str) -> Any:
+        return type("Script", (), {"sha": "0" * 40})()
+
+
+def _no_connection_error() -> redis_exceptions.ConnectionError:
+    try:
+        try:
+            raise TimeoutError
+        except TimeoutError as exc:
+            raise redis_exceptions.ConnectionError("No connection available.") from exc
+    except redis_exceptions.ConnectionError as err:
+        return err
+
+
+class TestSaturationIsNotAnOutage:
+    async def test_max_pending_overflow_is_shed(self, clock: FakeClock) -> None:
+        """Past max_pending, decisions are shed: counted, answered from memory, no failure fed."""
+        redis = _HeldRedis()
+        dep = redis_dep(failure_threshold=1)
+        limiter = RateLimiter(redis, dependency=dep, clock=clock, max_in_flight=1, max_pending=3, timeout=5)
+        tasks = [asyncio.create_task(limiter.hit(f"k{i}", "5/minute")) for i in range(10)]
+        await asyncio.sleep(0.01)
+        shed = [t.result() for t in tasks if t.done()]
+        assert len(shed) == 6  # 1 direct call out, 3 waiting, 6 turned away
+        assert {d.source for d in shed} == {"memory"}
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {"max-pending": 6}
+        assert limiter.site.degraded_calls == 0
+        assert (limiter.stats.overflow, limiter.stats.shed, limiter.stats.fallback) == (6, 6, 0)
+        assert dep.failures == 0
+        assert not dep.is_down
+        redis.release()
+        rest = await asyncio.gather(*tasks)
+        assert [d.source for d in rest].count("redis") == 4
+        assert dep.failures == 0
+
+    @pytest.mark.parametrize("fallback", ["allow", "deny"])
+    async def test_shed_never_fails_open(self, clock: FakeClock, fallback: Any) -> None:
+        """Shedding is not an outage: "allow" answers from memory (no fail-open event), "deny" denies."""
+        redis = _HeldRedis()
+        dep = redis_dep()
+        with capture_logs() as logs:
+            limiter = RateLimiter(
+                redis,
+                dependency=dep,
+                fallback=fallback,
+                clock=clock,
+                max_in_flight=1,
+                max_pending=1,
+                timeout=5,
+            )
+            tasks = [asyncio.create_task(limiter.hit("k", "5/minute")) for _ in range(3)]
+            await asyncio.sleep(0.01)
+        shed = tasks[2].result()
+        assert shed.source == ("memory" if fallback == "allow" else "deny")
+        assert "ratelimit.fail_open" not in [e["event"] for e in logs]
+        redis.release()
+        await asyncio.gather(*tasks)
+
+    async def test_exhausted_pool_is_shed_not_a_failure(self, clock: FakeClock) -> None:
+        """No free connection in the client's pool within the timeout: shed, the dependency untouched."""
+        pool = _Pool(exhausted=True)
+        dep = redis_dep(failure_threshold=1)
+        limiter = RateLimiter(_PooledRedis(pool), dependency=dep, clock=clock, timeout=0.05)
+        decisions = await asyncio.gather(*(limiter.hit(f"k{i}", "5/minute") for i in range(5)))
+        assert {d.source for d in decisions} == {"memory"}
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {"pool-saturated": 5}  # the direct call and the batch behind it
+        assert limiter.site.degraded_calls == 0
+        assert dep.failures == 0
+        assert not dep.is_down
+
+    @pytest.mark.parametrize(
+        "error",
+        [redis_exceptions.MaxConnectionsError("Too many connections"), _no_connection_error()],
+        ids=["max-connections", "no-connection-available"],
+    )
+    async def test_pool_errors_are_shed(self, clock: FakeClock, error: BaseException) -> None:
+        """The pool's own "no connection" errors are local capacity, not Redis failing."""
+        dep = redis_dep(failure_threshold=1)
+        limiter = RateLimiter(_PooledRedis(_Pool(error=error)), dependency=dep, clock=clock)
+        decision = await limiter.hit("k", "5/minute")
+        assert decision.source == "memory"
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {"pool-saturated": 1}
+        assert dep.failures == 0
+
+    @pytest.mark.parametrize("timed_out", [False, True], ids=["refused", "connect-timed-out"])
+    async def test_connection_errors_are_still_failures(self, clock: FakeClock, timed_out: bool) -> None:
+        """A real connection error from the pool (refused, ETIMEDOUT) still feeds the dependency."""
+        error = redis_exceptions.ConnectionError(
+            "Error 110 connecting to 10.9.9.9:6379. Connection timed out."
+        )
+        if timed_out:
+            error.__cause__ = TimeoutError(110, "Connection timed out")
+        dep = redis_dep(failure_threshold=1)
+        limiter = RateLimiter(_PooledRedis(_Pool(error=error)), dependency=dep, clock=clock)
+        assert (await limiter.hit("k", "5/minute")).source == "memory"
+        assert dep.is_down
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {}
+
+    async def test_late_loop_with_the_reply_in_the_buffer_is_shed(self, clock: FakeClock) -> None:
+        """Redis answered but the loop never read it in time: the loop's lag, not Redis's failure."""
+        dep = redis_dep(failure_threshold=1)
+        limiter = RateLimiter(_PooledRedis(_Pool(replied=True)), dependency=dep, clock=clock, timeout=0.05)
+        decisions = await asyncio.gather(*(limiter.hit(f"k{i}", "5/minute") for i in range(3)))
+        assert {d.source for d in decisions} == {"memory"}
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {"loop-lag": 3}
+        assert dep.failures == 0
+
+    async def test_silence_on_the_wire_is_a_failure(self, clock: FakeClock) -> None:
+        """No reply at all within the timeout (a blackholed Redis): a failure, as before."""
+        dep = redis_dep(failure_threshold=1)
+        limiter = RateLimiter(_PooledRedis(_Pool(replied=False)), dependency=dep, clock=clock, timeout=0.05)
+        assert (await limiter.hit("k", "5/minute")).source == "memory"
+        assert dep.is_down
+        assert limiter.site is not None
+        assert limiter.site.shed_calls == {}
+        assert limiter.site.degraded_calls == 1
+
+
+class TestInFlightWhenRedisGoesDown:
+    async def test_waiting_decisions_are_answered_at_once(self, clock: FakeClock) -> None:
+        """Redis going down (seen elsewhere) answers the direct call, the batch and the queue now."""
+        redis = _HeldRedis()
+        dep = redis_dep()
+        limiter = RateLimiter(redis, dependency=dep, clock=clock, timeout=30, max_in_flight=2)
+        tasks = [asyncio.create_task(limiter.hit(f"k{i}", "5/minute")) for i in range(20)]
+        await asyncio.sleep(0.01)
+        assert redis.calls == 2  # the direct call and one batch out, the rest queued behind them
+        assert not any(t.done() for t in tasks)
+        start = asyncio.get_running_loop().time()
+        dep.mark_down()
+        decisions = await asyncio.gather(*tasks)
+        assert asyncio.get_running_loop().time() - start < 0.5  # not the 30 s timeout
+        assert {d.source for d in decisions} == {"memory"}
+        assert limiter.stats.cut_short == 20
+        assert limiter.site is not None
+        assert limiter.site.degraded_calls == 20
+        assert limiter.site.shed_calls == {}
+        assert redis.cancelled == 2  # the calls out were ended, not left to hang
+        assert dep.failures == dep.failure_threshold  # mark_down's; nothing added per decision
+
+    async def test_a_recovery_changes_nothing_in_flight(self, clock: FakeClock) -> None:
+        """Only a transition to down ends the waits."""
+        redis = _HeldRedis()
+        dep = redis_dep()
+        limiter = RateLimiter(redis, dependency=dep, clock=clock, timeout=30)
+        dep.mark_down()
+        dep.record_success()
+        tasks = [asyncio.create_task(limiter.hit(f"k{i}", "5/minute")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(t.done() for t in tasks)
+        redis.release()
+        assert {d.source for d in await asyncio.gather(*tasks)} == {"redis"}
+        assert limiter.stats.cut_short == 0
 
 
 # -- client_ip ------------------------------------------------------------------------

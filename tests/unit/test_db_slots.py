@@ -60,7 +60,7 @@ class TestSlots:
         assert slots.in_use == 1
 
     async def test_early_shedding_once_the_hold_time_is_known(self) -> None:
-        """With 100 ms holds and 2 slots, about 10 can wait within 0.5 s: the next is refused at once."""
+        """100 ms holds, 2 slots, 0.5 s: 10 could be served, 8 are planned (headroom): the 9th is refused."""
         clock = FakeClock()
         slots = Slots(2, clock=clock)
         assert not slots.would_shed(0.5)  # nothing measured yet: only the budget bounds a wait
@@ -69,9 +69,9 @@ class TestSlots:
         assert slots.hold == pytest.approx(0.1)
         slots.try_take()
         slots.try_take()
-        waiters = [asyncio.ensure_future(slots.take(0.5)) for _ in range(9)]
+        waiters = [asyncio.ensure_future(slots.take(0.5)) for _ in range(7)]
         await asyncio.sleep(0)
-        assert not slots.would_shed(0.5)  # the 10th fits: 10 x 0.1 / 2 = 0.5 s
+        assert not slots.would_shed(0.5)  # the 8th fits: 20/s x 0.5 s x 0.8 = 8
         waiters.append(asyncio.ensure_future(slots.take(0.5)))
         await asyncio.sleep(0)
         assert slots.would_shed(0.5)
@@ -121,3 +121,26 @@ class TestSlots:
         assert slots.stalled(1.0)
         slots.release(1.5)
         assert not slots.stalled(1.0)
+
+    async def test_a_pause_that_stretches_holds_does_not_shed_a_healthy_line(self) -> None:
+        """Counted releases keep the rate when a GC pause inflates the average hold."""
+        clock = FakeClock()
+        slots = Slots(10, clock=clock)
+        for _ in range(10):
+            slots.try_take()
+        for _ in range(500):  # a busy second: 500 releases of 20 ms holds
+            clock.now += 0.002
+            slots.release(0.02)
+            slots.try_take()
+        for _ in range(10):  # a 150 ms pause stretches the next ten holds
+            slots.release(0.15)
+            slots.try_take()
+        assert slots.hold is not None
+        assert slots.hold > 0.1  # the average jumped...
+        assert slots.rate() is not None
+        assert slots.rate() >= 400  # ...the counted rate did not
+        waiters = [asyncio.ensure_future(slots.take(1.0)) for _ in range(200)]
+        await asyncio.sleep(0)
+        assert not slots.would_shed(1.0)
+        slots.refuse_all("down")
+        await asyncio.gather(*waiters)

@@ -249,14 +249,20 @@ class DBHealthMiddleware:
                 if outcome == "pool-saturated" and slots.stalled(self.acquire_timeout):
                     self._suspect_stall()
                 raise self._shed(outcome)
+        remaining = budget - (clock() - started)
         try:
-            conn = await acquire(self.engine, budget - (clock() - started))
+            conn = await acquire(self.engine, remaining)
         except Exception as exc:
             lease.waited += clock() - started
             slots.release(None)
-            if isinstance(exc, TimeoutError) and pool_full(self._sync_engine):
-                # Every pooled connection is out (to users outside the gate too): saturation.
-                raise self._shed("pool-saturated") from exc
+            if isinstance(exc, TimeoutError):
+                if pool_full(self._sync_engine):
+                    # Every pooled connection is out (to users outside the gate too): saturation.
+                    raise self._shed("pool-saturated") from exc
+                if remaining < self.acquire_timeout / 2:
+                    # Most of the budget went waiting in line: a connect or BEGIN that could
+                    # not finish in what was left says nothing about the server.
+                    raise self._shed("budget") from exc
             dep.record_failure(exc)
             raise self._unavailable() from exc
         except BaseException:

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -100,7 +101,12 @@ class TestFailFast:
         redis_proxy.reset()
         await asyncio.sleep(0.05)
         _, exc = await elapsed(redis_proxied.ping())
-        assert isinstance(exc, RedisConnectionError)
+        if exc is None:
+            # redis-py 5.0 checks the socket before writing and reconnects silently:
+            # no error to count, and still no client-side retry of a failed call.
+            assert tuple(int(p) for p in redis.__version__.split(".")[:2]) < (5, 1)
+        else:
+            assert isinstance(exc, RedisConnectionError)
         assert await redis_proxied.ping()
 
     async def test_recovers_without_intervention(

@@ -98,3 +98,23 @@ class TestAiormq:
         factory = aiormq.factory_for("amqps")
         assert factory is not None
         assert factory.transport is None
+
+
+class TestRedisConnections:
+    async def test_get_connection_with_or_without_a_command_name(self) -> None:
+        """Pools that want a command name get one; newer ones get none."""
+        pytest.importorskip("redis")
+        from degrade._compat import redis
+
+        class Old:
+            async def get_connection(self, command_name: str, *keys: object) -> str:
+                return f"old:{command_name}"
+
+        class New:
+            async def get_connection(self, command_name: str | None = None) -> str:
+                return f"new:{command_name}"
+
+        assert await redis.get_connection(Old()) == "old:EVALSHA"
+        assert await redis.get_connection(New()) == "new:None"
+        assert redis.writer(object()) is None
+        assert not redis.reply_buffered(object())

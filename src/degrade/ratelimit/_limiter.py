@@ -14,7 +14,9 @@ from typing import Any, Literal
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MasterDownError, MaxConnectionsError, NoScriptError, ReadOnlyError, RedisError
 
+from .. import _compat as compat
 from .._classify import is_dependency_error
+from .._compat import redis as compat_redis
 from .._extras import optional
 from .._gcra import Decision, MemoryStore, Rate, parse_rate
 from ..dependency import Dependency, Site
@@ -165,10 +167,15 @@ def _no_connection(exc: BaseException) -> bool:
     )
 
 
+def _health_check_due(conn: Any) -> bool:
+    """Would redis-py PING this connection before its next command (its health_check_interval)?"""
+    interval = getattr(conn, "health_check_interval", 0)
+    return bool(interval) and asyncio.get_running_loop().time() > getattr(conn, "next_health_check", 0)
+
+
 def _has_reply(conn: Any) -> bool:
     """Has Redis's answer reached this connection's buffer (unread because the loop was busy)?"""
-    reader = getattr(conn, "_reader", None)
-    return bool(getattr(reader, "_buffer", None))
+    return compat_redis.reply_buffered(conn)
 
 
 class _Call:
@@ -357,6 +364,7 @@ class RateLimiter:
         self._sha_bulk = b""
         self._idle: list[Any] = []
         self._unsubscribe: Callable[[], None] | None = None
+        compat.report("redis", compat_redis.problems())
         # The lean path needs a plain pooled client (not single_connection_client).
         self._pool: Any = None
         if redis is not None and getattr(redis, "connection", None) is None:
@@ -644,15 +652,12 @@ class RateLimiter:
         if not self._idle:
             return
         conn = self._idle[-1]
-        writer = getattr(conn, "_writer", None)
+        writer = compat_redis.writer(conn)
         if (
             writer is None
             or not conn.is_connected
             or writer.transport.is_closing()
-            or (
-                getattr(conn, "health_check_interval", 0)
-                and asyncio.get_running_loop().time() > getattr(conn, "next_health_check", 0)
-            )
+            or _health_check_due(conn)
         ):
             return  # _send takes the usual way (connect, or PING first)
         self._idle.pop()
@@ -728,7 +733,7 @@ class RateLimiter:
             can_get = getattr(pool, "can_get_connection", None)
             if can_get is not None and not can_get():
                 call.phase = "pool"  # every connection is out: a wait here is local saturation
-            conn = await pool.get_connection()
+            conn = await compat_redis.get_connection(pool)
             call.phase = "wire"
         call.conn = conn
         try:
@@ -788,17 +793,10 @@ class RateLimiter:
         *,
         written: bool = False,
     ) -> Any:
-        writer = getattr(conn, "_writer", None)
+        writer = compat_redis.writer(conn)
         if written and writer is not None:  # by _write_now, from the flush callback
             await writer.drain()
-        elif (
-            writer is not None
-            and conn.is_connected
-            and not (
-                getattr(conn, "health_check_interval", 0)
-                and asyncio.get_running_loop().time() > getattr(conn, "next_health_check", 0)
-            )
-        ):
+        elif writer is not None and conn.is_connected and not _health_check_due(conn):
             # Connected and no health check due: write the command directly.
             # redis-py's send_packed_command wraps this write in asyncio.wait_for
             # when the client has a socket timeout, which costs a task and a

@@ -78,6 +78,8 @@ class Site:
     degraded_calls: int = 0
     #: Calls shed for lack of *local* capacity, by reason (never a failure of the dependency).
     shed_calls: dict[str, int] = field(default_factory=dict)
+    #: Unexpected errors (bugs, not outages) this site answered by its policy; in health details.
+    unexpected_errors: int = 0
     _counter: Any = field(default=None, repr=False)
     _shed_log_due: float = field(default=0.0, repr=False)
     _shed_logged: int = field(default=0, repr=False)

@@ -136,6 +136,9 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
                 shed[reason] = shed.get(reason, 0) + count
         if shed:
             out[dep.name]["shed"] = shed
+        unexpected = sum(site.unexpected_errors for site in dep.sites)
+        if unexpected:
+            out[dep.name]["unexpected_errors"] = unexpected
         hatches = registry.hatches_for(dep)
         if hatches:
             out[dep.name]["escape_hatches"] = [hatch.describe() for hatch in hatches]

@@ -497,6 +497,27 @@ class TestNeverFailsOpenByAccident:
         assert len(errors) == 1  # logged once, counted twice
         assert errors[0]["error"] == "KeyError"
         assert "a bug" not in str(errors[0])
+        assert limiter.site is not None
+        assert limiter.site.unexpected_errors == 2  # shown in /health/deep details
+
+    async def test_a_limiter_that_never_reaches_redis_says_so_loudly(
+        self, clock: FakeClock, sentry_events: list[dict[str, Any]]
+    ) -> None:
+        """UNEXPECTED_LOUD unexpected errors in a row: one critical line and one Sentry event."""
+        from degrade.ratelimit import _limiter
+
+        dep = redis_dep()
+        with capture_logs() as logs:
+            limiter = RateLimiter(_BuggyRedis(), dependency=dep, clock=clock)
+            for _ in range(_limiter.UNEXPECTED_LOUD * 2):
+                await limiter.hit("k", "1000/minute")
+        loud = [e for e in logs if e["event"] == "ratelimit.not_using_redis"]
+        assert len(loud) == 1
+        assert loud[0]["log_level"] == "critical"
+        assert loud[0]["consecutive"] == _limiter.UNEXPECTED_LOUD
+        events = [e for e in sentry_events if e["tags"].get("degrade.component") == "ratelimit"]
+        assert len(events) == 1
+        assert dep.state == "ok"
 
 
 # -- saturation is not an outage; in-flight work on a Redis that went down -------------

@@ -21,7 +21,7 @@ from .._extras import optional
 from .._gcra import Decision, MemoryStore, Rate, parse_rate
 from ..dependency import Dependency, Site
 from ..exceptions import ConfigurationError
-from ..observe import logger, security_event
+from ..observe import logger, report_to_sentry, security_event
 
 __all__ = ["Fallback", "LimiterStats", "RateLimiter"]
 
@@ -71,6 +71,10 @@ return table.concat(out, ' ')
 _US = 1_000_000
 _FALLBACKS = ("memory", "deny", "allow")
 _ERROR_LOG_INTERVAL = 60.0
+#: Unexpected errors in a row (no success between) after which the limiter says loudly
+#: that it is not using Redis (a critical log line and one Sentry event per streak).
+UNEXPECTED_LOUD = 20
+
 #: Passed to redis-py's read_response: no second timer per read, since every call
 #: of the limiter already runs under its own bound (asyncio.timeout or the batch timer).
 _NO_READ_TIMEOUT = math.inf
@@ -360,6 +364,7 @@ class RateLimiter:
         self._in_flight: dict[asyncio.Task[None], _Call] = {}
         self._failing_open = False
         self._last_error_log = -_ERROR_LOG_INTERVAL
+        self._unexpected_streak = 0
         self._sha = ""
         self._sha_bulk = b""
         self._idle: list[Any] = []
@@ -546,6 +551,7 @@ class RateLimiter:
 
     def _succeeded(self, dep: Dependency) -> None:
         self.stats.batches += 1
+        self._unexpected_streak = 0
         if dep.failures:
             dep.record_success()
         if self._failing_open and not dep.is_down:
@@ -893,7 +899,26 @@ class RateLimiter:
 
     def _report_error(self, exc: BaseException) -> None:
         self.stats.errors += 1
+        if self.site is not None:
+            self.site.unexpected_errors += 1
+        self._unexpected_streak += 1
         name = type(exc).__name__
+        if self._unexpected_streak == UNEXPECTED_LOUD:
+            # Not one bug in a thousand decisions: the limiter is not using Redis at all.
+            logger.critical(
+                "ratelimit.not_using_redis",
+                error=name,
+                consecutive=self._unexpected_streak,
+                detail="every decision hits an unexpected error on the redis path and is answered "
+                "from memory; check the redis-py version (degrade.compat.fallback) and the key",
+            )
+            report_to_sentry(
+                "degrade: rate limiter is not using Redis",
+                level="error",
+                tags={"degrade.component": "ratelimit", "degrade.error": name},
+                fingerprint=["degrade", "ratelimit", "not_using_redis"],
+                extras={"consecutive": self._unexpected_streak},
+            )
         if _ERRORS is not None:
             _ERRORS.labels(error=name).inc()
         now = time.monotonic()

@@ -5,22 +5,31 @@ about: one log line and (for SEV-1/SEV-2) one Sentry event per state transition,
 never one per request while a dependency stays down. Per-call outcomes only move
 counters.
 
-The host owns Sentry and structlog: degrade never calls ``sentry_sdk.init``,
-never sets global tags, and never reconfigures logging. Sentry events are sent
-only when the host initialised a client; metrics exist only when
-``prometheus_client`` is installed (extra ``prometheus``).
+The host owns Sentry, structlog and OpenTelemetry: degrade never calls
+``sentry_sdk.init``, never sets global tags, never reconfigures logging and
+never sets a meter provider. Sentry events are sent only when the host
+initialised a client; Prometheus metrics exist only when ``prometheus_client``
+is installed (extra ``prometheus``); the same metrics go to OpenTelemetry
+instruments when ``opentelemetry-api`` is installed (extra ``otel``), through
+the global meter provider, which is a no-op until the host configures one (see
+:func:`use_opentelemetry`). Both can be on together; each costs nothing when its
+package is absent, and neither adds work per call: per-site counts are plain
+integers read at collection time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
-from . import _bounded
-from ._extras import optional
+from . import _bounded, _otel
+from ._extras import optional, require
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 
 class _Severity(Protocol):
@@ -78,7 +87,15 @@ class Site(Protocol):
     def shed_total(self) -> int: ...
 
 
-__all__ = ["logger", "metrics", "report_to_sentry", "security_event"]
+__all__ = [
+    "logger",
+    "metrics",
+    "otel_counter",
+    "otel_observable",
+    "report_to_sentry",
+    "security_event",
+    "use_opentelemetry",
+]
 
 logger = structlog.get_logger("degrade")
 
@@ -91,10 +108,19 @@ class _Inc(Protocol):
 
 
 class _Metrics:
-    """The Prometheus metrics, or no-ops when prometheus_client is missing."""
+    """The Prometheus metrics (no-ops when prometheus_client is missing), and what OpenTelemetry reads.
+
+    ``sites`` and ``up`` are what both collectors read at collection time:
+    every site declared in this process (with when), and the last state
+    (1 ok, 0 down) of each dependency name.
+    """
 
     def __init__(self) -> None:
         self.enabled = _prometheus is not None
+        # Strong references, as prometheus_client keeps its labelled children:
+        # a series never vanishes (which a scraper would read as a counter reset).
+        self.sites: list[tuple[Site, float]] = []
+        self.up: dict[str, int] = {}
         if not self.enabled:
             return
         p = _prometheus
@@ -118,7 +144,7 @@ class _Metrics:
         # path of an outage, is then one integer increment instead of a locked
         # prometheus_client Counter.inc() (~0.5 us, as much as the rest of the
         # fallback path; see bench/RESULTS.md).
-        self.site_totals = _SiteTotals()
+        self.site_totals = _SiteTotals(self.sites)
         p.REGISTRY.register(self.site_totals)
         p.REGISTRY.register(_AbandonedWork())
 
@@ -127,22 +153,30 @@ class _Metrics:
 
         ``Site.count()`` bumps ``site.degraded_calls``; the per-site series of
         ``degrade_fallback_total`` (FAIL-SOFT) or ``degrade_fail_loud_total``
-        read it when Prometheus scrapes.
+        read it when Prometheus scrapes, and OpenTelemetry's
+        ``degrade.site.degraded_calls`` when its reader collects.
         """
-        if self.enabled:
-            self.site_totals.add(site)
+        self.sites.append((site, time.time()))
+        _otel_state.ensure()
         return None
 
     def state(self, dep: Dependency) -> None:
+        up = 0 if dep.is_down else 1
+        self.up[dep.name] = up
+        _otel_state.ensure()
         if self.enabled:
-            self.dependency_up.labels(dependency=dep.name).set(0 if dep.is_down else 1)
+            self.dependency_up.labels(dependency=dep.name).set(up)
 
     def transition(self, dep: Dependency) -> None:
+        flapped = dep.is_down and bool(dep.flaps)
+        bridge = _otel_state.bridge
+        if bridge is not None:
+            bridge.transition(dep.name, dep.state, flapped)
         if self.enabled:
             self.transitions.labels(dependency=dep.name, to=dep.state).inc()
-            if dep.is_down and dep.flaps:
+            if flapped:
                 self.flaps.labels(dependency=dep.name).inc()
-            self.state(dep)
+        self.state(dep)
 
 
 class _SiteTotals:
@@ -153,13 +187,8 @@ class _SiteTotals:
         ("degrade_fail_loud", "Calls of a FAIL-LOUD site that raised DependencyUnavailable."),
     )
 
-    def __init__(self) -> None:
-        # Strong references, as prometheus_client keeps its labelled children:
-        # a series never vanishes (which a scraper would read as a counter reset).
-        self._sites: list[tuple[Site, float]] = []
-
-    def add(self, site: Site) -> None:
-        self._sites.append((site, time.time()))
+    def __init__(self, sites: list[tuple[Site, float]]) -> None:
+        self._sites = sites  # _Metrics.sites: every site declared, with when
 
     def _families(self) -> tuple[Any, Any]:
         family = _prometheus.metrics_core.CounterMetricFamily
@@ -227,6 +256,95 @@ class _AbandonedWork:
 
 
 metrics = _Metrics()
+_otel_state = _otel.State(metrics)
+
+
+def use_opentelemetry(meter_provider: MeterProvider | None = None, *, enabled: bool = True) -> bool:
+    """Send degrade's metrics to OpenTelemetry through ``meter_provider``, or stop (``enabled=False``).
+
+    Not needed in most apps: when ``opentelemetry-api`` is installed (extra
+    ``otel``), degrade creates its instruments at its first signal (the first
+    dependency) on the *global* meter provider, which does nothing until the
+    host calls ``opentelemetry.metrics.set_meter_provider()`` and then forwards
+    to it. Call this to use another provider (a test's ``MeterProvider`` with an
+    in-memory reader), or with ``enabled=False`` to keep the metrics out of
+    OpenTelemetry (when OpenTelemetry's Prometheus exporter shares the
+    ``prometheus_client`` registry with degrade's own metrics, say).
+
+    Instruments are created on the new provider's meter
+    (``get_meter("degrade", degrade.__version__)``): per-site and abandoned
+    counts are observable (read at collection, so they start from the process's
+    totals); transitions and flaps count from then on. The previous provider's
+    instruments stop reporting. Counters from :func:`otel_counter` follow.
+
+    Failure mode: raises :class:`~degrade.MissingExtraError` when
+    ``opentelemetry-api`` is not installed (and ``enabled`` is true); never
+    touches the global meter provider. An exception raised while the host's
+    reader collects is caught and logged by OpenTelemetry's SDK, not raised here.
+
+    Args:
+        meter_provider: The provider to report through; None for the global one.
+        enabled: False to stop reporting to OpenTelemetry.
+
+    Returns:
+        True while degrade reports to OpenTelemetry.
+    """
+    if not enabled:
+        _otel_state.off()
+        return False
+    api = require("opentelemetry.metrics", "otel", feature="OpenTelemetry metrics")
+    _otel_state.bind(api, meter_provider)
+    return True
+
+
+def otel_counter(name: str, description: str, unit: str = "1") -> _otel.Counter:
+    """An OpenTelemetry counter for a safety net's own signal; a no-op without OpenTelemetry.
+
+    For a count that changes on its own events (a limiter decision by source,
+    say): ``counter.add(1, {"degrade.ratelimit.source": "memory"})``. The
+    instrument is created on degrade's meter and moves with
+    :func:`use_opentelemetry`. For counts already kept as plain integers,
+    prefer :func:`otel_observable`: nothing added per call.
+
+    Failure mode: none; while OpenTelemetry is absent or off, ``add()`` is an
+    attribute read and a comparison.
+
+    Args:
+        name: Instrument name, OpenTelemetry style (``"degrade.ratelimit.decisions"``).
+        description: What it counts.
+        unit: UCUM unit, e.g. ``"{decision}"``.
+    """
+    return _otel_state.counter(name, description, unit)
+
+
+def otel_observable(
+    name: str,
+    description: str,
+    callback: Callable[[], Iterable[tuple[float, Mapping[str, str]]]],
+    *,
+    unit: str = "1",
+    kind: Literal["counter", "up_down_counter", "gauge"] = "counter",
+) -> None:
+    """Report ``callback()``'s (value, attributes) pairs as an observable instrument at each collection.
+
+    For counts a safety net keeps as plain integers (a publisher's events by
+    outcome): no work per call, as for the per-site counts. ``kind`` picks an
+    observable counter (monotonic totals), up-down counter or gauge. Registered
+    for the current meter and every later one (:func:`use_opentelemetry`).
+
+    Failure mode: none here; an exception raised by ``callback`` is caught and
+    logged by OpenTelemetry's SDK at collection (that instrument reports
+    nothing that time).
+
+    Args:
+        name: Instrument name, OpenTelemetry style (``"degrade.eventbus.events"``).
+        description: What it reports.
+        callback: Returns (value, attributes) pairs; called at collection time.
+        unit: UCUM unit, e.g. ``"{event}"``.
+        kind: ``"counter"``, ``"up_down_counter"`` or ``"gauge"``.
+    """
+    _otel_state.observable(_otel.Observable(name, description, unit, kind, callback))
+
 
 #: Seconds between two ``degrade.abandoned_cap`` warnings.
 ABANDON_LOG_INTERVAL = 10.0

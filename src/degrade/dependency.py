@@ -418,7 +418,8 @@ class Dependency:
         (:class:`~degrade.policies.SlowCalls`), which may open it on successes.
         """
         self._failures = 0
-        self._trial_at = None
+        if self._trial_at is not None:
+            self._trial_at = None
         if self._tracker.success(duration) and not self._down:
             self._go_down(None, "slow")
             return

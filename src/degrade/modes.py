@@ -114,6 +114,8 @@ class _FailSoft(Generic[T]):
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R | T]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         dep, is_failure, timeout = self.dep, self.is_failure, self.timeout
+        # Fixed with the dependency's trip rule: read once, not per call.
+        counts, timed, clock = dep.counts_calls, dep.times_calls, dep.clock
         fallback = self.fallback
         call_fallback = callable(fallback)
         name = dep.name
@@ -142,7 +144,7 @@ class _FailSoft(Generic[T]):
                     site.shed(SHED_ABANDONED)
                     return await fallback_async(args, kwargs)
                 down = None
-                started = dep.clock() if dep.times_calls else 0.0
+                started = clock() if timed else 0.0
                 try:
                     if timeout is None:
                         # Not raced against dep.went_down(): that needs a task per call
@@ -167,8 +169,8 @@ class _FailSoft(Generic[T]):
                         raise
                     site.count()
                     return await fallback_async(args, kwargs)
-                if dep._failures or dep.counts_calls:
-                    dep.record_success(dep.clock() - started if dep.times_calls else None)
+                if dep._failures or counts:
+                    dep.record_success(clock() - started if timed else None)
                 return result
 
             soft_async.__degrade_site__ = site  # type: ignore[attr-defined]
@@ -189,7 +191,7 @@ class _FailSoft(Generic[T]):
             if dep._down and not dep.admit():
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
-            started = dep.clock() if dep.times_calls else 0.0
+            started = clock() if timed else 0.0
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
@@ -201,8 +203,8 @@ class _FailSoft(Generic[T]):
                     raise
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
-            if dep._failures or dep.counts_calls:
-                dep.record_success(dep.clock() - started if dep.times_calls else None)
+            if dep._failures or counts:
+                dep.record_success(clock() - started if timed else None)
             return result
 
         soft_sync.__degrade_site__ = site  # type: ignore[attr-defined]
@@ -233,6 +235,7 @@ class _FailLoud:
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         dep, is_failure, timeout, retry_after = self.dep, self.is_failure, self.timeout, self.retry_after
+        counts, timed, clock = dep.counts_calls, dep.times_calls, dep.clock
         name = dep.name
         hatch = self.hatch
         site = _register(dep, fn, "fail_loud", self.reason, None)
@@ -279,7 +282,7 @@ class _FailLoud:
                     # Too many calls abandoned at their bound still unwind: do not add one.
                     return await shed_async(args, kwargs)
                 down = None
-                started = dep.clock() if dep.times_calls else 0.0
+                started = clock() if timed else 0.0
                 try:
                     if timeout is None:
                         # Not raced against dep.went_down(): see fail_soft and docs/modes.md.
@@ -301,8 +304,8 @@ class _FailLoud:
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse() from exc
-                if dep._failures or dep.counts_calls:
-                    dep.record_success(dep.clock() - started if dep.times_calls else None)
+                if dep._failures or counts:
+                    dep.record_success(clock() - started if timed else None)
                 return result
 
             loud_async.__degrade_site__ = site  # type: ignore[attr-defined]
@@ -325,7 +328,7 @@ class _FailLoud:
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse()
-            started = dep.clock() if dep.times_calls else 0.0
+            started = clock() if timed else 0.0
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
@@ -335,8 +338,8 @@ class _FailLoud:
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse() from exc
-            if dep._failures or dep.counts_calls:
-                dep.record_success(dep.clock() - started if dep.times_calls else None)
+            if dep._failures or counts:
+                dep.record_success(clock() - started if timed else None)
             return result
 
         loud_sync.__degrade_site__ = site  # type: ignore[attr-defined]

@@ -133,17 +133,22 @@ class _Window:
     O(1) per call and no allocation: the counts live in three preallocated
     lists used as rings, and the running totals are kept as calls come and
     slices expire. A slice is ``window / buckets`` seconds, so the window
-    slides in steps of that size.
+    slides in steps of that size. A call compares the clock with the end of
+    the current slice and bumps two integers; the division and the expiry of
+    old slices run only when a slice ends (measured: the per-call division
+    and modulo were half of the rule's cost over ``Consecutive``).
     """
 
     __slots__ = (
         "calls",
         "clock",
         "failed",
+        "i",
         "n",
         "ring_calls",
         "ring_failed",
         "ring_slow",
+        "roll_at",
         "slice",
         "slot",
         "slow",
@@ -158,11 +163,14 @@ class _Window:
         self.ring_slow = [0] * buckets
         self.calls = self.failed = self.slow = 0
         self.slot = int(clock() / self.slice)
+        self.i = self.slot % buckets
+        self.roll_at = (self.slot + 1) * self.slice
 
-    def _advance(self) -> int:
-        slot = int(self.clock() / self.slice)
+    def _roll(self, now: float) -> None:
+        """Move to the slice ``now`` falls in, expiring the slices that slid out."""
+        slot = int(now / self.slice)
         gap = slot - self.slot
-        if gap:
+        if gap > 0:
             n = self.n
             if gap >= n:
                 self.reset()
@@ -174,10 +182,21 @@ class _Window:
                     self.slow -= self.ring_slow[i]
                     self.ring_calls[i] = self.ring_failed[i] = self.ring_slow[i] = 0
             self.slot = slot
-        return slot % self.n
+            self.i = slot % n
+        self.roll_at = (slot + 1) * self.slice
+
+    def ok(self) -> None:
+        """One call that succeeded in time (the hot path)."""
+        if self.clock() >= self.roll_at:
+            self._roll(self.clock())
+        self.ring_calls[self.i] += 1
+        self.calls += 1
 
     def add(self, failed: bool, slow: bool) -> None:
-        i = self._advance()
+        """One call that failed, or succeeded slowly (or not)."""
+        if self.clock() >= self.roll_at:
+            self._roll(self.clock())
+        i = self.i
         self.ring_calls[i] += 1
         self.calls += 1
         if failed:
@@ -194,7 +213,9 @@ class _Window:
         self.calls = self.failed = self.slow = 0
 
     def figures(self) -> dict[str, Any]:
-        self._advance()
+        now = self.clock()
+        if now >= self.roll_at:
+            self._roll(now)
         calls = self.calls
         return {
             "calls": calls,
@@ -225,7 +246,14 @@ class _RateTracker(TripTracker):
 
     def success(self, duration: float | None = None) -> bool:
         slower_than = self.slower_than
-        slow = slower_than is not None and duration is not None and duration > slower_than
+        if slower_than is None:  # a failure rule: a success only lowers the rate (inlined ok())
+            w = self.window
+            if w.clock() >= w.roll_at:
+                w._roll(w.clock())
+            w.ring_calls[w.i] += 1
+            w.calls += 1
+            return False
+        slow = duration is not None and duration > slower_than
         self.window.add(False, slow)
         return slow and self._tripped()
 

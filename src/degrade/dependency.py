@@ -212,9 +212,11 @@ class Dependency:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
-        self._down = False
+        #: True while degrade treats the service as unavailable (read it; transitions set it).
+        self.is_down = False
         self._forced = 0
-        self._failures = 0
+        #: Consecutive failures seen since the last success (read it; record_* set it).
+        self.failures = 0
         self._since = clock()
         #: Wall-clock time (``time.time()``) of the last transition, for health details.
         self.changed_at = time.time()
@@ -239,22 +241,14 @@ class Dependency:
     @property
     def state(self) -> Literal["ok", "down"]:
         """``"ok"`` or ``"down"``."""
-        return "down" if self._down else "ok"
+        return "down" if self.is_down else "ok"
 
-    @property
-    def is_down(self) -> bool:
-        """True while degrade treats the service as unavailable."""
-        return self._down
 
     @property
     def forced(self) -> bool:
         """True while held down by :meth:`forced_down` (a simulated outage)."""
         return self._forced > 0
 
-    @property
-    def failures(self) -> int:
-        """Consecutive failures seen since the last success."""
-        return self._failures
 
     @property
     def failure_threshold(self) -> int | None:
@@ -300,7 +294,7 @@ class Dependency:
         trial is admitted until that one's success or failure is recorded (or,
         should it never be, for ``2 x interval + timeout``).
         """
-        if not self._down:
+        if not self.is_down:
             return True
         if self._forced or (self._probe is not None and not self._probe.done()):
             return False
@@ -382,7 +376,7 @@ class Dependency:
         return fut
 
     def _notify(self) -> None:
-        if self._down:
+        if self.is_down:
             fut, self._down_future = self._down_future, None
             if fut is not None and not fut.done():
                 with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
@@ -404,11 +398,11 @@ class Dependency:
 
     def record_failure(self, error: BaseException | None = None, *, reason: str = "traffic") -> None:
         """Count one failure; the ``failure_threshold``-th in a row opens it."""
-        self._failures += 1
+        self.failures += 1
         self._trial_at = None
         if error is not None:
             self.last_error = type(error).__name__
-        if self._tracker.failure() and not self._down:
+        if self._tracker.failure() and not self.is_down:
             self._go_down(error, reason)
 
     def record_success(self, duration: float | None = None) -> None:
@@ -417,21 +411,21 @@ class Dependency:
         ``duration`` (seconds the call took) feeds a slow-call rule
         (:class:`~degrade.policies.SlowCalls`), which may open it on successes.
         """
-        self._failures = 0
+        self.failures = 0
         if self._trial_at is not None:
             self._trial_at = None
-        if self._tracker.success(duration) and not self._down:
+        if self._tracker.success(duration) and not self.is_down:
             self._go_down(None, "slow")
             return
-        if self._down and not self._forced:
+        if self.is_down and not self._forced:
             self._go_up()
 
     def mark_down(self, error: BaseException | None = None, *, reason: str = "marked") -> None:
         """Open it now, whatever the failure count (an operator or a safety net knows)."""
-        self._failures = max(self._failures, self.failure_threshold or 1)
+        self.failures = max(self.failures, self.failure_threshold or 1)
         if error is not None:
             self.last_error = type(error).__name__
-        if not self._down:
+        if not self.is_down:
             self._go_down(error, reason)
 
     @contextlib.contextmanager
@@ -443,21 +437,21 @@ class Dependency:
         down and its probe resumes. Used by the ``simulate_outage`` pytest
         fixture and by drills.
         """
-        was_down = self._down
+        was_down = self.is_down
         self._forced += 1
         try:
-            if not self._down:
-                self._failures = max(self._failures, self.failure_threshold or 1)
+            if not self.is_down:
+                self.failures = max(self.failures, self.failure_threshold or 1)
                 self._go_down(None, "simulated")
             yield self
         finally:
             self._forced -= 1
-            if not self._forced and self._down:
+            if not self._forced and self.is_down:
                 if was_down:
                     # It was really down before the simulation: stay down, let the probe decide.
                     self.resume_probe()
                 else:
-                    self._failures = 0
+                    self.failures = 0
                     self._go_up()
 
     # -- transitions ---------------------------------------------------------
@@ -470,7 +464,7 @@ class Dependency:
         else:
             self.flaps = 0
         self._hold_until = now + self.recovery.hold(self.flaps)
-        self._down = True
+        self.is_down = True
         self._tracker.reset()
         self._since = now
         self.changed_at = time.time()
@@ -483,7 +477,7 @@ class Dependency:
     def _go_up(self) -> None:
         now = self._clock()
         down_for = now - self._since
-        self._down = False
+        self.is_down = False
         self._tracker.reset()
         self._recovered_at = now
         self._since = now
@@ -499,7 +493,7 @@ class Dependency:
         running loop it does nothing: recovery is then by trial (see
         :meth:`admit`).
         """
-        if not self._down or self._forced or self.check is None:
+        if not self.is_down or self._forced or self.check is None:
             return
         if self._probe is not None and not self._probe.done():
             return
@@ -531,11 +525,11 @@ class Dependency:
 
     async def _probe_loop(self) -> None:
         streak = 0
-        while self._down:
+        while self.is_down:
             wait = self.next_interval()
             held = self._hold_until - self._clock()
             await self._sleep(max(wait, held))  # a flapping dependency is held down longer
-            if not self._down:
+            if not self.is_down:
                 return
             if self._forced:
                 continue
@@ -573,7 +567,7 @@ class Dependency:
             return
         while True:
             await self._sleep(self.watch_interval * (1.0 + self.recovery.jitter * (2.0 * self._rng() - 1.0)))
-            if not self._down:
+            if not self.is_down:
                 await self.run_check(reason="watch")
 
     async def stop_probe(self) -> None:
@@ -597,7 +591,8 @@ class Dependency:
         exceptions (anything but ``CancelledError``) count as a failed check.
         """
         if self.check is None:
-            return CheckResult(ok=not self._down, latency=0.0, error=self.last_error if self._down else None)
+            down = self.is_down
+            return CheckResult(ok=not down, latency=0.0, error=self.last_error if down else None)
         start = self._clock()
         try:
             await hard_timeout(_call(self.check), self.recovery.timeout)

@@ -133,7 +133,7 @@ class _FailSoft(Generic[T]):
 
             @functools.wraps(fn)
             async def soft_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if dep._down and not dep.admit():
+                if dep.is_down and not dep.admit():
                     site.count()
                     if not call_fallback:
                         return fallback  # the hot path of an outage: no extra coroutine
@@ -169,7 +169,7 @@ class _FailSoft(Generic[T]):
                         raise
                     site.count()
                     return await fallback_async(args, kwargs)
-                if dep._failures or counts:
+                if dep.failures or counts:
                     dep.record_success(clock() - started if timed else None)
                 return result
 
@@ -188,7 +188,7 @@ class _FailSoft(Generic[T]):
 
         @functools.wraps(fn)
         def soft_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
-            if dep._down and not dep.admit():
+            if dep.is_down and not dep.admit():
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
             started = clock() if timed else 0.0
@@ -203,7 +203,7 @@ class _FailSoft(Generic[T]):
                     raise
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
-            if dep._failures or counts:
+            if dep.failures or counts:
                 dep.record_success(clock() - started if timed else None)
             return result
 
@@ -274,7 +274,7 @@ class _FailLoud:
 
             @functools.wraps(fn)
             async def loud_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if dep._down and not dep.admit():
+                if dep.is_down and not dep.admit():
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse()
@@ -304,7 +304,7 @@ class _FailLoud:
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse() from exc
-                if dep._failures or counts:
+                if dep.failures or counts:
                     dep.record_success(clock() - started if timed else None)
                 return result
 
@@ -324,7 +324,7 @@ class _FailLoud:
 
         @functools.wraps(fn)
         def loud_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
-            if dep._down and not dep.admit():
+            if dep.is_down and not dep.admit():
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse()
@@ -338,7 +338,7 @@ class _FailLoud:
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse() from exc
-            if dep._failures or counts:
+            if dep.failures or counts:
                 dep.record_success(clock() - started if timed else None)
             return result
 

@@ -222,7 +222,7 @@ def app_degrade_limiter(opts: dict[str, Any]) -> Any:
     else:
         limiter = registry.manage(
             RateLimiter(
-                client, dependency=dep, fallback="memory", prefix=opts["prefix"], **opts.get("limiter", {})
+                client, dependency=dep, on_outage="memory", prefix=opts["prefix"], **opts.get("limiter", {})
             )
         )
 

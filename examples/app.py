@@ -209,7 +209,7 @@ class Example:
         self.limiter = RateLimiter(
             redis=self.redis,
             dependency=redis_dep,
-            fallback="memory",
+            on_outage="memory",
             pods=settings.pods,
             prefix=f"{prefix}:rl:",
         )

@@ -199,7 +199,7 @@ class TestNeverFailOpenByAccident:
         """A Redis error that is a bug (WRONGTYPE) never opens the limiter and never feeds the dependency."""
         await redis_direct.hset(f"{unique}:rl:1/minute:k", "x", "1")
         with capture_logs() as logs:
-            limiter = make(redis_direct, dep, fallback=fallback)
+            limiter = make(redis_direct, dep, on_outage=fallback)
             first = await limiter.hit("k", "1/minute")
             second = await limiter.hit("k", "1/minute")
         assert (first.source, first.allowed) == (source, allowed)
@@ -473,7 +473,7 @@ class TestOutages:
     ) -> None:
         """fail-open: requests pass while Redis is down; security events mark start and end."""
         with capture_logs() as logs:
-            limiter = make(redis_proxied, dep, fallback="allow")
+            limiter = make(redis_proxied, dep, on_outage="allow")
             with redis_proxy.outage("refuse"):
                 decisions = [await limiter.hit("k", "1/minute") for _ in range(5)]
             await asyncio.sleep(dep.recovery_interval)

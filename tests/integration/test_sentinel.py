@@ -48,7 +48,7 @@ class TestFailover:
         dep = registry.dependency(
             "redis", severity=Severity.SEV1, check=checks.redis(master, timeout=0.5), recovery_interval=0.2
         )
-        limiter = RateLimiter(redis=master, dependency=dep, fallback="memory", pods=1)
+        limiter = RateLimiter(redis=master, dependency=dep, on_outage="memory", pods=1)
         try:
             await self._failover(cluster, master, limiter)
         finally:

@@ -345,7 +345,9 @@ class TestRateLimiterMemory:
     @pytest.mark.parametrize(
         ("options", "message"),
         [
-            ({"fallback": "open"}, "fallback must be"),
+            ({"on_outage": "open"}, "on_outage must be"),
+            ({"redis": "redis://127.0.0.1:6379/0"}, "a client, not a URL"),
+            ({"redis": object()}, "must be a redis.asyncio client"),
             ({"pods": 0}, "pods"),
             ({"timeout": 0}, "timeout"),
             ({"max_batch": 0}, "max_batch"),
@@ -356,6 +358,19 @@ class TestRateLimiterMemory:
         """Bad options raise ValueError at construction."""
         with pytest.raises(ValueError, match=message):
             RateLimiter(**options)
+
+    def test_old_fallback_name_warns_and_works(self) -> None:
+        """fallback= still works for one minor version, with a DeprecationWarning naming on_outage=."""
+        with pytest.warns(DeprecationWarning, match="use on_outage="):
+            limiter = RateLimiter(fallback="deny")
+        assert limiter.on_outage == "deny"
+        with pytest.warns(DeprecationWarning, match=r"use \.on_outage"):
+            assert limiter.fallback == "deny"
+        with (
+            pytest.raises(ValueError, match="on_outage= only"),
+            pytest.warns(DeprecationWarning, match="on_outage"),
+        ):
+            RateLimiter(fallback="deny", on_outage="allow")
 
     def test_redis_needs_a_dependency(self) -> None:
         """A Redis limiter without a Dependency is refused: its state drives the outage policy."""
@@ -391,17 +406,17 @@ class TestOutagePolicies:
         assert decisions[0].limit == 10
 
     async def test_deny_policy(self, clock: FakeClock) -> None:
-        """fallback='deny' refuses every decision while Redis is down, with the dependency's Retry-After."""
+        """on_outage='deny' refuses every decision while Redis is down, with the dependency's Retry-After."""
         dep = redis_dep(retry_after=7)
-        limiter = RateLimiter(closed_port_client(), dependency=dep, fallback="deny", clock=clock)
+        limiter = RateLimiter(closed_port_client(), dependency=dep, on_outage="deny", clock=clock)
         with dep.forced_down():
             decision = await limiter.hit("k", "100/minute")
         assert decision == Decision(False, 100, 0, 7.0, 7.0, "deny")
 
     async def test_allow_policy_warns_at_construction(self) -> None:
-        """fallback='allow' (fail-open) logs a security warning when the limiter is built."""
+        """on_outage='allow' (fail-open) logs a security warning when the limiter is built."""
         with capture_logs() as logs:
-            RateLimiter(closed_port_client(), dependency=redis_dep(), fallback="allow")
+            RateLimiter(closed_port_client(), dependency=redis_dep(), on_outage="allow")
         assert [e["event"] for e in logs] == ["ratelimit.fail_open_configured"]
         assert logs[0]["log_level"] == "warning"
         assert logs[0]["security"] == "fail_open"
@@ -411,7 +426,7 @@ class TestOutagePolicies:
     ) -> None:
         """Failing open logs and reports once when it starts, tagged degrade.security=fail_open."""
         dep = redis_dep()
-        limiter = RateLimiter(closed_port_client(), dependency=dep, fallback="allow", clock=clock)
+        limiter = RateLimiter(closed_port_client(), dependency=dep, on_outage="allow", clock=clock)
         with capture_logs() as logs, dep.forced_down():
             decisions = [await limiter.hit("k", "1/minute") for _ in range(5)]
         assert all(d.allowed and d.source == "allow" for d in decisions)
@@ -427,9 +442,9 @@ class TestOutagePolicies:
     async def test_site_is_registered_for_the_runbook(self) -> None:
         """The limiter declares its fail mode on the dependency, as decorated call sites do."""
         dep = redis_dep()
-        RateLimiter(closed_port_client(), dependency=dep, fallback="memory", pods=2)
-        RateLimiter(closed_port_client(), dependency=dep, fallback="deny", prefix="b:")
-        RateLimiter(closed_port_client(), dependency=dep, fallback="allow", prefix="c:")
+        RateLimiter(closed_port_client(), dependency=dep, on_outage="memory", pods=2)
+        RateLimiter(closed_port_client(), dependency=dep, on_outage="deny", prefix="b:")
+        RateLimiter(closed_port_client(), dependency=dep, on_outage="allow", prefix="c:")
         modes = [(s.mode, s.fallback) for s in dep.sites]
         assert modes == [
             ("fail_soft", "in-memory GCRA (rate / 2 pods)"),
@@ -487,7 +502,7 @@ class TestNeverFailsOpenByAccident:
         """A bug on the Redis path is not an outage: never fail open, never feed the dependency."""
         dep = redis_dep()
         with capture_logs() as logs:
-            limiter = RateLimiter(_BuggyRedis(), dependency=dep, fallback=fallback, clock=clock)
+            limiter = RateLimiter(_BuggyRedis(), dependency=dep, on_outage=fallback, clock=clock)
             decisions = [await limiter.hit("k", "1/minute") for _ in range(2)]
         assert [d.allowed for d in decisions] == allowed
         assert {d.source for d in decisions} == {source}
@@ -659,7 +674,7 @@ class TestSaturationIsNotAnOutage:
             limiter = RateLimiter(
                 redis,
                 dependency=dep,
-                fallback=fallback,
+                on_outage=fallback,
                 clock=clock,
                 max_in_flight=1,
                 max_pending=1,
@@ -1017,9 +1032,9 @@ class TestMiddleware:
         assert response.headers["ratelimit"] == '"default";r=4;t=12;degrade-fallback=memory'
 
     async def test_deny_policy_answers_503(self, clock: FakeClock) -> None:
-        """fallback='deny' while Redis is down: 503 dependency_unavailable with Retry-After."""
+        """on_outage='deny' while Redis is down: 503 dependency_unavailable with Retry-After."""
         dep = redis_dep(retry_after=9)
-        limiter = RateLimiter(closed_port_client(), dependency=dep, fallback="deny", clock=clock)
+        limiter = RateLimiter(closed_port_client(), dependency=dep, on_outage="deny", clock=clock)
         async with client_for(make_app(limiter)) as client:
             with dep.forced_down():
                 response = await client.get("/")
@@ -1030,10 +1045,10 @@ class TestMiddleware:
         assert response.headers["ratelimit"].endswith(";degrade-fallback=deny")
 
     async def test_allow_policy_passes_and_shows_it(self, clock: FakeClock) -> None:
-        """fallback='allow' while Redis is down: requests pass, the header says so."""
+        """on_outage='allow' while Redis is down: requests pass, the header says so."""
         dep = redis_dep()
         with capture_logs():
-            limiter = RateLimiter(closed_port_client(), dependency=dep, fallback="allow", clock=clock)
+            limiter = RateLimiter(closed_port_client(), dependency=dep, on_outage="allow", clock=clock)
             async with client_for(make_app(limiter, rate="1/minute")) as client:
                 with dep.forced_down():
                     responses = [await client.get("/") for _ in range(3)]
@@ -1120,9 +1135,9 @@ class TestRateLimitDependency:
         assert response.headers["retry-after"] == "60"
 
     async def test_deny_policy_raises_dependency_unavailable(self, clock: FakeClock) -> None:
-        """fallback='deny' while Redis is down raises DependencyUnavailable (503 via exception_handlers)."""
+        """on_outage='deny' while Redis is down raises DependencyUnavailable (503 via exception_handlers)."""
         dep = redis_dep(retry_after=4)
-        limiter = RateLimiter(closed_port_client(), dependency=dep, fallback="deny", clock=clock)
+        limiter = RateLimiter(closed_port_client(), dependency=dep, on_outage="deny", clock=clock)
         check = rate_limit(limiter, "1/minute")
         request = Request({"type": "http", "client": ("203.0.113.9", 1), "headers": [], "method": "GET"})
         with dep.forced_down(), pytest.raises(DependencyUnavailable) as info:

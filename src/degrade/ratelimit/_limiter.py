@@ -8,6 +8,7 @@ import functools
 import hashlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -255,6 +256,35 @@ class LimiterStats:
         return f"LimiterStats({fields})"
 
 
+def _outage_policy(on_outage: Fallback, fallback: Fallback | None) -> Fallback:
+    if fallback is not None:
+        warnings.warn(
+            "RateLimiter(fallback=...) is deprecated; use on_outage=... (the same values)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if on_outage not in ("memory", fallback):
+            raise ConfigurationError("pass on_outage= only (fallback= is its deprecated name)")
+        on_outage = fallback
+    if on_outage not in _FALLBACKS:
+        raise ConfigurationError(
+            f"on_outage must be 'memory', 'deny' or 'allow' (fail-open); got {on_outage!r}"
+        )
+    return on_outage
+
+
+def _check_client(redis: Any) -> None:
+    if isinstance(redis, str | bytes):
+        raise ConfigurationError(
+            "redis takes a client, not a URL: RateLimiter(degrade.redis.client(url), dependency=...)"
+        )
+    if redis is not None and not callable(getattr(redis, "register_script", None)):
+        raise ConfigurationError(
+            "redis must be a redis.asyncio client, e.g. degrade.redis.client(url); "
+            f"got {type(redis).__name__}"
+        )
+
+
 class RateLimiter:
     """GCRA rate limiting shared through Redis, with a written-down outage policy.
 
@@ -267,11 +297,11 @@ class RateLimiter:
     path makes no Redis call; a call that fails or takes longer than
     ``timeout`` feeds the dependency and is answered by the outage policy:
 
-    * ``fallback="memory"`` (default): an in-process GCRA with the rate divided
+    * ``on_outage="memory"`` (default): an in-process GCRA with the rate divided
       by ``pods``, so N pods together stay near the global limit;
-    * ``fallback="deny"``: every decision is refused (``source="deny"``; the
+    * ``on_outage="deny"``: every decision is refused (``source="deny"``; the
       middleware answers 503 with ``Retry-After``);
-    * ``fallback="allow"``: FAIL-OPEN, every request passes. Choose it only on
+    * ``on_outage="allow"``: FAIL-OPEN, every request passes. Choose it only on
       purpose: it logs a warning at construction and a security-tagged event
       (log + Sentry tag ``degrade.security=fail_open``) when failing open
       starts and ends.
@@ -292,7 +322,7 @@ class RateLimiter:
         redis: A ``redis.asyncio.Redis`` (``degrade.redis.client(...)``, a
             Sentinel ``master_for`` client, ...); None for a memory-only limiter.
         dependency: The Redis :class:`~degrade.Dependency` (required with ``redis``).
-        fallback: The outage policy: ``"memory"``, ``"deny"`` or ``"allow"``.
+        on_outage: The outage policy: ``"memory"``, ``"deny"`` or ``"allow"``.
         pods: How many processes share the limit; memory decisions use rate / pods.
         prefix: Prefix of every Redis key.
         timeout: Seconds a decision waits for Redis before the outage policy answers.
@@ -310,7 +340,7 @@ class RateLimiter:
         redis: Any = None,
         *,
         dependency: Dependency | None = None,
-        fallback: Fallback = "memory",
+        on_outage: Fallback = "memory",
         pods: int = 1,
         prefix: str = "degrade:rl:",
         timeout: float = 0.25,
@@ -320,11 +350,10 @@ class RateLimiter:
         max_pending: int = 10_000,
         warm: bool = True,
         clock: Clock = time.time,
+        fallback: Fallback | None = None,
     ) -> None:
-        if fallback not in _FALLBACKS:
-            raise ConfigurationError(
-                f"fallback must be 'memory', 'deny' or 'allow' (fail-open); got {fallback!r}"
-            )
+        on_outage = _outage_policy(on_outage, fallback)
+        _check_client(redis)
         if redis is not None and not isinstance(dependency, Dependency):
             raise ConfigurationError(
                 "a RateLimiter with redis needs dependency=registry.dependency('redis', ...): "
@@ -346,7 +375,8 @@ class RateLimiter:
             raise ConfigurationError(f"prefix must be a string; got {prefix!r}")
         self.redis = redis
         self.dependency = dependency
-        self.fallback: Fallback = fallback
+        #: The outage policy: ``"memory"``, ``"deny"`` or ``"allow"``.
+        self.on_outage: Fallback = on_outage
         self.pods = pods
         self.prefix = prefix
         self.timeout = float(timeout)
@@ -384,7 +414,7 @@ class RateLimiter:
             # Redis going down (noticed by any call site or the probe) answers
             # every decision in flight at once (held weakly: no cycle through the dependency).
             self._unsubscribe = dependency.subscribe(self._on_transition)
-            if fallback == "allow":
+            if on_outage == "allow":
                 logger.warning(
                     "ratelimit.fail_open_configured",
                     dependency=dependency.name,
@@ -399,13 +429,13 @@ class RateLimiter:
 
     def _register_site(self, dep: Dependency) -> Site:
         mode: Literal["fail_soft", "fail_loud"]
-        if self.fallback == "deny":
+        if self.on_outage == "deny":
             mode, reason, described = (
                 "fail_loud",
                 "rate-limited requests are refused (503) while Redis is down",
                 None,
             )
-        elif self.fallback == "allow":
+        elif self.on_outage == "allow":
             mode, reason, described = (
                 "fail_soft",
                 "FAIL-OPEN: requests are not rate limited while Redis is down (security event logged)",
@@ -502,7 +532,7 @@ class RateLimiter:
         self.stats.fallback += 1
         if self.site is not None:
             self.site.count()
-        policy = self.fallback
+        policy = self.on_outage
         if policy == "memory" or (unexpected and policy == "allow"):
             return self._memory(key, rate, cost)
         if policy == "deny":
@@ -522,7 +552,7 @@ class RateLimiter:
         self.stats.shed += 1
         if self.site is not None:
             self.site.shed(reason)
-        if self.fallback == "deny":
+        if self.on_outage == "deny":
             return Decision(False, rate.limit, 0, 1.0, 1.0, "deny")
         return self._memory(key, rate, cost)
 
@@ -927,7 +957,7 @@ class RateLimiter:
             logger.error(
                 "ratelimit.error",
                 error=name,
-                fallback="deny" if self.fallback == "deny" else "memory",
+                fallback="deny" if self.on_outage == "deny" else "memory",
                 detail="unexpected error on the redis path; not an outage, the limiter stays closed",
             )
 
@@ -980,6 +1010,12 @@ class RateLimiter:
         for conn in idle:
             await self._release(conn)
 
+    @property
+    def fallback(self) -> Fallback:
+        """Deprecated: :attr:`on_outage`."""
+        warnings.warn("RateLimiter.fallback is deprecated; use .on_outage", DeprecationWarning, stacklevel=2)
+        return self.on_outage
+
     def __repr__(self) -> str:
         backend = "redis" if self.redis is not None else "memory"
-        return f"<RateLimiter {backend} fallback={self.fallback} pods={self.pods}>"
+        return f"<RateLimiter {backend} on_outage={self.on_outage} pods={self.pods}>"

@@ -320,7 +320,7 @@ def rate_limit(
     middleware's. Works as a plain function of a Starlette request too.
 
     Failure mode: over the limit raises :class:`RateLimitExceeded` (429); while
-    Redis is down with ``fallback="deny"`` raises
+    Redis is down with ``on_outage="deny"`` raises
     :class:`~degrade.DependencyUnavailable` (503 through
     :func:`degrade.exception_handlers`); otherwise the outage policy answers.
     """

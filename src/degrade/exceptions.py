@@ -8,12 +8,17 @@ The tree::
     ├── CheckFailed: a health check reached the service and found it unhealthy
     └── DependencyUnavailable: a fail-loud site refused or failed to reach a dependency
         └── Overloaded: local capacity ran out (shedding); the dependency is not down
+    (degrade.ratelimit.RateLimitExceeded is a DegradeError too: 429)
 
-Only :class:`DependencyUnavailable` is raised on the request path; the others are
+Only :class:`DependencyUnavailable` (also a Starlette ``HTTPException`` with
+status 503) and ``degrade.ratelimit.RateLimitExceeded`` (a DegradeError and an
+``HTTPException`` with status 429) are raised on the request path; the others are
 raised while the host builds its app, so a mistake shows at start-up, not mid-outage.
 """
 
 from __future__ import annotations
+
+from starlette.exceptions import HTTPException
 
 __all__ = [
     "CheckFailed",
@@ -47,12 +52,16 @@ class CheckFailed(DegradeError):
     """
 
 
-class DependencyUnavailable(DegradeError):
+class DependencyUnavailable(DegradeError, HTTPException):
     """A dependency is down (or just failed) and the call site is FAIL-LOUD.
 
     ``exception_handlers()`` turns it into a 503 JSON response with a
-    ``Retry-After`` header. The message never holds the driver's own error text
-    (which may carry a DSN); the original exception is kept as ``__cause__``.
+    ``Retry-After`` header and the shared body. It is also a Starlette
+    ``HTTPException`` (status 503, ``Retry-After``), so an app that forgot
+    ``exception_handlers()`` still answers 503 with ``Retry-After`` (Starlette's
+    plain-text or FastAPI's ``{"detail": ...}`` body) instead of a bare 500. The
+    message never holds the driver's own error text (which may carry a DSN);
+    the original exception is kept as ``__cause__``.
 
     Attributes:
         dependency: The dependency's name.
@@ -62,9 +71,19 @@ class DependencyUnavailable(DegradeError):
 
     def __init__(self, dependency: str, detail: str = "", *, retry_after: int = 5) -> None:
         self.dependency = dependency
-        self.detail = detail or f"{dependency} is unavailable"
         self.retry_after = retry_after
-        super().__init__(f"dependency {dependency!r} is unavailable: {self.detail}")
+        detail = detail or f"{dependency} is unavailable"
+        HTTPException.__init__(
+            self, 503, detail, {"Retry-After": str(retry_after), "Cache-Control": "no-store"}
+        )
+        self.detail: str = detail
+        self.args = (f"dependency {dependency!r} is unavailable: {detail}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.dependency!r}, {self.detail!r}, retry_after={self.retry_after})"
 
 
 class Overloaded(DependencyUnavailable):

@@ -92,6 +92,42 @@ class TestExceptionHandlers:
         assert set(handlers) == {DependencyUnavailable, 404}
 
 
+class TestWithoutOurHandlers:
+    async def test_starlette_answers_503_with_retry_after(self) -> None:
+        """Forgetting exception_handlers() still gives 503 + Retry-After, not a bare 500."""
+
+        async def route(request: Request) -> Response:
+            raise DependencyUnavailable("redis", "sessions are unavailable", retry_after=9)
+
+        async with client_for(Starlette(routes=[Route("/", route)])) as client:
+            response = await client.get("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "9"
+        assert response.text == "sessions are unavailable"
+
+    async def test_fastapi_answers_503_with_retry_after(self) -> None:
+        """FastAPI's default HTTPException handler: 503, Retry-After, {"detail": ...}."""
+        fastapi = pytest.importorskip("fastapi")
+        app = fastapi.FastAPI()
+
+        @app.get("/")
+        async def route() -> dict[str, str]:
+            raise DependencyUnavailable("db", retry_after=4)
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "4"
+        assert response.json() == {"detail": "db is unavailable"}
+
+    def test_message_and_repr_carry_no_driver_text(self) -> None:
+        """str() and repr() name the dependency and the detail only."""
+        exc = DependencyUnavailable("db", "the primary database failed")
+        assert str(exc) == "dependency 'db' is unavailable: the primary database failed"
+        assert repr(exc) == "DependencyUnavailable('db', 'the primary database failed', retry_after=5)"
+
+
 class TestUnavailableResponse:
     def test_shape_and_headers(self) -> None:
         """unavailable_response builds the 503 with Retry-After and a default detail."""

@@ -34,13 +34,21 @@ from ._bounded import hard_timeout
 from .exceptions import ConfigurationError
 from .policies import Consecutive, Probe, Trip
 
-__all__ = ["CheckResult", "Dependency", "DependencyOptions", "Severity", "Site"]
+__all__ = ["CheckResult", "Dependency", "DependencyOptions", "Severity", "Site", "transitions"]
 
 Check = Callable[[], Awaitable[object]]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 Listener = Callable[["Dependency"], object]
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+_transitions = 0
+
+
+def transitions() -> int:
+    """How many transitions any dependency of this process made (cached health reports compare it)."""
+    return _transitions
+
 
 #: Relative jitter of the probe interval: each wait is interval * (1 +/- JITTER).
 JITTER = 0.1
@@ -376,6 +384,8 @@ class Dependency:
         return fut
 
     def _notify(self) -> None:
+        global _transitions  # noqa: PLW0603 - one process-wide counter, read by the health cache
+        _transitions += 1
         if self.is_down:
             fut, self._down_future = self._down_future, None
             if fut is not None and not fut.done():

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .dependency import CheckResult, Dependency
+from .dependency import CheckResult, Dependency, transitions
 from .exceptions import ConfigurationError
 from .registry import Registry
 
@@ -64,12 +64,22 @@ class DeepHealth:
         self._clock = clock
         self._cached: HealthReport | None = None
         self._cached_at = 0.0
+        self._cached_transitions = -1
         self._running: asyncio.Task[HealthReport] | None = None
 
     def fresh(self) -> HealthReport | None:
-        """The cached report while it is fresh, else None (no await: the hot path)."""
+        """The cached report while it is fresh, else None (no await: the hot path).
+
+        A transition of any dependency since the report was made makes it stale
+        at once: the cache never says ``ok`` for a dependency traffic has just
+        marked down (nor ``since`` a time that contradicts its status).
+        """
         cached = self._cached
-        if cached is not None and self._clock() - self._cached_at < self.cache_ttl:
+        if (
+            cached is not None
+            and self._clock() - self._cached_at < self.cache_ttl
+            and self._cached_transitions == transitions()
+        ):
             return cached
         return None
 
@@ -96,6 +106,7 @@ class DeepHealth:
             status = "ok"
         report = HealthReport(results=by_name, status=status, at=time.time())
         self._cached, self._cached_at = report, self._clock()
+        self._cached_transitions = transitions()
         return report
 
     @staticmethod

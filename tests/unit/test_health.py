@@ -200,6 +200,16 @@ class TestDeepCache:
         assert first.json() == second.json()
         assert check.calls == 1
 
+    async def test_a_transition_makes_the_cache_stale(self, registry: Registry) -> None:
+        """Traffic marking a dependency down is seen at once: no cached 200 "ok" contradicting it."""
+        dep = registry.dependency("db", severity=Severity.SEV1, check=Check())
+        async with client_for(registry, cache_ttl=60, details=True) as client:
+            assert (await client.get("/health/deep")).status_code == 200
+            dep.mark_down(reason="traffic")
+            response = await client.get("/health/deep")
+        assert response.status_code == 503
+        assert response.json()["details"]["db"]["status"] == "down"
+
     async def test_failures_are_cached_too(self, registry: Registry) -> None:
         """A failed run is cached as well: a blackholed service costs one timeout per ttl."""
         check = Check("hang")

@@ -579,11 +579,11 @@ class RateLimiter:
         self._report_error(TypeError(f"unexpected reply of {type(reply).__name__}"))
         return None
 
-    def _succeeded(self, dep: Dependency) -> None:
+    def _succeeded(self, dep: Dependency, started: float) -> None:
         self.stats.batches += 1
         self._unexpected_streak = 0
-        if dep.failures:
-            dep.record_success()
+        if dep.failures or dep.counts_calls:  # a rate rule counts every round trip; SlowCalls times it
+            dep.record_success(dep.clock() - started if dep.times_calls else None)
         if self._failing_open and not dep.is_down:
             self._end_fail_open()
 
@@ -619,6 +619,7 @@ class RateLimiter:
         self._direct.add(call)
         now = int(self._clock() * _US)
         text, bulk = _rate_arg(rate, cost)
+        started = dep.clock() if dep.times_calls else 0.0
         try:
             # redis-py unwinds a cancelled call at once (it drops the connection
             # without waiting), so asyncio.timeout is a hard enough bound here.
@@ -639,7 +640,7 @@ class RateLimiter:
             if self._pending and not self._flush_scheduled:  # decisions waited for this slot
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
-        self._succeeded(dep)
+        self._succeeded(dep, started)
         values = self._values(reply, 1)
         if values is None:
             return self._fallback(key, rate, cost, unexpected=True)
@@ -725,6 +726,7 @@ class RateLimiter:
             self._resolve_fallback(batch or [])
             return
         now = call.now
+        started = dep.clock() if dep.times_calls else 0.0
         try:
             reply = await self._eval(call, call.keys, now, call.texts, call.bulks)
         except asyncio.CancelledError:
@@ -742,7 +744,7 @@ class RateLimiter:
         finally:
             if call.timer is not None:
                 call.timer.cancel()
-        self._succeeded(dep)
+        self._succeeded(dep, started)
         values = self._values(reply, len(batch))
         if values is None:
             self._resolve_fallback(batch, unexpected=True)

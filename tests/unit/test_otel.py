@@ -331,3 +331,35 @@ def test_documented() -> None:
     text = (ROOT / "docs" / "operations.md").read_text()
     documented = set(re.findall(r"`(degrade\.[a-z_.]+)`", text))
     assert set(INSTRUMENTS) <= documented
+
+
+class TestComponentSignals:
+    async def test_limiter_decisions_by_source(self, otel: Reader, name: str) -> None:
+        """degrade.ratelimit.decisions: per prefix and source, read from the limiter's own counts."""
+        from degrade.ratelimit import RateLimiter
+
+        limiter = RateLimiter(prefix=f"{name}:")  # memory only: decisions count as neither of the three
+        await limiter.hit("k", "5/minute")
+        points = otel.points("degrade.ratelimit.decisions")
+        mine = {
+            dict(k)["degrade.ratelimit.source"]: v
+            for k, v in points.items()
+            if (("degrade.ratelimit.prefix", f"{name}:") in k)
+        }
+        assert mine == {"redis": 0, "fallback": 0, "shed": 0}
+
+    async def test_publisher_counts(self, otel: Reader, name: str) -> None:
+        """degrade.eventbus.events / dropped / degraded come from the publisher's counts."""
+        from degrade.eventbus import EventPublisher
+
+        bus = EventPublisher("amqp://guest:guest@127.0.0.1:1/", exchange=name)
+        await bus.publish("k", {"a": 1})
+        events = otel.points("degrade.eventbus.events")
+        queued = {
+            dict(k)["degrade.eventbus.outcome"]: v
+            for k, v in events.items()
+            if ("degrade.eventbus.exchange", name) in k
+        }
+        assert queued["queued"] == 1
+        degraded = otel.points("degrade.eventbus.degraded")
+        assert degraded[frozenset({("degrade.eventbus.exchange", name)})] == 0

@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .._extras import optional
-from ..observe import logger, report_to_sentry, sentry_active
+from ..observe import logger, otel_observable, report_to_sentry, sentry_active
 from ._event import Event
 
 __all__ = ["STATUS", "Counts", "Reporter", "metrics"]
@@ -132,12 +132,61 @@ class _Metrics:
     def __init__(self) -> None:
         self.enabled = _prometheus is not None
         self.collector = _Collector()
+        self._otel = False
         if self.enabled:
             _prometheus.REGISTRY.register(self.collector)
 
     def track(self, counts: Counts) -> None:
-        if self.enabled:
-            self.collector.add(counts)
+        # Tracked for OpenTelemetry too (plain integers, read at collection).
+        self.collector.add(counts)
+        if not self._otel:  # at the first publisher: importing degrade.eventbus imports no OTel
+            self._otel = True
+            otel_observable(
+                "degrade.eventbus.events",
+                "Events by outcome: queued, confirmed, spooled, replayed, resent.",
+                self._otel_events,
+                unit="{event}",
+            )
+            otel_observable(
+                "degrade.eventbus.dropped",
+                "Events lost, by reason (degraded, buffer_full, shutdown, spool_full, unroutable, ...).",
+                self._otel_dropped,
+                unit="{event}",
+            )
+            otel_observable(
+                "degrade.eventbus.degraded",
+                "1 while a publisher of this exchange is in degraded mode.",
+                self._otel_degraded,
+                kind="gauge",
+            )
+
+    def _otel_events(self) -> Iterable[tuple[float, Mapping[str, str]]]:
+        totals: dict[tuple[str, str], float] = {}
+        for counts, _ in list(self.collector._counts):
+            for outcome in ("queued", "confirmed", "spooled", "replayed", "resent"):
+                key = (counts.exchange, outcome)
+                totals[key] = totals.get(key, 0.0) + getattr(counts, outcome)
+        return [
+            (v, {"degrade.eventbus.exchange": ex, "degrade.eventbus.outcome": o})
+            for (ex, o), v in totals.items()
+        ]
+
+    def _otel_dropped(self) -> Iterable[tuple[float, Mapping[str, str]]]:
+        totals: dict[tuple[str, str], float] = {}
+        for counts, _ in list(self.collector._counts):
+            for reason, n in counts.lost.items():
+                key = (counts.exchange, reason)
+                totals[key] = totals.get(key, 0.0) + n
+        return [
+            (v, {"degrade.eventbus.exchange": ex, "degrade.eventbus.reason": r})
+            for (ex, r), v in totals.items()
+        ]
+
+    def _otel_degraded(self) -> Iterable[tuple[float, Mapping[str, str]]]:
+        flags: dict[str, float] = {}
+        for counts, _ in list(self.collector._counts):
+            flags[counts.exchange] = max(flags.get(counts.exchange, 0.0), 1.0 if counts.degraded else 0.0)
+        return [(v, {"degrade.eventbus.exchange": ex}) for ex, v in flags.items()]
 
 
 metrics = _Metrics()

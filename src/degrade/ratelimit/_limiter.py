@@ -9,7 +9,8 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,7 +23,7 @@ from .._extras import optional
 from .._gcra import Decision, MemoryStore, Rate, parse_rate
 from ..dependency import Dependency, Site
 from ..exceptions import ConfigurationError
-from ..observe import logger, report_to_sentry, security_event
+from ..observe import logger, otel_observable, report_to_sentry, security_event
 
 __all__ = ["Fallback", "LimiterStats", "RateLimiter"]
 
@@ -256,6 +257,35 @@ class LimiterStats:
         return f"LimiterStats({fields})"
 
 
+#: Live limiters, read by the OpenTelemetry instrument at collection (never per decision).
+_LIVE: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
+_OTEL_REGISTERED = False
+
+
+def _otel_decisions() -> Iterable[tuple[float, Mapping[str, str]]]:
+    totals: dict[tuple[str, str], float] = {}
+    for limiter in list(_LIVE):
+        stats = limiter.stats
+        for source, value in (("redis", stats.redis), ("fallback", stats.fallback), ("shed", stats.shed)):
+            key = (limiter.prefix, source)
+            totals[key] = totals.get(key, 0.0) + value
+    prefix_, source_ = "degrade.ratelimit.prefix", "degrade.ratelimit.source"
+    return [(v, {prefix_: p, source_: src}) for (p, src), v in totals.items()]
+
+
+def _track(limiter: RateLimiter) -> None:
+    global _OTEL_REGISTERED  # noqa: PLW0603 - registered once per process, at the first limiter
+    _LIVE.add(limiter)
+    if not _OTEL_REGISTERED:
+        _OTEL_REGISTERED = True
+        otel_observable(
+            "degrade.ratelimit.decisions",
+            "Rate-limit decisions by where they were made: redis, fallback (outage policy), shed.",
+            _otel_decisions,
+            unit="{decision}",
+        )
+
+
 def _outage_policy(on_outage: Fallback, fallback: Fallback | None) -> Fallback:
     if fallback is not None:
         warnings.warn(
@@ -400,6 +430,7 @@ class RateLimiter:
         self._idle: list[Any] = []
         self._unsubscribe: Callable[[], None] | None = None
         compat.report("redis", compat_redis.problems())
+        _track(self)
         # The lean path needs a plain pooled client (not single_connection_client).
         self._pool: Any = None
         if redis is not None and getattr(redis, "connection", None) is None:

@@ -10,15 +10,17 @@ The tree::
         └── Overloaded: local capacity ran out (shedding); the dependency is not down
     (degrade.ratelimit.RateLimitExceeded is a DegradeError too: 429)
 
-Only :class:`DependencyUnavailable` (also a Starlette ``HTTPException`` with
-status 503) and ``degrade.ratelimit.RateLimitExceeded`` (a DegradeError and an
-``HTTPException`` with status 429) are raised on the request path; the others are
+Only :class:`DependencyUnavailable` and ``degrade.ratelimit.RateLimitExceeded``
+(a DegradeError and a Starlette ``HTTPException`` with status 429) are raised on
+the request path; the others are
 raised while the host builds its app, so a mistake shows at start-up, not mid-outage.
 """
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 __all__ = [
     "CheckFailed",
@@ -27,6 +29,7 @@ __all__ = [
     "DependencyUnavailable",
     "MissingExtraError",
     "Overloaded",
+    "scrubbed",
 ]
 
 
@@ -52,16 +55,21 @@ class CheckFailed(DegradeError):
     """
 
 
-class DependencyUnavailable(DegradeError, HTTPException):
+class DependencyUnavailable(DegradeError):
     """A dependency is down (or just failed) and the call site is FAIL-LOUD.
 
     ``exception_handlers()`` turns it into a 503 JSON response with a
-    ``Retry-After`` header and the shared body. It is also a Starlette
-    ``HTTPException`` (status 503, ``Retry-After``), so an app that forgot
-    ``exception_handlers()`` still answers 503 with ``Retry-After`` (Starlette's
-    plain-text or FastAPI's ``{"detail": ...}`` body) instead of a bare 500. The
-    message never holds the driver's own error text (which may carry a DSN);
-    the original exception is kept as ``__cause__``.
+    ``Retry-After`` header. The message never holds the driver's own error text
+    (which may carry a DSN). The original exception is kept as ``__cause__``,
+    its class and message only: its traceback (whose frames' local variables
+    hold connection parameters, passwords included) is dropped, so an error
+    tracker that serialises locals cannot leak them.
+
+    It deliberately has no ``status_code``: Sentry's Starlette integration
+    captures every handled exception with a 5xx ``status_code`` as an error,
+    which would turn each 503 of an outage (already reported once, as a
+    transition) into an event. (Tried as an ``HTTPException`` subclass, so that
+    an app without ``exception_handlers()`` answers 503: that is what it did.)
 
     Attributes:
         dependency: The dependency's name.
@@ -71,16 +79,9 @@ class DependencyUnavailable(DegradeError, HTTPException):
 
     def __init__(self, dependency: str, detail: str = "", *, retry_after: int = 5) -> None:
         self.dependency = dependency
+        self.detail = detail or f"{dependency} is unavailable"
         self.retry_after = retry_after
-        detail = detail or f"{dependency} is unavailable"
-        HTTPException.__init__(
-            self, 503, detail, {"Retry-After": str(retry_after), "Cache-Control": "no-store"}
-        )
-        self.detail: str = detail
-        self.args = (f"dependency {dependency!r} is unavailable: {detail}",)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+        super().__init__(f"dependency {dependency!r} is unavailable: {self.detail}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.dependency!r}, {self.detail!r}, retry_after={self.retry_after})"
@@ -100,3 +101,31 @@ class Overloaded(DependencyUnavailable):
         super().__init__(
             dependency, detail or f"{dependency} is overloaded ({reason})", retry_after=retry_after
         )
+
+
+def scrubbed(exc: E) -> E:
+    """Drop the tracebacks of ``exc`` and of its chain, and return it.
+
+    Use it where a driver's error becomes the cause of a 503:
+    ``raise DependencyUnavailable("db") from scrubbed(exc)``.
+
+    The driver's frames keep local variables (connect parameters, a DSN's
+    password) that an error tracker serialising locals would send; the class
+    and message stay for debugging.
+    """
+    _drop_tracebacks(exc)
+    return exc
+
+
+def _drop_tracebacks(exc: BaseException, depth: int = 8) -> None:
+    """Clear the traceback of ``exc`` and of the exceptions chained to it (bounded depth)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending and depth > 0:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        depth -= 1
+        current.__traceback__ = None
+        pending.extend((current.__cause__, current.__context__))

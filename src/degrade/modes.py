@@ -33,7 +33,7 @@ from . import observe
 from ._bounded import Interrupted, hard_timeout
 from ._classify import ErrorPredicate, predicate
 from .dependency import Dependency, Site
-from .exceptions import ConfigurationError, DependencyUnavailable
+from .exceptions import ConfigurationError, DependencyUnavailable, scrubbed
 from .hatch import EscapeHatch
 
 __all__ = ["fail_loud", "fail_soft", "site_of"]
@@ -296,14 +296,14 @@ class _FailLoud:
                     # dep went down while this call was in flight: refused now, not at the bound.
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
-                    raise refuse() from exc
+                    raise refuse() from scrubbed(exc)
                 except Exception as exc:
                     if isinstance(exc, DependencyUnavailable) or not is_failure(exc):
                         raise
                     dep.record_failure(exc)
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
-                    raise refuse() from exc
+                    raise refuse() from scrubbed(exc)
                 if dep.failures or counts:
                     dep.record_success(clock() - started if timed else None)
                 return result
@@ -337,7 +337,7 @@ class _FailLoud:
                 dep.record_failure(exc)
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
-                raise refuse() from exc
+                raise refuse() from scrubbed(exc)
             if dep.failures or counts:
                 dep.record_success(clock() - started if timed else None)
             return result

@@ -19,6 +19,7 @@ from degrade import (
     fail_loud,
     unavailable_response,
 )
+from degrade.exceptions import scrubbed
 from degrade.responses import send_json, unavailable_body
 
 PASSWORD = "hunter2-s3cret"
@@ -92,34 +93,50 @@ class TestExceptionHandlers:
         assert set(handlers) == {DependencyUnavailable, 404}
 
 
-class TestWithoutOurHandlers:
-    async def test_starlette_answers_503_with_retry_after(self) -> None:
-        """Forgetting exception_handlers() still gives 503 + Retry-After, not a bare 500."""
+class TestNoSecretsNoNoise:
+    async def test_a_503_is_not_a_sentry_error_event(self) -> None:
+        """With Sentry's Starlette integration on, an outage's 503s send no error event each."""
+        import sentry_sdk
+        from sentry_sdk.integrations.starlette import StarletteIntegration
+
+        from ..support import CapturingTransport
 
         async def route(request: Request) -> Response:
-            raise DependencyUnavailable("redis", "sessions are unavailable", retry_after=9)
+            raise DependencyUnavailable("redis", retry_after=9)
 
-        async with client_for(Starlette(routes=[Route("/", route)])) as client:
-            response = await client.get("/")
+        transport = CapturingTransport()
+        sentry_sdk.init(
+            dsn="https://public@example.invalid/1",
+            transport=transport,
+            default_integrations=False,
+            integrations=[StarletteIntegration()],
+        )
+        try:
+            app = Starlette(routes=[Route("/", route)], exception_handlers=exception_handlers())
+            async with client_for(app) as client:
+                response = await client.get("/")
+            sentry_sdk.flush()
+        finally:
+            sentry_sdk.get_client().close()
+            sentry_sdk.Scope.get_global_scope().set_client(None)
         assert response.status_code == 503
-        assert response.headers["retry-after"] == "9"
-        assert response.text == "sessions are unavailable"
+        assert transport.events == []
 
-    async def test_fastapi_answers_503_with_retry_after(self) -> None:
-        """FastAPI's default HTTPException handler: 503, Retry-After, {"detail": ...}."""
-        fastapi = pytest.importorskip("fastapi")
-        app = fastapi.FastAPI()
+    def test_the_cause_keeps_no_frames(self) -> None:
+        """... from scrubbed(exc) drops the driver's frames (their locals hold DSNs)."""
 
-        @app.get("/")
-        async def route() -> dict[str, str]:
-            raise DependencyUnavailable("db", retry_after=4)
+        def connect(password: str) -> None:
+            raise ConnectionRefusedError("refused")
 
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            response = await client.get("/")
-        assert response.status_code == 503
-        assert response.headers["retry-after"] == "4"
-        assert response.json() == {"detail": "db is unavailable"}
+        try:
+            try:
+                connect("hunter2")
+            except ConnectionRefusedError as exc:
+                raise DependencyUnavailable("db") from scrubbed(exc)
+        except DependencyUnavailable as raised:
+            cause = raised.__cause__
+        assert isinstance(cause, ConnectionRefusedError)
+        assert cause.__traceback__ is None
 
     def test_message_and_repr_carry_no_driver_text(self) -> None:
         """str() and repr() name the dependency and the detail only."""

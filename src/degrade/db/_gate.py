@@ -14,7 +14,7 @@ from .. import _compat as compat
 from .. import observe
 from .._compat import sqlalchemy as compat_sqlalchemy
 from ..dependency import Dependency
-from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded
+from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded, scrubbed
 from ..responses import send_json, unavailable_body
 from ._conn import _driver, acquire, pool_capacity, pool_full, release
 from ._context import LEASE, REQUEST, Lease, RequestContext
@@ -258,13 +258,13 @@ class DBHealthMiddleware:
             if isinstance(exc, TimeoutError):
                 if pool_full(self._sync_engine):
                     # Every pooled connection is out (to users outside the gate too): saturation.
-                    raise self._shed("pool-saturated") from exc
+                    raise self._shed("pool-saturated") from scrubbed(exc)
                 if remaining < self.acquire_timeout / 2:
                     # Most of the budget went waiting in line: a connect or BEGIN that could
                     # not finish in what was left says nothing about the server.
-                    raise self._shed("budget") from exc
+                    raise self._shed("budget") from scrubbed(exc)
             dep.record_failure(exc)
-            raise self._unavailable() from exc
+            raise self._unavailable() from scrubbed(exc)
         except BaseException:
             lease.waited += clock() - started
             slots.release(None)

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from .. import checks, observe
 from ..dependency import Dependency
-from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable
+from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable, scrubbed
 from ..observe import logger
 from ._conn import _driver, _killing_after, acquire, discard, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
@@ -372,7 +372,7 @@ class ReadReplicaRouter:
         if dep is None or isinstance(exc, DependencyUnavailable) or not is_database_failure(exc):
             return
         dep.record_failure(exc)
-        raise DependencyUnavailable(dep.name, detail, retry_after=dep.retry_after) from exc
+        raise DependencyUnavailable(dep.name, detail, retry_after=dep.retry_after) from scrubbed(exc)
 
     async def _finish(
         self, session: AsyncSession, conn: AsyncConnection | None, lease: Lease | None, dep: Dependency | None

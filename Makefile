@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo tour test compat compat-lowest docs runbook generated lint typecheck unit integration bench clean
+.PHONY: setup demo tour test compat compat-lowest docs runbook generated lint typecheck unit integration bench clean chaos
 
 $(STAMP): pyproject.toml
 	.ci/setup-venv $(PYTHON) $(VENV)
@@ -103,3 +103,10 @@ bench-e2e: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache .site .alerts.yml
+
+# Chaos under load (docs/chaos.md): the example app under uvicorn, every dependency broken for real
+# under 200 clients, two pods, fuzzing, a soak, secrets. One table; non-zero exit on any violation.
+# `make chaos SOAK=600` for a long soak; CHAOS_FLAGS="--write-results" to record it in bench/RESULTS.md.
+SOAK ?= 120
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py --soak $(SOAK) $(CHAOS_FLAGS)

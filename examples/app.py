@@ -322,6 +322,8 @@ class Example:
         await self.revocations.revoke(jti, ttl=ACCESS_TTL)
 
     async def _load_track(self, track_id: int) -> dict[str, Any] | None:
+        if not 0 < track_id <= _MAX_ID:  # the column is a Postgres integer: no such track
+            return None
         async with self.router.for_read() as session:
             row = (
                 await session.execute(
@@ -508,10 +510,14 @@ def _user_or_ip(tokens: Tokens) -> Any:
     return key
 
 
+#: Largest id the tracks table can hold (a Postgres ``integer``).
+_MAX_ID = 2**31 - 1
+
+
 async def _json(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return {}
     return body if isinstance(body, dict) else {}
 

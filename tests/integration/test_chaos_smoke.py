@@ -1,0 +1,50 @@
+"""`make chaos`, its fast subset: bench/chaos.py --smoke against the real services (< 120 s).
+
+In CI: the two pods, 500 fuzzed requests and the secrets scan, shortened. Any
+violation the harness finds fails this test, with the harness's table.
+
+Not in CI yet: the fault matrix and the soak. Under 200 clients on one worker
+they find false outages (timeouts on healthy services that count as failures
+while the event loop runs late; see docs/chaos.md and bench/RESULTS.md); they
+run with `make chaos` and join this test once those are fixed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import POSTGRES, RABBITMQ, REDIS, require_service
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The whole smoke run must end within this (the issue's budget).
+BUDGET = 120.0
+
+
+@pytest.mark.timeout(BUDGET + 30)
+def test_chaos_smoke() -> None:
+    """The smoke run finds no violation (missing services fail in CI, skip locally)."""
+    require_service("PostgreSQL", *POSTGRES)
+    require_service("Redis", *REDIS)
+    require_service("RabbitMQ", *RABBITMQ)
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "bench/chaos.py", "--smoke", "--only", "pods,fuzz,secrets"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUDGET + 15,
+        check=False,
+    )
+    took = time.monotonic() - start
+    output = run.stdout[-12000:] + run.stderr[-3000:]
+    assert run.returncode != 2, f"the harness could not reach a service:\n{output}"
+    assert run.returncode == 0, output
+    assert "| part" in run.stdout, output  # the table was printed
+    assert took < BUDGET, f"the smoke run took {took:.0f} s (budget {BUDGET:.0f} s)"

@@ -360,6 +360,8 @@ class DBHealthMiddleware:
 
     def _answer_for(self, exc: Exception) -> tuple[bytes, int, bool] | None:
         """The 503 for a handler's exception (body, Retry-After, is it an outage), or None."""
+        while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # a task group's wrapping (Starlette's streaming, anyio)
         if isinstance(exc, DependencyUnavailable):
             # Raised by the lease or the router, which counted it on the right dependency.
             if exc.dependency not in self._names:

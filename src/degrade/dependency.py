@@ -251,12 +251,10 @@ class Dependency:
         """``"ok"`` or ``"down"``."""
         return "down" if self.is_down else "ok"
 
-
     @property
     def forced(self) -> bool:
         """True while held down by :meth:`forced_down` (a simulated outage)."""
         return self._forced > 0
-
 
     @property
     def failure_threshold(self) -> int | None:

@@ -40,7 +40,9 @@ Kind = Literal["counter", "up_down_counter", "gauge"]
 Readings = Iterable[tuple[float, Mapping[str, str]]]
 
 
-class _Site(Protocol):
+class SiteCounts(Protocol):
+    """The counts of a :class:`degrade.Site` that metrics read (shared with ``observe``)."""
+
     @property
     def name(self) -> str: ...
     @property

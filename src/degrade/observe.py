@@ -66,22 +66,11 @@ class Dependency(Protocol):
     def recovery_delay(self) -> float: ...
 
 
-class Site(Protocol):
-    """What the signals read of a :class:`degrade.Site`."""
+class Site(_otel.SiteCounts, Protocol):
+    """What the signals read of a :class:`degrade.Site`: its counts, and the shed log's rate limit."""
 
     _shed_log_due: float
     _shed_logged: int
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def dependency(self) -> str: ...
-    @property
-    def mode(self) -> str: ...
-    @property
-    def degraded_calls(self) -> int: ...
-    @property
-    def shed_calls(self) -> dict[str, int]: ...
 
     @property
     def shed_total(self) -> int: ...

@@ -661,6 +661,37 @@ class TestDeadlines:
         assert deadlines.handle is None
 
 
+    async def test_an_answer_in_the_ticks_iteration_is_not_killed(self) -> None:
+        """The answer and the deadline's tick land in one loop iteration: the answer wins.
+
+        Under a CPU-bound worker an answer routinely waits in the ready queue
+        while the tick runs; killing then terminated a connection the server
+        had answered, and the request's next query failed ("connection is
+        closed"): a false database failure (three made a false outage).
+        """
+        loop = asyncio.get_running_loop()
+        terminated: list[int] = []
+
+        class Driver:
+            def terminate(self) -> None:
+                terminated.append(1)
+
+        answer: asyncio.Future[None] = loop.create_future()
+        deadlines = _conn._deadlines_of(loop)
+        task = asyncio.ensure_future(_conn._killing_after(Driver(), 0.001, answer, "test"))
+        await asyncio.sleep(0.005)  # past the deadline, before the next tick
+        assert not task.done()
+
+        def one_iteration() -> None:  # the reader callback resolves, then the due timer ticks
+            answer.set_result(None)
+            deadlines.tick()
+
+        loop.call_soon(one_iteration)
+        await task  # no TimeoutError: the operation was answered
+        await asyncio.sleep(0.02)
+        assert terminated == []
+        assert deadlines.ops == set()
+
 class TestInstantCheckout:
     async def test_other_pools_are_never_instant(self) -> None:
         """Anything but the async queue pool goes through the bounded path."""

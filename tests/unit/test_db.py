@@ -660,7 +660,6 @@ class TestDeadlines:
         assert deadlines.ops == set()
         assert deadlines.handle is None
 
-
     async def test_an_answer_in_the_ticks_iteration_is_not_killed(self) -> None:
         """The answer and the deadline's tick land in one loop iteration: the answer wins.
 
@@ -691,6 +690,7 @@ class TestDeadlines:
         await asyncio.sleep(0.02)
         assert terminated == []
         assert deadlines.ops == set()
+
 
 class TestInstantCheckout:
     async def test_other_pools_are_never_instant(self) -> None:

@@ -60,7 +60,7 @@ class TestSlots:
         assert slots.in_use == 1
 
     async def test_early_shedding_once_the_hold_time_is_known(self) -> None:
-        """100 ms holds, 2 slots, 0.5 s: 10 could be served, 8 are planned (headroom): the 9th is refused."""
+        """100 ms holds, 2 slots, 0.5 s: 10 could be served, 7 are planned (headroom): the 8th is refused."""
         clock = FakeClock()
         slots = Slots(2, clock=clock)
         assert not slots.would_shed(0.5)  # nothing measured yet: only the budget bounds a wait
@@ -69,15 +69,36 @@ class TestSlots:
         assert slots.hold == pytest.approx(0.1)
         slots.try_take()
         slots.try_take()
-        waiters = [asyncio.ensure_future(slots.take(0.5)) for _ in range(7)]
+        waiters = [asyncio.ensure_future(slots.take(0.5)) for _ in range(6)]
         await asyncio.sleep(0)
-        assert not slots.would_shed(0.5)  # the 8th fits: 20/s x 0.5 s x 0.8 = 8
+        assert not slots.would_shed(0.5)  # the 7th fits: 20/s x 0.5 s x 0.7 = 7
         waiters.append(asyncio.ensure_future(slots.take(0.5)))
         await asyncio.sleep(0)
         assert slots.would_shed(0.5)
         assert await slots.take(0.5) == "queue"
         slots.refuse_all("down")
         assert set(await asyncio.gather(*waiters)) == {"down"}
+
+    async def test_hold_starts_at_the_hand_over_not_at_the_wake_up(self) -> None:
+        """A granted waiter learns when its slot was handed over: the wake-up after it is part of the hold.
+
+        On a busy loop the woken request runs milliseconds after the release
+        that granted it; measured from then, holds looked short, the rate high,
+        and the line admitted more than the pool served in time.
+        """
+        clock = FakeClock()
+        slots = Slots(1, clock=clock)
+        assert await slots.take_at(1.0) == (GRANTED, clock.now)
+        waiter = asyncio.ensure_future(slots.take_at(1.0))
+        await asyncio.sleep(0)
+        clock.now += 0.2
+        handed_over = clock.now
+        slots.release(0.2)
+        clock.now += 0.05  # the loop is busy: the waiter resumes later
+        assert await waiter == (GRANTED, handed_over)
+        slots.release(clock.now - handed_over)
+        assert slots.hold == pytest.approx(0.2 + 0.2 * (0.05 - 0.2))  # running average of 0.2 and 0.05
+        assert slots.in_use == 0
 
     async def test_tail_trimmed_when_it_can_no_longer_be_served(self) -> None:
         """On a release, tail waiters whose expected wait exceeds their remaining budget are refused."""

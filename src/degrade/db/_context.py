@@ -48,9 +48,9 @@ class Lease:
         "conn",
         "pinned",
         "primary_refused",
+        "slot_at",
         "source",
         "sync_engine",
-        "taken_at",
         "waited",
     )
 
@@ -65,7 +65,8 @@ class Lease:
         self.primary_refused = False
         #: Seconds this request has waited for connections (its ``acquire_timeout`` budget).
         self.waited = 0.0
-        self.taken_at = 0.0
+        #: When the gate's line handed this request its slot (the start of the slot's hold).
+        self.slot_at = 0.0
 
     def available_for(self, sync_engine: Engine) -> bool:
         """May a session of ``sync_engine`` use this lease now?"""

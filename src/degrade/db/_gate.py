@@ -240,16 +240,14 @@ class DBHealthMiddleware:
             raise self._shed("budget")
         if not observe.may_abandon("db.gate"):
             raise self._shed("abandoned-cap")  # too many abandoned clean-ups unwind: add none
-        if not slots.try_take():
-            outcome = await slots.take(budget)
-            if outcome != GRANTED:
-                lease.waited += clock() - started
-                if outcome == "down":
-                    raise self._unavailable()
-                if outcome == "pool-saturated" and slots.stalled(self.acquire_timeout):
-                    self._suspect_stall()
-                raise self._shed(outcome)
+        if slots.try_take():
+            lease.slot_at = started
+        else:
+            await self._wait_in_line(lease, budget, started)
         remaining = budget - (clock() - started)
+        # Opening a connection is a one-off cost of a cold (or recycled) pool; counted in the
+        # hold it made the first holds of a burst look slow and the line shed healthy work.
+        opens = not compat_sqlalchemy.idle_checkout_is_free(self._sync_engine)
         try:
             conn = await acquire(self.engine, remaining)
         except Exception as exc:
@@ -269,11 +267,26 @@ class DBHealthMiddleware:
             lease.waited += clock() - started
             slots.release(None)
             raise
-        lease.waited += clock() - started
+        now = clock()
+        lease.waited += now - started
+        if opens:
+            lease.slot_at = now
         dep.record_success()
-        lease.taken_at = clock()
         self._active.add(lease)
         return conn
+
+    async def _wait_in_line(self, lease: Lease, budget: float, started: float) -> None:
+        """Wait for a slot (sets ``lease.slot_at``); raises the refusal when none comes."""
+        slots = self._slots
+        outcome, lease.slot_at = await slots.take_at(budget)
+        if outcome == GRANTED:
+            return
+        lease.waited += self._clock() - started
+        if outcome == "down":
+            raise self._unavailable()
+        if outcome == "pool-saturated" and slots.stalled(self.acquire_timeout):
+            self._suspect_stall()
+        raise self._shed(outcome)
 
     async def checkin(self, lease: Lease) -> None:
         """Return ``lease``'s connection to the pool (bounded) and its slot to the line."""
@@ -281,7 +294,6 @@ class DBHealthMiddleware:
         if conn is None:
             return
         self._active.discard(lease)
-        held = self._clock() - lease.taken_at
         try:
             await release(conn, self.acquire_timeout)
         except Exception as exc:
@@ -290,7 +302,9 @@ class DBHealthMiddleware:
                 raise
             self.dependency.record_failure(exc)
         finally:
-            self._slots.release(held)
+            # The hold runs from the hand-over to the return: waking the request, its
+            # BEGIN and ROLLBACK occupy the slot as much as its queries do.
+            self._slots.release(self._clock() - lease.slot_at)
 
     def _unavailable(self) -> DependencyUnavailable:
         dep = self.dependency

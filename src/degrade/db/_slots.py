@@ -24,7 +24,12 @@ average of how long a request keeps a slot). The first version used
 ``capacity / hold`` alone: under ``wrk -c200`` on 2 shared cores a GC pause
 stretched a dozen holds at once, the average jumped, and the tail of a healthy
 line was refused (482 shed in 4 s); the counted releases do not move with a
-pause. Until the first hold is measured only the budget bounds a wait.
+pause. A hold runs from the slot's hand-over (:meth:`Slots.take_at`) to its
+release: timed from the woken request's resumption, it left out the wake-up
+(milliseconds on a busy loop), the rate came out high, and ~1 % of the 503s of
+an overloaded line came only at the end of the budget; hence also the gap
+between :attr:`Slots.HEADROOM` and :attr:`Slots.TRIM`. Until the first hold is
+measured only the budget bounds a wait.
 
 Nothing here touches a socket or the dependency's state: a refusal is
 shedding (saturation), answered 503 and counted by the caller.
@@ -44,12 +49,13 @@ GRANTED = "granted"
 
 
 class _Waiter:
-    __slots__ = ("deadline", "future", "live")
+    __slots__ = ("deadline", "future", "granted_at", "live")
 
     def __init__(self, future: asyncio.Future[str], deadline: float) -> None:
         self.future = future
         self.deadline = deadline
         self.live = True
+        self.granted_at = 0.0
 
 
 class Slots:
@@ -67,10 +73,14 @@ class Slots:
     #: Seconds over which releases are counted (in ``BUCKETS`` slices).
     RATE_WINDOW = 1.0
     BUCKETS = 10
-    #: Share of a budget the line is planned to fill: what the pool serves within the
-    #: rest varies (GC pauses, the loop's own load), and a waiter refused at the end of
-    #: its budget costs the whole budget; one refused at once costs nothing.
-    HEADROOM = 0.8
+    #: Share of a budget the line is planned to fill when a newcomer is admitted: what
+    #: the pool serves within the rest varies (GC pauses, the loop's own load), and a
+    #: waiter refused late costs what it waited; one refused at once costs nothing.
+    HEADROOM = 0.7
+    #: Share of a waiter's *remaining* budget its expected wait may fill before it is
+    #: refused from the tail. Looser than :attr:`HEADROOM` (hysteresis): a waiter
+    #: admitted with room to spare is not refused late for a passing dip of the rate.
+    TRIM = 0.85
 
     def __init__(self, capacity: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = capacity
@@ -146,17 +156,27 @@ class Slots:
 
     async def take(self, budget: float) -> str:
         """Wait in line for a slot for at most ``budget`` seconds; :data:`GRANTED` or a refusal reason."""
+        outcome, _ = await self.take_at(budget)
+        return outcome
+
+    async def take_at(self, budget: float) -> tuple[str, float]:
+        """Like :meth:`take`, with the clock time the slot was handed over (the start of its hold).
+
+        The hold to give :meth:`release` runs from that moment, not from when
+        the waiting task resumed: on a busy event loop the wake-up itself takes
+        milliseconds, during which the slot serves nobody else.
+        """
         if self.try_take():
-            return GRANTED
+            return GRANTED, self._clock()
         if self.would_shed(budget):
-            return "queue"
+            return "queue", 0.0
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), self._clock() + budget)
         self._waiters.append(waiter)
         self.queued += 1
         timer = loop.call_later(budget, self._expire, waiter)
         try:
-            return await waiter.future
+            return await waiter.future, waiter.granted_at
         except asyncio.CancelledError:
             future = waiter.future
             if future.done() and not future.cancelled() and future.result() == GRANTED:
@@ -179,7 +199,11 @@ class Slots:
                 waiter.future.set_result(outcome)
 
     def release(self, held_for: float | None) -> None:
-        """Give a slot back (``held_for``: how long it was held, for the rate); the oldest waiter gets it."""
+        """Give a slot back; the oldest waiter gets it.
+
+        ``held_for``: seconds from the slot's hand-over (:meth:`take_at`) to now,
+        for the rate; None when the slot served no request (a failed checkout).
+        """
         now = self._clock()
         if held_for is not None:
             hold = self.hold
@@ -190,6 +214,7 @@ class Slots:
         while waiters:
             waiter = waiters.popleft()
             if waiter.live and not waiter.future.done():
+                waiter.granted_at = now
                 self._settle(waiter, GRANTED)
                 self._trim(now)
                 return
@@ -210,7 +235,7 @@ class Slots:
             if not waiter.live:
                 waiters.pop()
                 continue
-            if position <= rate * (waiter.deadline - now) * self.HEADROOM:
+            if position <= rate * (waiter.deadline - now) * self.TRIM:
                 return
             waiters.pop()
             self._settle(waiter, "queue")

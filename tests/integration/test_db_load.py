@@ -289,3 +289,57 @@ class TestReplicaSaturation:
             await _bounded.settle_abandoned(5.0)
             await primary.dispose()
             await replica.dispose()
+
+    async def test_with_the_primary_down_reads_wait_in_the_replicas_line(
+        self, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Primary down, replica pool of 1: 8 GETs of 60 ms each all get 200 from the replica, in order.
+
+        Each waits in the replica's fair line for what is left of the request's
+        budget (the gate's 1 s), not only the router's connect_timeout (0.2 s):
+        falling back to a primary known down would be a 503. Before, the 4th
+        and later reads timed out on the replica's pool and answered 503.
+        """
+        primary = create_async_engine(postgres_dsn, **engine_options(acquire_timeout=1.0))
+        replica = create_async_engine(
+            postgres_dsn, **engine_options(acquire_timeout=1.0, pool_size=1, max_overflow=0)
+        )
+        db = registry.dependency("db", severity=Severity.SEV1)  # no check: stays down once marked
+        replica_dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        router = ReadReplicaRouter(
+            primary=primary, replica=replica, dependency=replica_dep, connect_timeout=0.2
+        )
+
+        async def read(request: Request) -> Response:
+            async with router.for_read() as session:
+                await session.execute(text("SELECT pg_sleep(0.06)"))
+            return JSONResponse({"ok": True})
+
+        app = Starlette(
+            routes=[Route("/api/read", read)],
+            middleware=[
+                Middleware(
+                    DBHealthMiddleware,
+                    engine=primary,
+                    dependency=db,
+                    acquire_timeout=1.0,
+                    router=router,
+                    read_only_fallback=True,
+                )
+            ],
+        )
+        try:
+            db.mark_down(reason="test")
+            async with client(app) as c:
+                results = await asyncio.gather(*(timed(c, "/api/read") for _ in range(8)))
+            assert [status for status, _ in results] == [200] * 8
+            assert max(seconds for _, seconds in results) <= 8 * 0.06 + MARGIN
+            site = next(s for s in replica_dep.sites if s.name.endswith("for_read"))
+            assert site.shed_total == 0
+            assert site.degraded_calls == 0
+            assert replica_dep.state == "ok"
+            assert replica.sync_engine.pool.checkedout() == 0
+        finally:
+            await _bounded.settle_abandoned(5.0)
+            await primary.dispose()
+            await replica.dispose()

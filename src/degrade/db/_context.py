@@ -23,6 +23,9 @@ __all__ = ["Lease", "LeaseSource", "RequestContext", "connection", "current_conn
 class LeaseSource(Protocol):
     """What hands a :class:`Lease` its connection: the gate (its fair line, its bound)."""
 
+    #: The request's whole budget for waiting on connections, seconds.
+    acquire_timeout: float
+
     async def checkout(self, lease: Lease) -> AsyncConnection: ...
 
     async def checkin(self, lease: Lease) -> None: ...

@@ -16,10 +16,11 @@ from .. import checks, observe
 from ..dependency import Dependency
 from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable, scrubbed
 from ..observe import logger
-from ._conn import _driver, _killing_after, acquire, discard, pool_full, release
+from ._conn import _driver, _killing_after, acquire, discard, pool_capacity, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
 from ._settings import warn_problems
+from ._slots import GRANTED, Slots
 
 __all__ = ["ReadReplicaRouter"]
 
@@ -143,7 +144,10 @@ class ReadReplicaRouter:
         self._on_primary = False  # reads fall back to the primary because of the replica
         self._monitor: asyncio.Task[None] | None = None
         self._site = None
-        self._replica_active: set[AsyncConnection] = set()
+        #: Replica connections of reads in flight, and when each one's slot was handed over.
+        self._replica_active: dict[AsyncConnection, float] = {}
+        # The replica's own fair line (SQLAlchemy's pool queue lets newcomers pass waiters).
+        self._replica_slots = Slots(pool_capacity(replica.sync_engine)) if replica is not None else None
         #: Replica connections of reads in flight terminated because the replica went down.
         self.terminated = 0
         if dependency is not None:
@@ -310,28 +314,72 @@ class ReadReplicaRouter:
         if not observe.may_abandon("db.replica"):  # too many abandoned clean-ups unwinding
             self._fell_back("abandoned-cap")
             return None
+        slots = self._replica_slots
+        started = time.monotonic()
+        budget = self._replica_budget()
+        slot_at = await self._replica_slot(budget, started)
+        if slots is None or slot_at is None:
+            return None
         try:
-            conn = await acquire(replica, self.connect_timeout)
-        except Exception as exc:  # refused, silent, reset, auth failure: read elsewhere
-            if isinstance(exc, TimeoutError) and pool_full(replica.sync_engine):
-                # Every replica connection is out to other reads: saturation, not a down replica.
-                if self._site is not None:
-                    self._site.shed("pool-saturated")
-                return None
-            dep.record_failure(exc)
-            self._fell_back(type(exc).__name__)
+            conn = await acquire(replica, budget - (time.monotonic() - started))
+        except BaseException as exc:
+            slots.release(None)
+            if not isinstance(exc, Exception):
+                raise
+            self._replica_refused(exc, replica)
             return None
         dep.record_success()
         if self._on_primary:
             self._on_primary = False
             logger.info("db.replica.restored", replica=dep.name)
-        self._replica_active.add(conn)
+        self._replica_active[conn] = slot_at
         return conn
+
+    def _replica_refused(self, exc: Exception, replica: AsyncEngine) -> None:
+        """A replica checkout failed: shed when its pool is saturated, else a failure of the replica."""
+        if isinstance(exc, TimeoutError) and pool_full(replica.sync_engine):
+            # Every replica connection is out (to users outside the router too): saturation.
+            if self._site is not None:
+                self._site.shed("pool-saturated")
+            return
+        if self.dependency is not None:
+            self.dependency.record_failure(exc)
+        self._fell_back(type(exc).__name__)
+
+    async def _replica_slot(self, budget: float, started: float) -> float | None:
+        """A slot in the replica's fair line (when it was handed over), or None: shed, read elsewhere."""
+        slots = self._replica_slots
+        if slots is None:  # pragma: no cover - set with the replica
+            return None
+        if slots.try_take():
+            return started
+        outcome, slot_at = await slots.take_at(budget)
+        if outcome == GRANTED:
+            return slot_at
+        if self._site is not None:  # the line is too long for the budget: saturation, not a down replica
+            self._site.shed(outcome)
+        return None
+
+    def _replica_budget(self) -> float:
+        """How long a read may wait for the replica: ``connect_timeout``, or more when it is the only way.
+
+        With the primary known down, falling back is a 503; such a read waits
+        in the replica's line for what is left of the request's budget (the
+        gate's ``acquire_timeout``), so a replica saturated by the reads the
+        primary can no longer take still serves them.
+        """
+        primary = self.primary_dependency
+        lease = LEASE.get()
+        if primary is None or not primary.is_down or lease is None:
+            return self.connect_timeout
+        return max(self.connect_timeout, lease.source.acquire_timeout - lease.waited)
 
     def _on_replica_transition(self, dep: Dependency) -> None:
         """The replica went down: end the reads in flight on it now (they answer as a replica failure)."""
         if not dep.is_down:
             return
+        if self._replica_slots is not None:
+            self._replica_slots.refuse_all("down")
         for conn in list(self._replica_active):
             driver = _driver(conn)
             if driver is not None:
@@ -399,9 +447,13 @@ class ReadReplicaRouter:
                 dep.record_failure(exc)
         finally:
             if conn is not None:
-                self._replica_active.discard(conn)
-                if not conn.closed:
-                    await discard(conn)
+                slot_at = self._replica_active.pop(conn, None)
+                try:
+                    if not conn.closed:
+                        await discard(conn)
+                finally:
+                    if slot_at is not None and self._replica_slots is not None:
+                        self._replica_slots.release(time.monotonic() - slot_at)
             if lease is not None:
                 lease.busy = False
                 await lease.give_back()

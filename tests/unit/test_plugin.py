@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from degrade import Registry, Severity
-from degrade.testing.plugin import FaultProxyFactory, OutageSimulator
+from degrade.testing.plugin import FaultProxyFactory, ForcedOutageFactory
 
 INI = """
 [pytest]
@@ -185,11 +185,11 @@ class TestFixturesInAProject:
         result.stdout.fnmatch_lines(["LOADED []"])
 
 
-class TestOutageSimulator:
+class TestForcedOutageFactory:
     def test_nested_outages_release_in_turn(self) -> None:
         """Two outages on one dependency: it recovers only when both ended."""
         dep = Registry().dependency("db", severity=Severity.SEV1)
-        simulator = OutageSimulator()
+        simulator = ForcedOutageFactory()
         first = simulator(dep)
         with simulator(dep):
             assert dep.is_down
@@ -204,7 +204,7 @@ class TestOutageSimulator:
         registry = Registry()
         db = registry.dependency("db", severity=Severity.SEV1)
         cache = registry.dependency("cache", severity=Severity.SEV3)
-        simulator = OutageSimulator()
+        simulator = ForcedOutageFactory()
         outage = simulator(db, cache)
         assert outage.active
         assert (db.state, cache.state) == ("down", "down")
@@ -215,7 +215,21 @@ class TestOutageSimulator:
     def test_rejects_what_is_not_a_dependency(self, args: tuple[object, ...]) -> None:
         """Nothing, a name or another object raises TypeError."""
         with pytest.raises(TypeError, match="simulate_outage"):
-            OutageSimulator()(*args)  # type: ignore[arg-type]
+            ForcedOutageFactory()(*args)  # type: ignore[arg-type]
+
+    def test_old_names_warn_and_still_work(self) -> None:
+        """The names before 0.2.0 resolve to the new classes, with a DeprecationWarning naming them."""
+        from degrade import testing
+        from degrade.testing import ProxyOutage, plugin
+
+        with pytest.warns(DeprecationWarning, match="ForcedOutageFactory"):
+            assert plugin.OutageSimulator is ForcedOutageFactory
+        with pytest.warns(DeprecationWarning, match="ForcedOutage$"):
+            assert plugin.SimulatedOutage is plugin.ForcedOutage
+        with pytest.warns(DeprecationWarning, match="ProxyOutage"):
+            assert testing.Outage is ProxyOutage
+        with pytest.raises(AttributeError):
+            _ = plugin.NoSuchName  # type: ignore[attr-defined]
 
 
 class TestFaultProxyFactory:

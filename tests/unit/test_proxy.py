@@ -611,7 +611,7 @@ class TestPublicApi:
         """degrade.testing exports the proxy's public names, sorted, and does not import pytest."""
         from degrade import testing
 
-        assert testing.__all__ == ["FakeClock", "Fault", "FaultProxy", "Outage", "ProxyStats"]
+        assert testing.__all__ == ["FakeClock", "Fault", "FaultProxy", "ProxyOutage", "ProxyStats"]
         assert all(hasattr(testing, name) for name in testing.__all__)
         source = Path(testing.__file__).read_text()
         assert "pytest" not in source.split('"""')[-1]  # code after the docstring

@@ -11,13 +11,26 @@ this package does not import pytest.
 
 from __future__ import annotations
 
+import warnings
+
 from ._clock import FakeClock
-from .proxy import Fault, FaultProxy, Outage, ProxyStats
+from .proxy import Fault, FaultProxy, ProxyOutage, ProxyStats
 
 __all__ = [
     "FakeClock",
     "Fault",
     "FaultProxy",
-    "Outage",
+    "ProxyOutage",
     "ProxyStats",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "Outage":
+        warnings.warn(
+            "degrade.testing.Outage is deprecated; use degrade.testing.ProxyOutage",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ProxyOutage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,6 +30,7 @@ scope those use.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -41,7 +42,7 @@ from .proxy import MAX_CONNECTIONS, FaultProxy
 if TYPE_CHECKING:
     from ..dependency import Dependency
 
-__all__ = ["FaultProxyFactory", "OutageSimulator", "SimulatedOutage", "fault_proxy", "simulate_outage"]
+__all__ = ["FaultProxyFactory", "ForcedOutage", "ForcedOutageFactory", "fault_proxy", "simulate_outage"]
 
 #: Most proxies one test may start through the ``fault_proxy`` fixture.
 MAX_PROXIES_PER_TEST = 32
@@ -102,8 +103,10 @@ class FaultProxyFactory:
             proxy.close_sync()
 
 
-class SimulatedOutage:
+class ForcedOutage:
     """Dependencies held down by ``simulate_outage(...)`` until :meth:`restore`.
+
+    (Named ``SimulatedOutage`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
 
     Usable as a context manager (``with simulate_outage(dep):``) or kept as a
     value (down until ``restore()`` or teardown).
@@ -136,7 +139,7 @@ class SimulatedOutage:
         self._restored = True
         self._stack.close()
 
-    def __enter__(self) -> SimulatedOutage:
+    def __enter__(self) -> ForcedOutage:
         return self
 
     def __exit__(
@@ -145,8 +148,10 @@ class SimulatedOutage:
         self.restore()
 
 
-class OutageSimulator:
+class ForcedOutageFactory:
     """What the ``simulate_outage`` fixture gives: ``with simulate_outage(dep, ...):``.
+
+    (Named ``OutageSimulator`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
 
     Calling it forces every given dependency down at once, in-process: safety
     nets see ``is_down`` and take their degraded path, and no probe or success
@@ -158,9 +163,9 @@ class OutageSimulator:
     """
 
     def __init__(self) -> None:
-        self._outages: list[SimulatedOutage] = []
+        self._outages: list[ForcedOutage] = []
 
-    def __call__(self, *dependencies: Dependency) -> SimulatedOutage:
+    def __call__(self, *dependencies: Dependency) -> ForcedOutage:
         """Force ``dependencies`` down now; restore them on exit or at teardown."""
         if not dependencies:
             raise TypeError("simulate_outage() needs at least one Dependency")
@@ -170,7 +175,7 @@ class OutageSimulator:
                     "simulate_outage() takes degrade Dependency objects (from registry.dependency()); "
                     f"got {type(dep).__name__}"
                 )
-        outage = SimulatedOutage(dependencies)
+        outage = ForcedOutage(dependencies)
         self._outages.append(outage)
         return outage
 
@@ -196,14 +201,29 @@ def fault_proxy() -> Iterator[FaultProxyFactory]:
 
 
 @pytest.fixture
-def simulate_outage() -> Iterator[OutageSimulator]:
+def simulate_outage() -> Iterator[ForcedOutageFactory]:
     """Hold Dependencies down in-process, restored at teardown at the latest.
 
     Use ``with simulate_outage(dep, ...):``; they come back up when the block
     ends, or at teardown if the returned outage was kept instead.
     """
-    simulator = OutageSimulator()
+    simulator = ForcedOutageFactory()
     try:
         yield simulator
     finally:
         simulator.restore_all()
+
+
+_RENAMED = {"OutageSimulator": "ForcedOutageFactory", "SimulatedOutage": "ForcedOutage"}
+
+
+def __getattr__(name: str) -> object:
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"degrade.testing.plugin.{name} is deprecated; use degrade.testing.plugin.{new}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]

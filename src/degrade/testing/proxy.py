@@ -35,6 +35,7 @@ Faults (combine freely, except that refuse and blackhole replace each other):
 from __future__ import annotations
 
 import math
+import warnings
 from types import TracebackType
 from typing import Literal, overload
 
@@ -50,7 +51,7 @@ from ._engine import CONTROL_TIMEOUT as CONTROL_TIMEOUT  # noqa: PLC0414
 from ._engine import START_TIMEOUT as START_TIMEOUT  # noqa: PLC0414
 from ._engine import Engine, ProxyStats, Runner
 
-__all__ = ["Fault", "FaultProxy", "Outage", "ProxyStats"]
+__all__ = ["Fault", "FaultProxy", "ProxyOutage", "ProxyStats"]
 
 #: A fault name accepted by :meth:`FaultProxy.outage`.
 Fault = Literal["refuse", "blackhole", "reset", "latency", "limit_data", "slow_close"]
@@ -347,13 +348,13 @@ class FaultProxy:
         self._runner.control(self._engine.do_up)
 
     @overload
-    def outage(self, fault: Literal["refuse", "blackhole", "reset"] = "refuse", /) -> Outage: ...
+    def outage(self, fault: Literal["refuse", "blackhole", "reset"] = "refuse", /) -> ProxyOutage: ...
     @overload
-    def outage(self, fault: Literal["latency", "slow_close"], seconds: float, /) -> Outage: ...
+    def outage(self, fault: Literal["latency", "slow_close"], seconds: float, /) -> ProxyOutage: ...
     @overload
-    def outage(self, fault: Literal["limit_data"], nbytes: int, /) -> Outage: ...
+    def outage(self, fault: Literal["limit_data"], nbytes: int, /) -> ProxyOutage: ...
 
-    def outage(self, fault: Fault = "refuse", amount: float | None = None, /) -> Outage:
+    def outage(self, fault: Fault = "refuse", amount: float | None = None, /) -> ProxyOutage:
         """A context manager (``with`` or ``async with``) that applies a fault and then ``up()``.
 
         ``proxy.outage("blackhole")``, ``proxy.outage("latency", 0.2)``,
@@ -370,7 +371,7 @@ class FaultProxy:
             raise ConfigurationError(f"outage({fault!r}, ...) needs an amount, e.g. outage('latency', 0.2)")
         if not needs_amount and amount is not None:
             raise ConfigurationError(f"outage({fault!r}) takes no amount")
-        return Outage(self, fault, amount)
+        return ProxyOutage(self, fault, amount)
 
     def _apply(self, fault: Fault, amount: float | None) -> None:
         if fault == "refuse":
@@ -389,8 +390,10 @@ class FaultProxy:
             self.limit_data(amount)  # type: ignore[arg-type]  # limit_data validates it is an int
 
 
-class Outage:
+class ProxyOutage:
     """The context manager returned by :meth:`FaultProxy.outage`; sync or async.
+
+    (Named ``Outage`` before 0.2.0; that name still works, with a ``DeprecationWarning``.)
 
     Failure mode: entering applies the fault (errors from the setter
     propagate); exiting restores the proxy with ``up()`` even when the block
@@ -419,3 +422,14 @@ class Outage:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.__exit__(exc_type, exc, tb)
+
+
+def __getattr__(name: str) -> object:
+    if name == "Outage":
+        warnings.warn(
+            "degrade.testing.Outage is deprecated; use degrade.testing.ProxyOutage",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ProxyOutage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

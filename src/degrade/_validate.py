@@ -13,7 +13,7 @@ import math
 
 from .exceptions import ConfigurationError
 
-__all__ = ["count", "fraction", "optional_seconds", "seconds", "whole_seconds"]
+__all__ = ["count", "fraction", "int_range", "optional_seconds", "seconds", "whole_seconds"]
 
 
 def _number(value: object) -> bool:
@@ -44,6 +44,13 @@ def count(label: str, value: object, *, minimum: int = 1) -> int:
     """An ``int`` >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{label} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+def int_range(label: str, value: object, *, minimum: int, maximum: int) -> int:
+    """An ``int`` in ``minimum..maximum``, both included (a port, a quorum)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigurationError(f"{label} must be an int in {minimum}..{maximum}; got {value!r}")
     return value
 
 

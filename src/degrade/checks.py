@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from . import _validate
 from ._bounded import hard_timeout
 from ._extras import require
 from .exceptions import CheckFailed, ConfigurationError
@@ -23,12 +24,6 @@ from .exceptions import CheckFailed, ConfigurationError
 __all__ = ["amqp", "disk", "http", "redis", "replica", "sentinel", "sqlalchemy", "tcp"]
 
 Check = Callable[[], Awaitable[None]]
-
-
-def _positive(label: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
-    return float(value)
 
 
 def _private_engine(engine: Any) -> Callable[[], Any]:
@@ -63,7 +58,7 @@ def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") ->
     fresh connection, which also proves the server accepts new ones.
     """
     sa = require("sqlalchemy", "postgres", feature="checks.sqlalchemy")
-    timeout = _positive("timeout", timeout)
+    timeout = _validate.seconds("timeout", timeout)
     private = _private_engine(engine)
     statement = sa.text(query)
 
@@ -85,7 +80,7 @@ def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") ->
 def redis(client: Any, *, timeout: float = 0.8) -> Check:
     """Check a ``redis.asyncio.Redis`` client with ``PING``."""
     require("redis", "redis", feature="checks.redis")
-    timeout = _positive("timeout", timeout)
+    timeout = _validate.seconds("timeout", timeout)
 
     async def check() -> None:
         await hard_timeout(client.ping(), timeout)
@@ -96,7 +91,7 @@ def redis(client: Any, *, timeout: float = 0.8) -> Check:
 def amqp(url: str, *, timeout: float = 0.8) -> Check:
     """Check an AMQP broker: open a connection (handshake and login), then close it."""
     aiormq = require("aiormq", "rabbitmq", feature="checks.amqp")
-    timeout = _positive("timeout", timeout)
+    timeout = _validate.seconds("timeout", timeout)
 
     async def run() -> None:
         connection = await aiormq.connect(url)
@@ -110,9 +105,8 @@ def amqp(url: str, *, timeout: float = 0.8) -> Check:
 
 def tcp(host: str, port: int, *, timeout: float = 0.8) -> Check:
     """Check that ``host:port`` accepts a TCP connection."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigurationError(f"port must be an int in 1..65535; got {port!r}")
-    timeout = _positive("timeout", timeout)
+    _validate.int_range("port", port, minimum=1, maximum=65535)
+    timeout = _validate.seconds("timeout", timeout)
 
     async def run() -> None:
         _, writer = await asyncio.open_connection(host, port)
@@ -128,7 +122,7 @@ def tcp(host: str, port: int, *, timeout: float = 0.8) -> Check:
 def http(url: str, *, timeout: float = 0.8, expect: Callable[[int], bool] | None = None) -> Check:
     """Check an HTTP endpoint with ``GET``; a status outside 200-399 (or ``expect``) fails."""
     httpx = require("httpx", "http", feature="checks.http")
-    timeout = _positive("timeout", timeout)
+    timeout = _validate.seconds("timeout", timeout)
     accept = expect or (lambda status: 200 <= status < 400)
     # Built once: a new client would load the CA bundle again (~0.1 s of CPU per check run).
     tls = httpx.create_ssl_context()
@@ -147,8 +141,7 @@ def http(url: str, *, timeout: float = 0.8, expect: Callable[[int], bool] | None
 
 def disk(path: str, min_free_bytes: int) -> Check:
     """Check that the filesystem holding ``path`` has at least ``min_free_bytes`` free."""
-    if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
-        raise ConfigurationError(f"min_free_bytes must be an int >= 0; got {min_free_bytes!r}")
+    _validate.count("min_free_bytes", min_free_bytes, minimum=0)
 
     async def check() -> None:
         free = shutil.disk_usage(path).free
@@ -197,10 +190,12 @@ def sentinel(
     nodes = _addresses(sentinels)
     if not isinstance(service_name, str) or not service_name:
         raise ConfigurationError("service_name must be the master's name in the Sentinel configuration")
-    _positive("timeout", timeout)
-    need = len(nodes) // 2 + 1 if min_reachable is None else min_reachable
-    if isinstance(need, bool) or not isinstance(need, int) or not 1 <= need <= len(nodes):
-        raise ConfigurationError(f"min_reachable must be an int in 1..{len(nodes)}; got {min_reachable!r}")
+    _validate.seconds("timeout", timeout)
+    need = (
+        len(nodes) // 2 + 1
+        if min_reachable is None
+        else _validate.int_range("min_reachable", min_reachable, minimum=1, maximum=len(nodes))
+    )
 
     async def ask(host: str, port: int) -> bool:
         node = Redis(
@@ -253,9 +248,8 @@ def replica(engine: Any, *, max_lag: float | None = None, timeout: float = 0.8) 
     that has not replayed anything yet).
     """
     sa = require("sqlalchemy", "postgres", feature="checks.replica")
-    timeout = _positive("timeout", timeout)
-    if max_lag is not None:
-        max_lag = _positive("max_lag", max_lag)
+    timeout = _validate.seconds("timeout", timeout)
+    max_lag = _validate.optional_seconds("max_lag", max_lag)
     private = _private_engine(engine)
     ping = sa.text("SELECT 1")
 

@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
+from . import _validate
 from .dependency import Dependency
 from .exceptions import ConfigurationError
 from .modes import fail_loud, fail_soft
@@ -96,9 +97,8 @@ class RevocationList:
             raise ConfigurationError(
                 f"dependency must be a Dependency (from registry.dependency()); got {dependency!r}"
             )
-        _positive("token_ttl", token_ttl)
-        if isinstance(max_local, bool) or not isinstance(max_local, int) or max_local < 1:
-            raise ConfigurationError(f"max_local must be an int >= 1; got {max_local!r}")
+        _validate.seconds("token_ttl", token_ttl)
+        _validate.count("max_local", max_local)
         warn_problems(client, component=f"RevocationList[{name}]")
         self.client = client
         self.dependency = dependency
@@ -188,7 +188,7 @@ class RevocationList:
         logout was not recorded for the other processes.
         """
         _check_jti(jti)
-        seconds = self.token_ttl if ttl is None else _positive("ttl", ttl)
+        seconds = self.token_ttl if ttl is None else _validate.seconds("ttl", ttl)
         self._remember(jti, seconds)
         await self._store(jti, max(1, round(seconds * 1000)))
 
@@ -293,12 +293,6 @@ class RevocationList:
         return (
             f"<RevocationList {self.name!r} on_outage={self.on_outage!r} dependency={self.dependency.name!r}>"
         )
-
-
-def _positive(label: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
-    return float(value)
 
 
 def _check_jti(jti: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import socket
 import sys
 import time
@@ -13,9 +15,17 @@ from typing import Any
 import httpx
 import pytest
 
-from degrade import CheckFailed, MissingExtraError, checks
+from degrade import CheckFailed, ConfigurationError, MissingExtraError, checks
 
 PASSWORD = "hunter2-s3cret"
+
+#: Never a valid number of anything: infinity, NaN, and a boolean (an int to Python).
+NOT_A_NUMBER = [math.inf, -math.inf, math.nan, True]
+
+
+def refused(arg: str, bad: object) -> str:
+    """The message of a refused argument: its name, what it takes, what it got."""
+    return rf"^{re.escape(arg)} must be .+; got {re.escape(repr(bad))}$"
 
 
 @pytest.fixture
@@ -117,7 +127,7 @@ class TestTcp:
     @pytest.mark.parametrize("timeout", [0, -1, True, "1"])
     def test_timeout_validation(self, timeout: Any) -> None:
         """The timeout must be a positive number of seconds."""
-        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
             checks.tcp("127.0.0.1", 5432, timeout=timeout)
 
 
@@ -192,7 +202,7 @@ class TestHttp:
     @pytest.mark.parametrize("timeout", [0, -0.1, False])
     def test_timeout_validation(self, timeout: Any) -> None:
         """The timeout must be a positive number of seconds."""
-        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
             checks.http("http://127.0.0.1/", timeout=timeout)
 
 
@@ -240,7 +250,7 @@ class TestRedis:
 
     def test_timeout_validation(self) -> None:
         """The timeout must be positive."""
-        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
             checks.redis(StubRedis("ok"), timeout=0)
 
 
@@ -260,7 +270,7 @@ class TestSqlalchemy:
 
     def test_timeout_validation(self) -> None:
         """The timeout must be positive."""
-        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
             checks.sqlalchemy(object(), timeout=-1)
 
     def test_sync_engine_rejected(self) -> None:
@@ -283,7 +293,7 @@ class TestAmqp:
 
     def test_timeout_validation(self) -> None:
         """The timeout must be positive."""
-        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
             checks.amqp("amqp://127.0.0.1/", timeout=0)
 
 
@@ -307,3 +317,50 @@ class TestMissingExtras:
         assert isinstance(info.value, ImportError)
         assert f"pip install 'degrade[{extra}]'" in str(info.value)
         assert repr(module) in str(info.value)
+
+
+SENTINELS = [("127.0.0.1", 26379)]
+
+
+class TestOneRuleForEveryArgument:
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize(
+        ("arg", "make"),
+        [
+            ("timeout", lambda v: checks.sqlalchemy(object(), timeout=v)),
+            ("timeout", lambda v: checks.redis(StubRedis("ok"), timeout=v)),
+            ("timeout", lambda v: checks.amqp("amqp://127.0.0.1/", timeout=v)),
+            ("timeout", lambda v: checks.tcp("127.0.0.1", 5432, timeout=v)),
+            ("port", lambda v: checks.tcp("127.0.0.1", v)),
+            ("timeout", lambda v: checks.http("http://127.0.0.1/", timeout=v)),
+            ("min_free_bytes", lambda v: checks.disk("/", v)),
+            ("timeout", lambda v: checks.sentinel(SENTINELS, "mymaster", timeout=v)),
+            ("min_reachable", lambda v: checks.sentinel(SENTINELS, "mymaster", min_reachable=v)),
+            ("timeout", lambda v: checks.replica(object(), timeout=v)),
+            ("max_lag", lambda v: checks.replica(object(), max_lag=v)),
+        ],
+        ids=[
+            "sqlalchemy.timeout",
+            "redis.timeout",
+            "amqp.timeout",
+            "tcp.timeout",
+            "tcp.port",
+            "http.timeout",
+            "disk.min_free_bytes",
+            "sentinel.timeout",
+            "sentinel.min_reachable",
+            "replica.timeout",
+            "replica.max_lag",
+        ],
+    )
+    def test_infinity_nan_and_bool_refused(self, arg: str, make: Any, bad: object) -> None:
+        """Infinity, NaN and a bool are ConfigurationErrors naming the argument, its rule and the value."""
+        with pytest.raises(ConfigurationError, match=refused(arg, bad)):
+            make(bad)
+
+    def test_valid_values_unchanged(self) -> None:
+        """The edges that were valid stay valid: port 1 and 65535, 0 free bytes, min_reachable = all."""
+        checks.tcp("127.0.0.1", 1, timeout=1)
+        checks.tcp("127.0.0.1", 65535)
+        checks.disk("/", 0)
+        checks.sentinel([*SENTINELS, ("127.0.0.1", 26380)], "mymaster", min_reachable=2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
+import re
 import socket
 import sys
 import time
@@ -712,3 +714,55 @@ class TestInstantCheckout:
             assert not _conn._instant_checkout(eng.sync_engine)
         finally:
             await eng.dispose()
+
+
+#: Never a valid number of anything: infinity, NaN, and a boolean (an int to Python).
+NOT_A_NUMBER = [math.inf, -math.inf, math.nan, True]
+
+
+def _refused(arg: str, bad: object) -> str:
+    """The message of a refused argument: its name, what it takes, what it got."""
+    return rf"^{re.escape(arg)} must be .+; got {re.escape(repr(bad))}$"
+
+
+class TestOneRuleForEveryArgument:
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize("arg", ["acquire_timeout", "command_timeout", "pool_size", "max_overflow"])
+    def test_engine_options(self, arg: str, bad: object) -> None:
+        """engine_options refuses infinity, NaN and a bool for every bound, naming it."""
+        with pytest.raises(ConfigurationError, match=_refused(arg, bad)):
+            engine_options(**{arg: bad})
+
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize("arg", ["acquire_timeout", "retry_after"])
+    async def test_middleware(self, engine: AsyncEngine, registry: Registry, arg: str, bad: object) -> None:
+        """DBHealthMiddleware refuses infinity, NaN and a bool, naming the argument."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        with pytest.raises(ConfigurationError, match=_refused(arg, bad)):
+            DBHealthMiddleware(_Recorder(), engine=engine, dependency=dep, **{arg: bad})
+
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize(
+        "arg", ["connect_timeout", "max_lag", "sticky_after_write", "close_timeout", "lag_interval"]
+    )
+    async def test_router(self, engine: AsyncEngine, arg: str, bad: object) -> None:
+        """ReadReplicaRouter refuses infinity, NaN and a bool for every duration, naming it."""
+        with pytest.raises(ConfigurationError, match=_refused(arg, bad)):
+            ReadReplicaRouter(primary=engine, **{arg: bad})
+
+    async def test_zero_stays_where_it_was_allowed(self, engine: AsyncEngine, registry: Registry) -> None:
+        """max_overflow=0, retry_after=0 and sticky_after_write=0 are still valid; the others need > 0."""
+        assert engine_options(max_overflow=0)["max_overflow"] == 0
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        gate = DBHealthMiddleware(
+            _Recorder(), engine=engine, dependency=dep, retry_after=0, acquire_timeout=2
+        )
+        assert (gate.retry_after, gate.acquire_timeout) == (0, 2.0)
+        router = ReadReplicaRouter(primary=engine, sticky_after_write=0, max_lag=3)
+        assert (router.sticky_after_write, router.max_lag) == (0.0, 3.0)
+        for arg in ("connect_timeout", "close_timeout", "lag_interval", "max_lag"):
+            with pytest.raises(ConfigurationError, match=rf"^{arg} must be a finite number of seconds > 0"):
+                ReadReplicaRouter(primary=engine, **{arg: 0})
+        for arg in ("acquire_timeout", "command_timeout"):
+            with pytest.raises(ConfigurationError, match=rf"^{arg} must be a finite number of seconds > 0"):
+                engine_options(**{arg: 0})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -315,3 +316,73 @@ class TestOldNames:
             assert dredis.warn_if_unsafe(c) == ()
         with pytest.warns(DeprecationWarning, match=r"degrade\.checks\.sentinel\(\)"):
             assert callable(dredis.sentinel_check([("127.0.0.1", 26379)], "mymaster"))
+
+
+#: Never a valid number of anything: infinity, NaN, and a boolean (an int to Python).
+NOT_A_NUMBER = [math.inf, -math.inf, math.nan, True]
+
+
+def refused(arg: str, bad: object) -> str:
+    """The message of a refused argument: its name, what it takes, what it got."""
+    return rf"^{re.escape(arg)} must be .+; got {re.escape(repr(bad))}$"
+
+
+class TestOneRuleForEveryArgument:
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize(
+        ("arg", "label"),
+        [
+            ("timeout", "timeout"),
+            ("connect_timeout", "connect_timeout"),
+            ("pool_timeout", "pool_timeout"),
+            ("max_connections", "max_connections"),
+            ("health_check_interval", "health_check_interval (0 turns it off)"),
+        ],
+    )
+    def test_client(self, arg: str, label: str, bad: object) -> None:
+        """client() refuses infinity, NaN and a bool, naming the argument (not the fail-fast ceiling)."""
+        with pytest.raises(ConfigurationError, match=refused(label, bad)):
+            dredis.client("redis://127.0.0.1:6379/0", **{arg: bad})
+
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize(
+        ("arg", "label"),
+        [
+            ("timeout", "timeout"),
+            ("connect_timeout", "connect_timeout"),
+            ("sentinel_timeout", "sentinel_timeout"),
+            ("pool_timeout", "pool_timeout"),
+            ("max_connections", "max_connections"),
+            ("health_check_interval", "health_check_interval (0 turns it off)"),
+        ],
+    )
+    def test_sentinel_client(self, arg: str, label: str, bad: object) -> None:
+        """sentinel_client() refuses infinity, NaN and a bool, naming the argument."""
+        with pytest.raises(ConfigurationError, match=refused(label, bad)):
+            dredis.sentinel_client([("127.0.0.1", 26379)], "mymaster", **{arg: bad})
+
+    @pytest.mark.parametrize("bad", [*NOT_A_NUMBER, 26379.0, 0, 65536])
+    def test_sentinel_ports(self, bad: object) -> None:
+        """A sentinel's port is an int in 1..65535; the message says which sentinel."""
+        nodes = [("127.0.0.1", 26379), ("127.0.0.1", bad)]
+        with pytest.raises(ConfigurationError, match=refused("the port of sentinels[1]", bad)):
+            dredis.sentinel_client(nodes, "mymaster")
+        with pytest.raises(ConfigurationError, match=refused("the port of sentinels[1]", bad)):
+            checks.sentinel(nodes, "mymaster")
+
+    def test_ceiling_still_has_its_own_message(self) -> None:
+        """A finite timeout over 1 s is still refused as not fail-fast."""
+        with pytest.raises(ConfigurationError, match=r"^connect_timeout=1\.5s is not a fail-fast setting"):
+            dredis.client("redis://127.0.0.1:6379/0", connect_timeout=1.5)
+
+    async def test_valid_values_unchanged(self, closing: list[Any]) -> None:
+        """Ints are accepted as seconds, 1 s is the inclusive ceiling, 0 turns health checks off."""
+        c = dredis.client("redis://127.0.0.1:6379/0", timeout=1, pool_timeout=1, health_check_interval=0)
+        closing.append(c)
+        kw = settings(c)
+        assert (kw["socket_timeout"], kw["socket_connect_timeout"]) == (1.0, 1.0)
+        assert kw["health_check_interval"] == 0
+        pool: Any = c.connection_pool
+        assert pool.timeout == 1.0
+        s = dredis.sentinel_client([("127.0.0.1", 1), ("127.0.0.1", 65535)], "mymaster", sentinel_timeout=1)
+        closing.append(s)

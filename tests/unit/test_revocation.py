@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import time
 from typing import Any
 
@@ -63,6 +65,32 @@ class TestPolicyIsRequired:
             RevocationList(fake, dep, on_outage="deny", max_local=0)
         with pytest.raises(ConfigurationError, match="Dependency"):
             RevocationList(fake, "redis", on_outage="deny")  # type: ignore[arg-type]
+
+
+NOT_A_NUMBER = [math.inf, -math.inf, math.nan, True]
+
+
+def refused(arg: str, bad: object) -> str:
+    """The message of a refused argument: its name, what it takes, what it got."""
+    return rf"^{re.escape(arg)} must be .+; got {re.escape(repr(bad))}$"
+
+
+class TestOneRuleForEveryArgument:
+    @pytest.mark.parametrize("bad", NOT_A_NUMBER, ids=repr)
+    @pytest.mark.parametrize("arg", ["token_ttl", "max_local"])
+    def test_constructor(self, fake: FakeRedis, dep: Any, arg: str, bad: object) -> None:
+        """Infinity, NaN and a bool are refused at construction, naming the argument."""
+        with pytest.raises(ConfigurationError, match=refused(arg, bad)):
+            RevocationList(fake, dep, on_outage="deny", **{arg: bad})
+
+    @pytest.mark.parametrize("bad", [*NOT_A_NUMBER, 0, -1], ids=repr)
+    async def test_revoke_ttl(self, fake: FakeRedis, dep: Any, clock: FakeClock, bad: object) -> None:
+        """revoke(ttl=) takes the same rule; nothing is remembered or written when it is refused."""
+        rl = make(fake, dep, clock, "deny")
+        with pytest.raises(ConfigurationError, match=refused("ttl", bad)):
+            await rl.revoke("j", ttl=bad)  # type: ignore[arg-type]
+        assert rl.local_size == 0
+        assert fake.data == {}
 
 
 class TestHealthy:

@@ -56,3 +56,34 @@ class TestCounts:
         for bad in (0, 1.5, math.nan, True):
             with pytest.raises(ConfigurationError, match=r"threshold must be a number in \(0, 1\]"):
                 _validate.fraction("threshold", bad)
+
+
+class TestIntRange:
+    def test_accepts_both_ends(self) -> None:
+        """Both bounds are included and the int comes back unchanged."""
+        assert _validate.int_range("port", 1, minimum=1, maximum=65535) == 1
+        assert _validate.int_range("port", 65535, minimum=1, maximum=65535) == 65535
+
+    @pytest.mark.parametrize("value", [0, 65536, -1, 80.0, math.inf, math.nan, True, "80", None])
+    def test_rejects(self, value: object) -> None:
+        """Out of range, floats (infinity and NaN too), booleans and non-numbers are refused."""
+        with pytest.raises(ConfigurationError, match=r"^port must be an int in 1\.\.65535; got "):
+            _validate.int_range("port", value, minimum=1, maximum=65535)
+
+
+class TestNotFinite:
+    @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+    def test_every_rule_refuses_infinity_and_nan(self, value: float) -> None:
+        """No rule accepts infinity or NaN, whatever its range."""
+        checks = [
+            lambda: _validate.seconds("a", value),
+            lambda: _validate.seconds("a", value, allow_zero=True),
+            lambda: _validate.optional_seconds("a", value),
+            lambda: _validate.whole_seconds("a", value),
+            lambda: _validate.count("a", value, minimum=0),
+            lambda: _validate.int_range("a", value, minimum=0, maximum=10),
+            lambda: _validate.fraction("a", value),
+        ]
+        for check in checks:
+            with pytest.raises(ConfigurationError, match=rf"^a must be .+; got {value!r}$"):
+                check()

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import _compat as compat
-from .. import observe
+from .. import _validate, observe
 from .._compat import sqlalchemy as compat_sqlalchemy
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded, scrubbed
@@ -142,16 +142,10 @@ class DBHealthMiddleware:
             raise ConfigurationError(
                 f"dependency must be a degrade Dependency (registry.dependency(...)); got {dependency!r}"
             )
-        if isinstance(acquire_timeout, bool) or not isinstance(acquire_timeout, int | float):
-            raise ConfigurationError(f"acquire_timeout must be a number of seconds; got {acquire_timeout!r}")
-        if not acquire_timeout > 0:
-            raise ConfigurationError(f"acquire_timeout must be > 0 seconds; got {acquire_timeout!r}")
+        _validate.seconds("acquire_timeout", acquire_timeout)
         if retry_after is None:
             retry_after = dependency.retry_after
-        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
-            raise ConfigurationError(
-                f"retry_after must be a whole number of seconds >= 0; got {retry_after!r}"
-            )
+        _validate.whole_seconds("retry_after", retry_after)
         self._replica_dep: Dependency | None = None
         if router is not None:
             router._attach_primary_dependency(dependency)

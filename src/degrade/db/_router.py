@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from .. import checks, observe
+from .. import _validate, checks, observe
 from ..dependency import Dependency
 from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable, scrubbed
 from ..observe import logger
@@ -25,14 +25,6 @@ from ._slots import GRANTED, Slots
 __all__ = ["ReadReplicaRouter"]
 
 SessionFactory = Callable[..., AsyncSession]
-
-
-def _seconds(label: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{label} must be a number of seconds; got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(f"{label} must be {'>=' if allow_zero else '>'} 0 seconds; got {value!r}")
-    return float(value)
 
 
 class ReadReplicaRouter:
@@ -132,13 +124,13 @@ class ReadReplicaRouter:
         self.replica = replica
         self.dependency = dependency
         self.primary_dependency = primary_dependency
+        self.connect_timeout = _validate.seconds("connect_timeout", connect_timeout)
+        self.max_lag = _validate.optional_seconds("max_lag", max_lag)
+        self.sticky_after_write = _validate.seconds("sticky_after_write", sticky_after_write, allow_zero=True)
+        self.close_timeout = _validate.seconds("close_timeout", close_timeout)
+        self.lag_interval = _validate.seconds("lag_interval", lag_interval)
         if primary_dependency is not None:
             self._declare_primary(primary_dependency)
-        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self.max_lag = None if max_lag is None else _seconds("max_lag", max_lag)
-        self.sticky_after_write = _seconds("sticky_after_write", sticky_after_write, allow_zero=True)
-        self.close_timeout = _seconds("close_timeout", close_timeout)
-        self.lag_interval = _seconds("lag_interval", lag_interval)
         self._factory: SessionFactory = session_factory or async_sessionmaker(expire_on_commit=False)
         self._primary_sync = primary.sync_engine
         self._on_primary = False  # reads fall back to the primary because of the replica

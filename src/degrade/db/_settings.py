@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, QueuePool
 
+from .. import _validate
 from .._compat.sqlalchemy import max_overflow
 from ..exceptions import ConfigurationError
 from ..observe import logger
@@ -34,12 +35,6 @@ from ..observe import logger
 __all__ = ["engine_options", "engine_problems", "problems", "warn_problems"]
 
 _warned: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _seconds(label: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
-    return float(value)
 
 
 def engine_options(
@@ -72,11 +67,10 @@ def engine_options(
 
     Failure mode: none at run time; bad values raise ``ConfigurationError``.
     """
-    acquire = _seconds("acquire_timeout", acquire_timeout)
-    command = _seconds("command_timeout", command_timeout)
-    for label, value, low in (("pool_size", pool_size, 1), ("max_overflow", max_overflow, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigurationError(f"{label} must be an int >= {low}; got {value!r}")
+    acquire = _validate.seconds("acquire_timeout", acquire_timeout)
+    command = _validate.seconds("command_timeout", command_timeout)
+    _validate.count("pool_size", pool_size)
+    _validate.count("max_overflow", max_overflow, minimum=0)
     connect_args: dict[str, Any] = {"timeout": acquire, "command_timeout": command}
     connect_args.update(extra.pop("connect_args", None) or {})
     return {

@@ -22,6 +22,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .. import _validate
 from .._classify import WRITELINES_UNGUARDED, lost_transport_write
 from ..exceptions import ConfigurationError
 from ._settings import SAFE_MAX_TIMEOUT, problems
@@ -50,19 +51,16 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def _seconds(
-    label: str, value: float | None, *, allow_none: bool = False, upper: float | None = None
-) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{label} must be a positive number of seconds; got {value!r}")
-    if upper is not None and value > upper:
+def _fail_fast_seconds(label: str, value: object, *, upper: float = SAFE_MAX_TIMEOUT) -> float:
+    """A finite number of seconds in (0, ``upper``]: the shared rule, then the fail-fast ceiling."""
+    seconds = _validate.seconds(label, value)
+    if seconds > upper:
         raise ConfigurationError(
             f"{label}={value!r}s is not a fail-fast setting (at most {upper:g}s). "
             "If a slower Redis really is expected, build redis.asyncio.Redis yourself "
             "and accept the start-up warning."
         )
+    return seconds
 
 
 def _check_options(
@@ -74,29 +72,20 @@ def _check_options(
     health_check_interval: float,
     kwargs: dict[str, Any],
 ) -> tuple[float, float]:
-    _seconds("timeout", timeout, upper=SAFE_MAX_TIMEOUT)
-    _seconds("connect_timeout", connect_timeout, allow_none=True, upper=SAFE_MAX_TIMEOUT)
-    _seconds("pool_timeout", pool_timeout, allow_none=True, upper=SAFE_MAX_TIMEOUT)
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
-        raise ConfigurationError(f"max_connections must be an int >= 1; got {max_connections!r}")
-    if (
-        isinstance(health_check_interval, bool)
-        or not isinstance(health_check_interval, int | float)
-        or health_check_interval < 0
-    ):
-        raise ConfigurationError(
-            f"health_check_interval must be >= 0 seconds (0 turns it off); got {health_check_interval!r}"
-        )
+    socket_timeout = _fail_fast_seconds("timeout", timeout)
+    connect = (
+        socket_timeout if connect_timeout is None else _fail_fast_seconds("connect_timeout", connect_timeout)
+    )
+    pool_wait = socket_timeout if pool_timeout is None else _fail_fast_seconds("pool_timeout", pool_timeout)
+    _validate.count("max_connections", max_connections)
+    _validate.seconds("health_check_interval (0 turns it off)", health_check_interval, allow_zero=True)
     owned = sorted(_OWNED.intersection(kwargs))
     if owned:
         raise ConfigurationError(
             f"{', '.join(owned)} cannot be passed here: this client sets its own timeouts and "
             "never retries (use timeout=, connect_timeout=, pool_timeout=)"
         )
-    return (
-        float(connect_timeout if connect_timeout is not None else timeout),
-        float(pool_timeout if pool_timeout is not None else timeout),
-    )
+    return connect, pool_wait
 
 
 def client(
@@ -240,16 +229,10 @@ def _addresses(sentinels: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
     nodes = list(sentinels)
     if not nodes:
         raise ConfigurationError("sentinels must list at least one (host, port) pair")
-    for node in nodes:
-        if (
-            not isinstance(node, tuple)
-            or len(node) != 2
-            or not isinstance(node[0], str)
-            or isinstance(node[1], bool)
-            or not isinstance(node[1], int)
-            or not 0 < node[1] < 65536
-        ):
+    for i, node in enumerate(nodes):
+        if not isinstance(node, tuple) or len(node) != 2 or not isinstance(node[0], str):
             raise ConfigurationError(f"each sentinel must be a (host, port) pair; got {node!r}")
+        _validate.int_range(f"the port of sentinels[{i}]", node[1], minimum=1, maximum=65535)
     return nodes
 
 
@@ -316,8 +299,11 @@ def sentinel_client(
         health_check_interval=health_check_interval,
         kwargs=kwargs,
     )
-    _seconds("sentinel_timeout", sentinel_timeout, allow_none=True, upper=SAFE_MAX_TIMEOUT)
-    s_timeout = float(sentinel_timeout if sentinel_timeout is not None else timeout)
+    s_timeout = (
+        float(timeout)
+        if sentinel_timeout is None
+        else _fail_fast_seconds("sentinel_timeout", sentinel_timeout)
+    )
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": s_timeout,
         "socket_connect_timeout": s_timeout,

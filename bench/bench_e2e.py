@@ -247,6 +247,8 @@ def app_slowapi(opts: dict[str, Any]) -> Any:
 
 
 def app_degrade_limiter(opts: dict[str, Any]) -> Any:
+    from dataclasses import asdict
+
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.routing import Route
@@ -269,10 +271,9 @@ def app_degrade_limiter(opts: dict[str, Any]) -> Any:
         )
 
     def state() -> dict[str, Any]:
-        stats = limiter.stats
         return {
             "redis": _dep_state(dep, downs),
-            "limiter": {name: getattr(stats, name) for name in stats.__slots__},
+            "limiter": asdict(limiter.stats()),
         }
 
     return Starlette(

@@ -176,9 +176,10 @@ async def bench_redis(n_seq: int, n_conc: int, repeats: int) -> dict[str, dict[s
         # so each case gets several chances at a quiet moment.
         seq = await compare([(name, async_loop(fn)) for name, fn in cases], n=n_seq, repeats=3 * repeats)
         conc = await compare([(name, concurrent(fn)) for name, fn in cases], n=n_conc, repeats=2 * repeats)
-        assert ours.stats.fallback == 0, ours.stats
-        batches = ours.stats.batches
-        decisions = ours.stats.redis
+        stats = ours.stats()
+        assert stats.fallback == 0, stats
+        batches = stats.batches
+        decisions = stats.redis
     finally:
         await ours.aclose()
         await ours_cold.aclose()
@@ -288,7 +289,7 @@ async def bench_down(n: int) -> dict[str, float]:
         finally:
             gc.enable()
         assert decision.source == "memory"
-        assert limiter.stats.batches == 0
+        assert limiter.stats().batches == 0
     finally:
         await limiter.aclose()
         await registry.aclose()

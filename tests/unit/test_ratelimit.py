@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import math
 import subprocess
 import sys
 from typing import Any
@@ -23,10 +25,11 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 import degrade.ratelimit
-from degrade import Dependency, DependencyUnavailable, Severity, exception_handlers
+from degrade import ConfigurationError, Dependency, DependencyUnavailable, Severity, exception_handlers
 from degrade._gcra import MAX_CAPACITY_US, MemoryStore, Rate, parse_rate
 from degrade.ratelimit import (
     Decision,
+    LimiterStats,
     RateLimiter,
     RateLimitExceeded,
     RateLimitMiddleware,
@@ -329,10 +332,10 @@ class TestRateLimiterMemory:
         assert len(limiter.store) == 10
         assert limiter.store.evictions == 40
 
-    @pytest.mark.parametrize("cost", [0, -1, 1.5, "2"])
+    @pytest.mark.parametrize("cost", [0, -1, 1.5, "2", True, 1.0, math.inf, math.nan])
     async def test_bad_cost(self, cost: Any) -> None:
-        """cost must be a whole number >= 1."""
-        with pytest.raises(ValueError, match="cost"):
+        """cost must be an int >= 1: not a bool, not a float (1.0 included), not inf or NaN."""
+        with pytest.raises(ConfigurationError, match=r"cost must be an int >= 1; got "):
             await RateLimiter().hit("k", "1/second", cost=cost)
 
     async def test_bad_rate_raises(self) -> None:
@@ -359,6 +362,32 @@ class TestRateLimiterMemory:
         with pytest.raises(ValueError, match=message):
             RateLimiter(**options)
 
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"timeout": math.inf}, "timeout must be a finite number of seconds > 0; got inf"),
+            ({"timeout": math.nan}, "timeout must be a finite number of seconds > 0; got nan"),
+            ({"timeout": True}, "timeout must be a finite number of seconds > 0; got True"),
+            ({"timeout": -0.1}, "timeout must be a finite number of seconds > 0; got -0.1"),
+            ({"pods": True}, "pods must be an int >= 1; got True"),
+            ({"pods": 2.0}, "pods must be an int >= 1; got 2.0"),
+            ({"max_batch": math.inf}, "max_batch must be an int >= 1; got inf"),
+            ({"max_in_flight": math.nan}, "max_in_flight must be an int >= 1; got nan"),
+            ({"max_pending": False}, "max_pending must be an int >= 1; got False"),
+        ],
+    )
+    def test_infinity_nan_and_bools_are_refused(self, options: dict[str, Any], message: str) -> None:
+        """Infinity, NaN and bools are not numbers here; the message names the argument, rule and value."""
+        with pytest.raises(ConfigurationError) as info:
+            RateLimiter(**options)
+        assert str(info.value) == message
+
+    def test_timeout_is_kept_as_float(self) -> None:
+        """An int timeout is accepted and kept as seconds (float)."""
+        limiter = RateLimiter(timeout=2)
+        assert limiter.timeout == 2.0
+        assert isinstance(limiter.timeout, float)
+
     def test_old_fallback_name_warns_and_works(self) -> None:
         """fallback= still works for one minor version, with a DeprecationWarning naming on_outage=."""
         with pytest.warns(DeprecationWarning, match="use on_outage="):
@@ -378,6 +407,60 @@ class TestRateLimiterMemory:
             RateLimiter(closed_port_client())
 
 
+# -- stats: one shape, a frozen snapshot ---------------------------------------------------
+
+
+class TestStats:
+    async def test_stats_is_a_frozen_snapshot(self, clock: FakeClock) -> None:
+        """limiter.stats() is a frozen LimiterStats; later decisions do not change one kept."""
+        client = closed_port_client()
+        dep = redis_dep()
+        limiter = RateLimiter(client, dependency=dep, clock=clock)
+        before = limiter.stats()
+        assert before == LimiterStats()
+        with dep.forced_down():
+            for _ in range(3):
+                await limiter.hit("k", "5/minute")
+        after = limiter.stats()
+        assert isinstance(after, LimiterStats)
+        assert (before.fallback, after.fallback) == (0, 3)
+        assert dataclasses.asdict(after) == {
+            "redis": 0,
+            "batches": 0,
+            "fallback": 3,
+            "overflow": 0,
+            "shed": 0,
+            "cut_short": 0,
+            "errors": 0,
+            "noscript": 0,
+        }
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            after.fallback = 0  # type: ignore[misc]
+        await client.aclose()
+
+    async def test_old_attribute_spelling_warns_and_stays_live(self, clock: FakeClock) -> None:
+        """limiter.stats.<counter> works for one minor version: the live value, a warning naming stats()."""
+        client = closed_port_client()
+        dep = redis_dep()
+        limiter = RateLimiter(client, dependency=dep, clock=clock)
+        kept = limiter.stats
+        with dep.forced_down():
+            await limiter.hit("k", "5/minute")
+        with pytest.warns(
+            DeprecationWarning,
+            match=r"limiter\.stats\.fallback is deprecated; use limiter\.stats\(\)\.fallback",
+        ) as record:
+            assert kept.fallback == 1  # read when asked, as the old live counters were
+        assert record[0].filename == __file__  # points at the caller's line
+        with pytest.warns(DeprecationWarning, match=r"setting limiter\.stats\.batches is deprecated"):
+            limiter.stats.batches = 7
+        assert limiter.stats().batches == 7
+        with pytest.raises(AttributeError, match="nope"):
+            _ = limiter.stats.nope
+        assert repr(limiter.stats) == repr(limiter.stats()) == repr(LimiterStats(batches=7, fallback=1))
+        await client.aclose()
+
+
 # -- outage policies (the dependency is held down in-process: no network) ---------------
 
 
@@ -393,7 +476,7 @@ class TestOutagePolicies:
         assert [d.allowed for d in decisions] == [True, True, True, False, False]
         assert {d.source for d in decisions} == {"memory"}
         assert connections_made(client) == 0
-        assert limiter.stats.fallback == 5
+        assert limiter.stats().fallback == 5
         await client.aclose()
 
     async def test_memory_fallback_divides_by_pods(self, clock: FakeClock) -> None:
@@ -507,7 +590,7 @@ class TestNeverFailsOpenByAccident:
         assert [d.allowed for d in decisions] == allowed
         assert {d.source for d in decisions} == {source}
         assert dep.failures == 0
-        assert limiter.stats.errors == 2
+        assert limiter.stats().errors == 2
         errors = [e for e in logs if e["event"] == "ratelimit.error"]
         assert len(errors) == 1  # logged once, counted twice
         assert errors[0]["error"] == "KeyError"
@@ -519,17 +602,17 @@ class TestNeverFailsOpenByAccident:
         self, clock: FakeClock, sentry_events: list[dict[str, Any]]
     ) -> None:
         """UNEXPECTED_LOUD unexpected errors in a row: one critical line and one Sentry event."""
-        from degrade.ratelimit import _limiter
+        from degrade.ratelimit import _decisions
 
         dep = redis_dep()
         with capture_logs() as logs:
             limiter = RateLimiter(_BuggyRedis(), dependency=dep, clock=clock)
-            for _ in range(_limiter.UNEXPECTED_LOUD * 2):
+            for _ in range(_decisions.UNEXPECTED_LOUD * 2):
                 await limiter.hit("k", "1000/minute")
         loud = [e for e in logs if e["event"] == "ratelimit.not_using_redis"]
         assert len(loud) == 1
         assert loud[0]["log_level"] == "critical"
-        assert loud[0]["consecutive"] == _limiter.UNEXPECTED_LOUD
+        assert loud[0]["consecutive"] == _decisions.UNEXPECTED_LOUD
         events = [e for e in sentry_events if e["tags"].get("degrade.component") == "ratelimit"]
         assert len(events) == 1
         assert dep.state == "ok"
@@ -657,7 +740,8 @@ class TestSaturationIsNotAnOutage:
         assert limiter.site is not None
         assert limiter.site.shed_calls == {"max-pending": 6}
         assert limiter.site.degraded_calls == 0
-        assert (limiter.stats.overflow, limiter.stats.shed, limiter.stats.fallback) == (6, 6, 0)
+        stats = limiter.stats()
+        assert (stats.overflow, stats.shed, stats.fallback) == (6, 6, 0)
         assert dep.failures == 0
         assert not dep.is_down
         redis.release()
@@ -767,7 +851,7 @@ class TestInFlightWhenRedisGoesDown:
         decisions = await asyncio.gather(*tasks)
         assert asyncio.get_running_loop().time() - start < 0.5  # not the 30 s timeout
         assert {d.source for d in decisions} == {"memory"}
-        assert limiter.stats.cut_short == 20
+        assert limiter.stats().cut_short == 20
         assert limiter.site is not None
         assert limiter.site.degraded_calls == 20
         assert limiter.site.shed_calls == {}
@@ -786,7 +870,7 @@ class TestInFlightWhenRedisGoesDown:
         assert not any(t.done() for t in tasks)
         redis.release()
         assert {d.source for d in await asyncio.gather(*tasks)} == {"redis"}
-        assert limiter.stats.cut_short == 0
+        assert limiter.stats().cut_short == 0
 
 
 # -- client_ip ------------------------------------------------------------------------
@@ -880,6 +964,24 @@ class TestClientIp:
             client_ip(["10.0.0.0/33"])
         with pytest.raises(ValueError, match="ipv6_prefix"):
             client_ip(ipv6_prefix=0)
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"ipv6_prefix": 129}, "ipv6_prefix must be an int in 1..128; got 129"),
+            ({"ipv6_prefix": True}, "ipv6_prefix must be an int in 1..128; got True"),
+            ({"ipv6_prefix": 64.0}, "ipv6_prefix must be an int in 1..128; got 64.0"),
+            ({"max_hops": math.inf}, "max_hops must be an int >= 1; got inf"),
+            ({"max_hops": True}, "max_hops must be an int >= 1; got True"),
+            ({"max_length": math.nan}, "max_length must be an int >= 1; got nan"),
+            ({"max_length": 0}, "max_length must be an int >= 1; got 0"),
+        ],
+    )
+    def test_bad_bounds(self, options: dict[str, Any], message: str) -> None:
+        """The bounds are ints in range: bools, floats, infinity and NaN are refused, named."""
+        with pytest.raises(ConfigurationError) as info:
+            client_ip(**options)
+        assert str(info.value) == message
 
     @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
     @given(header=st.binary(max_size=300), peer=st.sampled_from(["10.0.0.1", "203.0.113.9"]))

@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .. import _validate
 from ..exceptions import ConfigurationError
 
 __all__ = ["KeyFunc", "client_ip"]
@@ -85,11 +86,9 @@ def client_ip(
             raise ConfigurationError(
                 f"trusted_proxies takes IP addresses or CIDR networks like '10.0.0.0/8'; got {proxy!r}"
             ) from exc
-    if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int) or not 1 <= ipv6_prefix <= 128:
-        raise ConfigurationError(f"ipv6_prefix must be in 1..128; got {ipv6_prefix!r}")
-    for label, value in (("max_hops", max_hops), ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(f"{label} must be a whole number >= 1; got {value!r}")
+    _validate.int_range("ipv6_prefix", ipv6_prefix, minimum=1, maximum=128)
+    _validate.count("max_hops", max_hops)
+    _validate.count("max_length", max_length)
     header_name = header.lower().encode("latin-1")
     trusted_nets = tuple(networks)
 

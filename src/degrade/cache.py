@@ -17,6 +17,8 @@ returns it. Redis is an optimisation here, never a requirement:
   (``Site.shed_calls``), never a failure of the dependency.
 * The loader's own errors propagate unchanged and are never cached.
 
+``cache.stats()`` is a frozen :class:`CacheStats` snapshot of its counters.
+
 Failure mode: FAIL-SOFT. The runbook lists the cache's read, write and
 invalidate sites under the Redis dependency.
 """
@@ -24,12 +26,15 @@ invalidate sites under the Redis dependency.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
+from . import _validate
 from .dependency import Dependency
 from .exceptions import ConfigurationError
 from .modes import fail_soft, site_of
@@ -101,9 +106,13 @@ class _Read(enum.Enum):
         return self.value
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheStats:
-    """Counters of one cache, for tests, metrics and debugging."""
+    """A snapshot of one cache's counters (since it was made), for tests, metrics and debugging.
+
+    ``cache.stats()`` makes one on each call: later reads do not change it, so a
+    test can keep one and compare.
+    """
 
     hits: int = 0
     misses: int = 0
@@ -118,6 +127,72 @@ class CacheStats:
     uncoalesced: int = 0
     #: Entries that could not be decoded and were treated as misses.
     decode_errors: int = 0
+
+
+@dataclass(slots=True)
+class _Counts:
+    """The live counters behind :class:`CacheStats`, bumped in place on every read."""
+
+    hits: int = 0
+    misses: int = 0
+    unavailable: int = 0
+    loads: int = 0
+    coalesced: int = 0
+    uncoalesced: int = 0
+    decode_errors: int = 0
+
+
+_COUNTERS = frozenset(f.name for f in dataclasses.fields(CacheStats))
+
+
+class _Stats:
+    """``cache.stats``: call it for a :class:`CacheStats` snapshot.
+
+    Deprecated: a counter read (or set) off it, ``cache.stats.hits``, is the
+    live value, as when ``stats`` was a mutable ``CacheStats`` (before 0.2.0).
+    It still works, with a ``DeprecationWarning``, for one minor version.
+    """
+
+    __slots__ = ("_counts",)
+    _counts: _Counts
+
+    def __init__(self, counts: _Counts) -> None:
+        object.__setattr__(self, "_counts", counts)
+
+    def __call__(self) -> CacheStats:
+        c = self._counts
+        return CacheStats(
+            hits=c.hits,
+            misses=c.misses,
+            unavailable=c.unavailable,
+            loads=c.loads,
+            coalesced=c.coalesced,
+            uncoalesced=c.uncoalesced,
+            decode_errors=c.decode_errors,
+        )
+
+    def __getattr__(self, name: str) -> int:
+        if name not in _COUNTERS:
+            raise AttributeError(f"FailSoftCache.stats has no attribute {name!r}")
+        _deprecated(name)
+        return cast(int, getattr(self._counts, name))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name not in _COUNTERS:
+            raise AttributeError(f"FailSoftCache.stats has no attribute {name!r}")
+        _deprecated(name)
+        setattr(self._counts, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self())
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(
+        f"FailSoftCache.stats.{name} is deprecated; use FailSoftCache.stats().{name} (a frozen snapshot)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 class FailSoftCache:
@@ -142,7 +217,7 @@ class FailSoftCache:
             when ``dependency`` goes down is abandoned at once (a miss; the
             loader answers); without one it runs until the client gives up.
         max_inflight: Most keys loading at once in the single-flight map; a
-            miss beyond it loads on its own, counted in ``stats.uncoalesced``
+            miss beyond it loads on its own, counted in ``stats().uncoalesced``
             and shed on the read site (reason ``"singleflight-full"``): local
             saturation, never a failure of ``dependency``.
         name: Shown in the runbook and logs.
@@ -164,10 +239,8 @@ class FailSoftCache:
             raise ConfigurationError(
                 f"dependency must be a Dependency (from registry.dependency()); got {dependency!r}"
             )
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-            raise ConfigurationError(f"ttl must be a positive number of seconds; got {ttl!r}")
-        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
-            raise ConfigurationError(f"max_inflight must be an int >= 1; got {max_inflight!r}")
+        ttl = _validate.seconds("ttl", ttl)
+        max_inflight = _validate.count("max_inflight", max_inflight)
         if not isinstance(prefix, str):
             raise ConfigurationError(f"prefix must be a str; got {prefix!r}")
         if serializer is not None and not (
@@ -177,12 +250,13 @@ class FailSoftCache:
         warn_problems(client, component=f"FailSoftCache[{name}]")
         self.client = client
         self.dependency = dependency
-        self.ttl = float(ttl)
+        self.ttl = ttl
         self.prefix = prefix
         self.serializer: Serializer = serializer if serializer is not None else JSONSerializer()
         self.max_inflight = max_inflight
         self.name = name
-        self.stats = CacheStats()
+        self._counts = _Counts()
+        self._stats = _Stats(self._counts)
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._warned_decode = False
 
@@ -220,6 +294,16 @@ class FailSoftCache:
         #: The read site: where reads answered without Redis and shed misses are counted.
         self._read_site = site_of(self._read)
 
+    @property
+    def stats(self) -> _Stats:
+        """The counters: ``cache.stats()`` is a frozen :class:`CacheStats` snapshot.
+
+        (Before 0.2.0 ``cache.stats`` was the live counters. Reading or setting
+        one off it, ``cache.stats.hits``, still works for one minor version with
+        a ``DeprecationWarning``; use ``cache.stats().hits``.)
+        """
+        return self._stats
+
     async def get_or_load(
         self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: float | None = None
     ) -> T:
@@ -235,13 +319,13 @@ class FailSoftCache:
             loader: Async callable taking no arguments that loads the value.
             ttl: Overrides the cache's ttl for this entry.
         """
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
-            raise ConfigurationError(f"ttl must be a positive number of seconds; got {ttl!r}")
+        if ttl is not None:
+            ttl = _validate.seconds("ttl", ttl)
         while True:
             shared = self._inflight.get(key)
             if shared is None:
                 break
-            self.stats.coalesced += 1
+            self._counts.coalesced += 1
             try:
                 # shield: a waiter that goes away must not cancel the shared result
                 return cast(T, await asyncio.shield(shared))
@@ -251,7 +335,7 @@ class FailSoftCache:
             # Local saturation, not an outage: the miss loads on its own (no sharing),
             # counted and logged (degrade.shed, rate-limited) on the read site;
             # Redis's state is not touched.
-            self.stats.uncoalesced += 1
+            self._counts.uncoalesced += 1
             self._read_site.shed(SHED_SINGLEFLIGHT)
             return await self._fill(key, loader, ttl)
         # This caller loads; later callers for the key wait on `shared`. The load
@@ -277,8 +361,8 @@ class FailSoftCache:
         full_key = self.prefix + key
         cached = await self._read(full_key)
         if cached is _Read.UNAVAILABLE:
-            self.stats.unavailable += 1
-            self.stats.loads += 1
+            self._counts.unavailable += 1
+            self._counts.loads += 1
             return await loader()
         if cached is not _Read.MISS:
             try:
@@ -286,10 +370,10 @@ class FailSoftCache:
             except Exception as exc:  # unreadable entry: a miss, overwritten below
                 self._decode_error(exc)
             else:
-                self.stats.hits += 1
+                self._counts.hits += 1
                 return cast(T, value)
-        self.stats.misses += 1
-        self.stats.loads += 1
+        self._counts.misses += 1
+        self._counts.loads += 1
         value = await loader()
         data = self.serializer.dumps(value)
         ttl_ms = max(1, round((self.ttl if ttl is None else ttl) * 1000))
@@ -297,14 +381,14 @@ class FailSoftCache:
         return value
 
     def _decode_error(self, exc: Exception) -> None:
-        self.stats.decode_errors += 1
+        self._counts.decode_errors += 1
         if not self._warned_decode:
             self._warned_decode = True
             logger.warning(
                 "cache.decode_error",
                 cache=self.name,
                 error=type(exc).__name__,
-                detail="entries the serializer cannot read are treated as misses; see stats.decode_errors",
+                detail="entries the serializer cannot read are treated as misses; see stats().decode_errors",
             )
 
     async def invalidate(self, key: str) -> bool:

@@ -14,33 +14,40 @@ it with what real traffic sees:
 
 Every transition is logged once, counted and (SEV-1/SEV-2) sent to Sentry by
 :mod:`degrade.observe`; nothing is logged per request while it stays down.
+
+The pieces: this module (the state machine: reading, feeding and following
+the state, the transitions), ``_probe`` (the probe loop, the watch and one-off
+checks, which :class:`Dependency` inherits), ``_records`` (:class:`Severity`,
+:class:`Site`, :class:`CheckResult`) and ``_options`` (the pass-through
+options and the trip and recovery policies they resolve to). Every name is
+importable from here as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import inspect
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 from . import _validate, observe
-from ._bounded import hard_timeout
+from ._options import DependencyOptions, resolve_policies
+from ._probe import Check as Check  # noqa: PLC0414 - re-exported: importable here as before
+from ._probe import Clock as Clock  # noqa: PLC0414
+from ._probe import Probing
+from ._probe import Sleep as Sleep  # noqa: PLC0414
+from ._probe import Spawn as Spawn  # noqa: PLC0414
+from ._records import CheckResult, Severity, Site
 from .exceptions import ConfigurationError
 from .policies import Consecutive, Probe, Trip
 
 __all__ = ["CheckResult", "Dependency", "DependencyOptions", "Severity", "Site", "transitions"]
 
-Check = Callable[[], Awaitable[object]]
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 Listener = Callable[["Dependency"], object]
-Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 _transitions = 0
 
@@ -54,96 +61,7 @@ def transitions() -> int:
 JITTER = 0.1
 
 
-class Severity(enum.IntEnum):
-    """How bad it is when a dependency is down; SEV1 is the worst.
-
-    By default a SEV1 dependency is *critical*: while it is down ``/health/deep``
-    answers 503.
-    """
-
-    SEV1 = 1
-    SEV2 = 2
-    SEV3 = 3
-
-    @property
-    def label(self) -> str:
-        """The runbook's spelling, e.g. ``"SEV-1"``."""
-        return f"SEV-{self.value}"
-
-
-@dataclass(eq=False)
-class Site:
-    """A call site declared FAIL-SOFT or FAIL-LOUD on a dependency (for the runbook)."""
-
-    name: str
-    dependency: str
-    mode: Literal["fail_soft", "fail_loud"]
-    reason: str
-    fallback: str | None = None
-    #: Name of the escape hatch that may soften this (fail-loud) site.
-    hatch: str | None = None
-    #: How many calls this process answered degraded (fallback or refusal).
-    degraded_calls: int = 0
-    #: Calls shed for lack of *local* capacity, by reason (never a failure of the dependency).
-    shed_calls: dict[str, int] = field(default_factory=dict)
-    #: Unexpected errors (bugs, not outages) this site answered by its policy; in health details.
-    unexpected_errors: int = 0
-    _counter: Any = field(default=None, repr=False)
-    _shed_log_due: float = field(default=0.0, repr=False)
-    _shed_logged: int = field(default=0, repr=False)
-
-    def count(self) -> None:
-        """Count one degraded call (fallback returned or DependencyUnavailable raised)."""
-        self.degraded_calls += 1
-        if self._counter is not None:
-            self._counter.inc()
-
-    def shed(self, reason: str) -> None:
-        """Count one call shed for lack of local capacity (saturation, not an outage).
-
-        ``reason`` names the capacity that ran out (``"pool-saturated"``,
-        ``"queue"``, ``"abandoned-cap"``, ``"max-pending"``, ``"buffer-full"``...).
-        The caller answers by its policy (503, fallback, memory); the
-        dependency's state is not touched. Exported as
-        ``degrade_shed_total{dependency, site, reason}`` and in
-        ``/health/deep`` details; logged at most once per
-        :data:`degrade.observe.SHED_LOG_INTERVAL` per site, never sent to Sentry.
-        """
-        self.shed_calls[reason] = self.shed_calls.get(reason, 0) + 1
-        observe.shed_reported(self, reason)
-
-    @property
-    def shed_total(self) -> int:
-        """All calls shed at this site, whatever the reason."""
-        return sum(self.shed_calls.values())
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one bounded check run."""
-
-    ok: bool
-    latency: float
-    error: str | None = None  # the exception's class name; never its text
-
-
-class DependencyOptions(TypedDict, total=False):
-    """The options of :class:`Dependency` that :meth:`degrade.Registry.dependency` passes through."""
-
-    impact: str
-    runbook: str | None
-    check: Check | None
-    critical: bool | None
-    trip: Trip | None
-    recovery: Probe | None
-    retry_after: int
-    watch_interval: float | None
-    failure_threshold: int | None
-    recovery_interval: float | None
-    check_timeout: float | None
-
-
-class Dependency:
+class Dependency(Probing):
     """One backing service (database, cache, broker, ...) and its health state.
 
     Create it with :meth:`degrade.Registry.dependency`, not directly.
@@ -180,7 +98,7 @@ class Dependency:
             raise ConfigurationError(
                 f"severity must be a degrade.Severity (SEV1, SEV2 or SEV3); got {severity!r}"
             )
-        trip, recovery = _policies(trip, recovery, failure_threshold, recovery_interval, check_timeout)
+        trip, recovery = resolve_policies(trip, recovery, failure_threshold, recovery_interval, check_timeout)
         retry_after = _validate.whole_seconds("retry_after", retry_after)
         if check is not None and not callable(check):
             raise ConfigurationError(f"check must be an async callable taking no arguments; got {check!r}")
@@ -493,27 +411,7 @@ class Dependency:
         observe.dependency_recovered(self, down_for)
         self._notify()
 
-    def resume_probe(self) -> None:
-        """Start the background probe if it is down, not forced, has a check and none runs yet.
-
-        The registry's lifespan calls it for dependencies that went down before
-        the event loop ran; a transition to down calls it too. Without a
-        running loop it does nothing: recovery is then by trial (see
-        :meth:`admit`).
-        """
-        if not self.is_down or self._forced or self.check is None:
-            return
-        if self._probe is not None and not self._probe.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (sync caller): recovery by trial, see admit()
-        name = f"degrade.probe[{self.name}]"
-        if self._spawn is not None:
-            self._probe = self._spawn(self._probe_loop(), name)
-        else:
-            self._probe = loop.create_task(self._probe_loop(), name=name)
+    # -- components (the probe, the watch and run_check: see degrade._probe) --
 
     def manage(self, component: Any) -> Any:
         """Have the lifespan of the registry that owns this dependency start and stop ``component``.
@@ -527,124 +425,5 @@ class Dependency:
             self.components.append(component)
         return component
 
-    def next_interval(self) -> float:
-        """The next probe wait: ``recovery.interval`` jittered (``recovery.jitter``, +/-10% by default)."""
-        return self.recovery.next_wait(self._rng)
-
-    async def _probe_loop(self) -> None:
-        streak = 0
-        while self.is_down:
-            wait = self.next_interval()
-            held = self._hold_until - self._clock()
-            await self._sleep(max(wait, held))  # a flapping dependency is held down longer
-            if not self.is_down:
-                return
-            if self._forced:
-                continue
-            needed = self.recovery.successes
-            if needed <= 1:
-                await self.run_check(reason="probe")
-                continue
-            # Several successes in a row close it: only the last one feeds the state.
-            result = await self._bounded_check()
-            if result is None:
-                streak += 1
-                if streak >= needed:
-                    self.record_success()
-            else:
-                streak = 0
-                self.record_failure(result, reason="probe")
-
-    async def _bounded_check(self) -> Exception | None:
-        """Run the check once, bounded; None when it passed, else what it raised."""
-        if self.check is None:  # pragma: no cover - probes run only with a check
-            return None
-        try:
-            await hard_timeout(_call(self.check), self.recovery.timeout)
-        except Exception as exc:  # a failed check is any exception; CancelledError passes
-            return exc
-        return None
-
-    async def watch(self) -> None:
-        """Run the check every ``watch_interval`` (jittered) while ok; the lifespan runs this.
-
-        For a dependency that no request touches (a feature flag's service), so
-        an outage is noticed without traffic. While down, the probe takes over.
-        """
-        if self.watch_interval is None:
-            return
-        while True:
-            await self._sleep(self.watch_interval * (1.0 + self.recovery.jitter * (2.0 * self._rng() - 1.0)))
-            if not self.is_down:
-                await self.run_check(reason="watch")
-
-    async def stop_probe(self) -> None:
-        """Cancel the background probe, if one runs, and wait for it."""
-        probe, self._probe = self._probe, None
-        if probe is None or probe.done():
-            return
-        probe.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await probe
-        # Re-raise if *we* were cancelled while waiting (suppress() above would
-        # otherwise swallow our own cancellation).
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise asyncio.CancelledError
-
-    async def run_check(self, *, reason: str = "check") -> CheckResult:
-        """Run the check once, bounded by ``check_timeout``, and feed the result.
-
-        A dependency without a check reports its current state. The check's
-        exceptions (anything but ``CancelledError``) count as a failed check.
-        """
-        if self.check is None:
-            down = self.is_down
-            return CheckResult(ok=not down, latency=0.0, error=self.last_error if down else None)
-        start = self._clock()
-        try:
-            await hard_timeout(_call(self.check), self.recovery.timeout)
-        except Exception as exc:  # a failed check is any exception; CancelledError passes
-            self.record_failure(exc, reason=reason)
-            return CheckResult(ok=False, latency=self._clock() - start, error=type(exc).__name__)
-        self.record_success()
-        return CheckResult(ok=True, latency=self._clock() - start)
-
     def __repr__(self) -> str:
         return f"<Dependency {self.name!r} {self.severity.label} {self.state}>"
-
-
-def _policies(
-    trip: Trip | None,
-    recovery: Probe | None,
-    failure_threshold: int | None,
-    recovery_interval: float | None,
-    check_timeout: float | None,
-) -> tuple[Trip, Probe]:
-    """The trip and recovery policies, from the policy objects or the older keyword shorthands."""
-    if trip is not None and failure_threshold is not None:
-        raise ConfigurationError("pass trip=Consecutive(n) or failure_threshold=n, not both")
-    if recovery is not None and (recovery_interval is not None or check_timeout is not None):
-        raise ConfigurationError(
-            "pass recovery=Probe(interval=..., timeout=...) or recovery_interval=/check_timeout=, not both"
-        )
-    if trip is None:
-        trip = Consecutive(
-            3 if failure_threshold is None else _validate.count("failure_threshold", failure_threshold)
-        )
-    elif not isinstance(trip, Trip):
-        raise ConfigurationError(f"trip must be a degrade.policies.Trip such as Consecutive(3); got {trip!r}")
-    if recovery is None:
-        recovery = Probe(
-            interval=0.5
-            if recovery_interval is None
-            else _validate.seconds("recovery_interval", recovery_interval),
-            timeout=0.8 if check_timeout is None else _validate.seconds("check_timeout", check_timeout),
-        )
-    elif not isinstance(recovery, Probe):
-        raise ConfigurationError(f"recovery must be a degrade.policies.Probe; got {recovery!r}")
-    return trip, recovery
-
-
-async def _call(check: Check) -> object:
-    return await check()

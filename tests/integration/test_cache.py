@@ -198,7 +198,7 @@ class TestInFlightWhenRedisGoesDown:
             assert time.perf_counter() - start < 0.2
             assert [r["id"] for r in results] == [7] * 10
             assert loader.calls == 11
-            assert cache.stats.unavailable == 10
+            assert cache.stats().unavailable == 10
             read_site = next(s for s in dep.sites if s.name.endswith(f"[{unique}].read"))
             assert read_site.degraded_calls == 10
             assert read_site.shed_calls == {}

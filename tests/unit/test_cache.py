@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import time
 from typing import Any
 
@@ -14,7 +16,7 @@ from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
 from degrade import ConfigurationError, Registry, Severity, _bounded
-from degrade.cache import FailSoftCache, JSONSerializer
+from degrade.cache import CacheStats, FailSoftCache, JSONSerializer
 from degrade.dependency import Site
 
 from ..support import FakeRedis, eventually
@@ -69,7 +71,8 @@ class TestReadThrough:
         assert loader.calls == 1
         assert json.loads(fake.data["p:track:7"]) == {"id": 7, "title": "Ünïcode"}
         assert fake.ttls["p:track:7"] == 60_000
-        assert (cache.stats.misses, cache.stats.hits, cache.stats.loads) == (1, 0, 1)
+        stats = cache.stats()
+        assert (stats.misses, stats.hits, stats.loads) == (1, 0, 1)
 
     async def test_hit_skips_loader(self, cache: FailSoftCache, fake: FakeRedis) -> None:
         """A hit answers from Redis without calling the loader."""
@@ -77,7 +80,7 @@ class TestReadThrough:
         loader = Loader("unused")
         assert await cache.get_or_load("k", loader) == {"a": 1}
         assert loader.calls == 0
-        assert cache.stats.hits == 1
+        assert cache.stats().hits == 1
 
     async def test_cached_none_is_a_hit(self, cache: FailSoftCache) -> None:
         """A loader result of None is cached and served as None, not reloaded."""
@@ -114,7 +117,7 @@ class TestReadThrough:
             assert await cache.get_or_load("k", Loader([1])) == [1]
             assert await cache.get_or_load("j", Loader([2])) == [2]
         assert fake.data["p:k"] == b"[1]"
-        assert cache.stats.decode_errors == 2
+        assert cache.stats().decode_errors == 2
         assert [e["event"] for e in logs] == ["cache.decode_error"]
 
     async def test_unencodable_value_raises(self, cache: FailSoftCache) -> None:
@@ -140,7 +143,7 @@ class TestFailSoft:
             assert await cache.get_or_load("k", loader) == "from-postgres"
         assert fake.calls == []
         assert loader.calls == 5
-        assert cache.stats.unavailable == 5
+        assert cache.stats().unavailable == 5
 
     async def test_redis_error_falls_back_without_write(
         self, cache: FailSoftCache, fake: FakeRedis, dep: Any
@@ -246,7 +249,7 @@ class TestSingleFlight:
         assert results == [{"v": 1}] * 20
         assert loader.calls == 1
         assert fake.calls == [("get", "p:k"), ("set", "p:k")]
-        assert cache.stats.coalesced == 19
+        assert cache.stats().coalesced == 19
 
     async def test_shared_while_redis_down(self, cache: FailSoftCache, dep: Any) -> None:
         """During an outage concurrent misses still share one loader call (no DB stampede)."""
@@ -271,7 +274,7 @@ class TestSingleFlight:
             results = await asyncio.gather(*(cache.get_or_load(f"k{i}", loader) for i in range(5)))
         assert results == ["v"] * 5  # the policy: each miss beyond the bound loads on its own
         assert loader.calls == 5
-        assert cache.stats.uncoalesced == 3
+        assert cache.stats().uncoalesced == 3
         read = site_named(dep, ".read")
         assert read.shed_calls == {"singleflight-full": 3}
         assert read.degraded_calls == 0
@@ -335,7 +338,7 @@ class TestSaturation:
         loader = Loader("from-postgres")
         assert [await cache.get_or_load(f"k{i}", loader) for i in range(3)] == ["from-postgres"] * 3
         assert fake.calls == []
-        assert cache.stats.unavailable == 3
+        assert cache.stats().unavailable == 3
         assert site_named(dep, ".read").shed_calls == {"abandoned-cap": 3}
         assert site_named(dep, ".read").degraded_calls == 0
         assert site_named(dep, ".write").shed_calls == {}  # nothing is written after a shed read
@@ -360,7 +363,7 @@ class TestInFlightWhenRedisGoesDown:
         assert await asyncio.gather(*tasks) == ["from-postgres"] * 9
         assert time.perf_counter() - start < 0.2
         assert loader.calls == 3  # single flight still holds: one load per key
-        assert cache.stats.unavailable == 3
+        assert cache.stats().unavailable == 3
         assert site_named(dep, ".read").degraded_calls == 3
         assert _bounded.Abandoned.total == abandoned + 3
         assert [c[0] for c in fake.calls] == ["get"] * 3  # nothing written
@@ -389,10 +392,10 @@ class TestRunbookSites:
 
 
 class TestConfiguration:
-    @pytest.mark.parametrize("ttl", [0, -1, True, "60"])
+    @pytest.mark.parametrize("ttl", [0, -1, True, "60", math.inf, -math.inf, math.nan])
     def test_bad_ttl(self, fake: FakeRedis, dep: Any, ttl: Any) -> None:
-        """ttl must be a positive number."""
-        with pytest.raises(ConfigurationError, match="ttl"):
+        """ttl must be a finite positive number: never a bool, infinity or NaN."""
+        with pytest.raises(ConfigurationError, match="ttl must be a finite number of seconds > 0"):
             FailSoftCache(fake, dep, ttl)
 
     def test_bad_dependency(self, fake: FakeRedis) -> None:
@@ -400,17 +403,67 @@ class TestConfiguration:
         with pytest.raises(ConfigurationError, match="Dependency"):
             FailSoftCache(fake, "redis", 60)  # type: ignore[arg-type]
 
-    def test_bad_max_inflight(self, fake: FakeRedis, dep: Any) -> None:
-        """max_inflight must be >= 1."""
-        with pytest.raises(ConfigurationError, match="max_inflight"):
-            FailSoftCache(fake, dep, 60, max_inflight=0)
+    @pytest.mark.parametrize("max_inflight", [0, True, 1.5, math.inf])
+    def test_bad_max_inflight(self, fake: FakeRedis, dep: Any, max_inflight: Any) -> None:
+        """max_inflight must be an int >= 1 (not a bool, a float or infinity)."""
+        with pytest.raises(ConfigurationError, match="max_inflight must be an int >= 1"):
+            FailSoftCache(fake, dep, 60, max_inflight=max_inflight)
 
     def test_bad_serializer(self, fake: FakeRedis, dep: Any) -> None:
         """A serializer needs dumps and loads."""
         with pytest.raises(ConfigurationError, match="serializer"):
             FailSoftCache(fake, dep, 60, serializer=object())  # type: ignore[arg-type]
 
-    async def test_bad_call_ttl(self, cache: FailSoftCache) -> None:
-        """A per-call ttl must be positive too."""
-        with pytest.raises(ConfigurationError, match="ttl"):
-            await cache.get_or_load("k", Loader(1), ttl=0)
+    @pytest.mark.parametrize("ttl", [0, -1, True, math.inf, math.nan])
+    async def test_bad_call_ttl(self, cache: FailSoftCache, ttl: Any) -> None:
+        """A per-call ttl must be finite and positive too."""
+        loader = Loader(1)
+        with pytest.raises(ConfigurationError, match="ttl must be a finite number of seconds > 0"):
+            await cache.get_or_load("k", loader, ttl=ttl)
+        assert loader.calls == 0
+
+
+class TestStats:
+    async def test_stats_is_a_frozen_snapshot(self, cache: FailSoftCache) -> None:
+        """cache.stats() is a CacheStats made on each call: later reads do not change it."""
+        await cache.get_or_load("k", Loader(1))
+        before = cache.stats()
+        await cache.get_or_load("k", Loader(1))
+        after = cache.stats()
+        assert isinstance(before, CacheStats)
+        assert before == CacheStats(misses=1, loads=1)
+        assert after == CacheStats(hits=1, misses=1, loads=1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            before.hits = 5  # type: ignore[misc]
+
+    async def test_attribute_access_is_deprecated_but_live(self, cache: FailSoftCache) -> None:
+        """cache.stats.hits still reads the live counter, with a DeprecationWarning naming stats()."""
+        counters = cache.stats
+        with pytest.warns(DeprecationWarning, match=r"use FailSoftCache\.stats\(\)\.hits") as warned:
+            assert counters.hits == 0
+        assert warned[0].filename == __file__  # points at the caller, not at degrade
+        await cache.get_or_load("k", Loader(1))
+        await cache.get_or_load("k", Loader(1))
+        with pytest.warns(DeprecationWarning, match=r"deprecated; use FailSoftCache\.stats\(\)") as warned:
+            assert (counters.hits, counters.misses) == (1, 1)
+        assert [str(w.message).split(" is ")[0] for w in warned] == [
+            "FailSoftCache.stats.hits",
+            "FailSoftCache.stats.misses",
+        ]
+
+    def test_attribute_write_is_deprecated_and_resets_the_counter(self, cache: FailSoftCache) -> None:
+        """Resetting a counter the old way still works (with a warning) and shows in the next snapshot."""
+        with pytest.warns(DeprecationWarning, match=r"stats\(\)\.loads"):
+            cache.stats.loads = 7
+        assert cache.stats().loads == 7
+
+    def test_unknown_attribute(self, cache: FailSoftCache) -> None:
+        """Only the counters are reachable the old way; anything else is an AttributeError, no warning."""
+        with pytest.raises(AttributeError, match="nope"):
+            cache.stats.nope  # noqa: B018
+        with pytest.raises(AttributeError, match="nope"):
+            cache.stats.nope = 1
+
+    def test_repr_shows_the_snapshot(self, cache: FailSoftCache) -> None:
+        """repr(cache.stats) shows the counters without a warning."""
+        assert repr(cache.stats) == repr(CacheStats())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from degrade import CheckResult, Dependency, Registry, Severity
+from degrade import CheckResult, ConfigurationError, Dependency, Registry, Severity
 from degrade.dependency import JITTER
 
 from ..support import FakeClock, eventually
@@ -632,3 +633,46 @@ class TestShed:
         site.shed("max-pending")
         labels = {"dependency": name, "site": f"{name}.site", "reason": "max-pending"}
         assert prometheus_client.REGISTRY.get_sample_value("degrade_shed_total", labels) == 2.0
+
+
+class TestArguments:
+    @pytest.mark.parametrize("name", ["recovery_interval", "check_timeout", "watch_interval"])
+    @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, True, 0])
+    def test_seconds_must_be_finite_and_positive(self, name: str, value: float) -> None:
+        """Infinity, NaN, booleans and zero are refused for every interval or bound, naming it."""
+
+        async def check() -> None: ...
+
+        with pytest.raises(ConfigurationError, match=f"{name} must be a finite number of seconds > 0"):
+            Dependency("svc", severity=Severity.SEV2, check=check, **{name: value})  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("value", [True, 0, 1.5, math.inf])
+    def test_failure_threshold_is_an_int(self, value: object) -> None:
+        """failure_threshold takes an int >= 1, never a bool, a float or infinity."""
+        with pytest.raises(ConfigurationError, match="failure_threshold must be an int >= 1"):
+            Dependency("svc", severity=Severity.SEV2, failure_threshold=value)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("value", [True, -1, 1.5, math.inf, math.nan])
+    def test_retry_after_is_whole_seconds(self, value: object) -> None:
+        """retry_after takes a whole number of seconds >= 0."""
+        with pytest.raises(ConfigurationError, match="retry_after must be a whole number of seconds"):
+            Dependency("svc", severity=Severity.SEV2, retry_after=value)  # type: ignore[arg-type]
+
+
+class TestModuleLayout:
+    def test_moved_names_stay_importable_from_degrade_dependency(self) -> None:
+        """The split kept every name where it was: the same objects, re-exported."""
+        from degrade import _options, _probe, _records, dependency
+
+        assert dependency.Site is _records.Site
+        assert dependency.Severity is _records.Severity
+        assert dependency.CheckResult is _records.CheckResult
+        assert dependency.DependencyOptions is _options.DependencyOptions
+        for alias in ("Check", "Clock", "Sleep", "Spawn"):
+            assert getattr(dependency, alias) is getattr(_probe, alias)
+
+    def test_the_probe_methods_are_the_dependencys(self) -> None:
+        """run_check, watch and the probe's life cycle are inherited, with their docstrings."""
+        for name in ("resume_probe", "next_interval", "watch", "stop_probe", "run_check"):
+            method = getattr(Dependency, name)
+            assert method.__doc__, name

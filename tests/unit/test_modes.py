@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from typing import Any
 
@@ -565,13 +566,15 @@ class TestValidation:
         with pytest.raises(ConfigurationError, match="reason= is required"):
             fail_loud(dep, reason=reason)
 
-    @pytest.mark.parametrize("timeout", [0, -1, True, "1"])
+    @pytest.mark.parametrize("timeout", [0, -1, True, "1", math.inf, -math.inf, math.nan])
     def test_timeout_must_be_positive(self, dep: Dependency, timeout: Any) -> None:
-        """timeout= must be a positive number."""
-        with pytest.raises(ConfigurationError, match="timeout must be a positive number"):
+        """timeout= must be a finite positive number (never a bool, infinity or NaN), on both modes."""
+        with pytest.raises(ConfigurationError, match="timeout must be a finite number of seconds > 0"):
             fail_soft(dep, fallback=None, timeout=timeout, reason="x")
+        with pytest.raises(ConfigurationError, match="timeout must be a finite number of seconds > 0"):
+            fail_loud(dep, timeout=timeout, reason="x")
 
-    @pytest.mark.parametrize("retry_after", [-1, 1.5, True])
+    @pytest.mark.parametrize("retry_after", [-1, 1.5, True, math.inf, math.nan])
     def test_retry_after_must_be_whole_seconds(self, dep: Dependency, retry_after: Any) -> None:
         """retry_after= must be a whole number of seconds >= 0."""
         with pytest.raises(ConfigurationError, match="retry_after"):
@@ -984,3 +987,12 @@ class TestHardTimeoutCancelOn:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         assert await _bounded.hard_timeout(asyncio.sleep(0, "ok"), 1.0, fut) == "ok"
         assert not fut.done()
+
+
+def test_the_wrappers_stay_importable_from_degrade_modes() -> None:
+    """The wrappers live in degrade._wrappers; SHED_ABANDONED is still importable from degrade.modes."""
+    from degrade import _wrappers, modes
+
+    assert modes.SHED_ABANDONED == _wrappers.SHED_ABANDONED == "abandoned-cap"
+    assert modes.FailSoft is _wrappers.FailSoft
+    assert modes.FailLoud is _wrappers.FailLoud

@@ -293,3 +293,38 @@ class TestSlowCalls:
         """Bad values are refused when the rule is made."""
         with pytest.raises(ConfigurationError):
             make()
+
+
+class TestNonFiniteValues:
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: FailureRate(threshold=math.nan),
+            lambda: FailureRate(threshold=True),
+            lambda: FailureRate(window=math.inf),
+            lambda: FailureRate(window=math.nan),
+            lambda: FailureRate(min_calls=True),
+            lambda: SlowCalls(slower_than=math.inf),
+            lambda: SlowCalls(slower_than=True),
+            lambda: SlowCalls(window=math.nan),
+            lambda: Probe(interval=True),
+            lambda: Probe(timeout=-math.inf),
+            lambda: Probe(jitter=math.nan),
+            lambda: Probe(backoff=math.inf),
+            lambda: Probe(max_hold=math.inf),
+            lambda: Probe(flap_window=math.nan),
+            lambda: Probe(successes=True),
+        ],
+    )
+    def test_refused(self, make: Any) -> None:
+        """Infinity, NaN and booleans are refused by every policy when it is made."""
+        with pytest.raises(ConfigurationError):
+            make()
+
+
+def test_probe_stays_importable_from_degrade_policies() -> None:
+    """Probe lives in degrade._recovery and is the same object in degrade.policies."""
+    from degrade import _recovery, policies
+
+    assert policies.Probe is _recovery.Probe
+    assert "Probe" in policies.__all__

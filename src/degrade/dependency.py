@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from . import _validate, observe
+from ._looplag import TimeoutExcuse
 from ._options import DependencyOptions, resolve_policies
 from ._probe import Check as Check  # noqa: PLC0414 - re-exported: importable here as before
 from ._probe import Clock as Clock  # noqa: PLC0414
@@ -143,6 +144,9 @@ class Dependency(Probing):
         self._forced = 0
         #: Consecutive failures seen since the last success (read it; record_* set it).
         self.failures = 0
+        #: Successes recorded so far (vouches for timeouts on a late event loop).
+        self.answered = 0
+        self._excuse = TimeoutExcuse(name, clock)
         self._since = clock()
         #: Wall-clock time (``time.time()``) of the last transition, for health details.
         self.changed_at = time.time()
@@ -168,6 +172,11 @@ class Dependency(Probing):
     def state(self) -> Literal["ok", "down"]:
         """``"ok"`` or ``"down"``."""
         return "down" if self.is_down else "ok"
+
+    @property
+    def timeouts_excused(self) -> int:
+        """Timeouts not counted as failures because the event loop ran late (``degrade._looplag``)."""
+        return self._excuse.count
 
     @property
     def forced(self) -> bool:
@@ -323,7 +332,14 @@ class Dependency(Probing):
     # -- feeding the state ---------------------------------------------------
 
     def record_failure(self, error: BaseException | None = None, *, reason: str = "traffic") -> None:
-        """Count one failure; the ``failure_threshold``-th in a row opens it."""
+        """Count one failure; the ``failure_threshold``-th in a row opens it.
+
+        A timeout of traffic while this worker's event loop ran late (and the
+        service still answered recently) is not counted: the worker was
+        saturated, the service was not shown to fail (:attr:`timeouts_excused`).
+        """
+        if reason == "traffic" and error is not None and self._excuse(error, self.answered):
+            return
         self.failures += 1
         self._trial_at = None
         if error is not None:
@@ -338,6 +354,7 @@ class Dependency(Probing):
         (:class:`~degrade.policies.SlowCalls`), which may open it on successes.
         """
         self.failures = 0
+        self.answered += 1
         if self._trial_at is not None:
             self._trial_at = None
         if self._tracker.success(duration) and not self.is_down:

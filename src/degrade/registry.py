@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping
 from typing import Any, Protocol, Unpack, runtime_checkable
 
+from . import _looplag
 from ._bounded import settle_abandoned
 from .dependency import Clock, Dependency, DependencyOptions, Severity, Sleep
 from .exceptions import ConfigurationError
@@ -234,8 +235,11 @@ class Registry:
         """Start managed components and the probes of dependencies already down.
 
         Never raises on a dependency's account: a component whose ``start()``
-        fails is logged and left stopped.
+        fails is logged and left stopped. Starts the event loop's lateness
+        monitor too (``degrade._looplag``: 20 timer callbacks a second), which
+        keeps timeouts on an overloaded worker from marking services down.
         """
+        _looplag.monitor()
         for component in self._all_components():
             try:
                 async with asyncio.timeout(self.shutdown_timeout):

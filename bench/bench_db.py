@@ -14,7 +14,12 @@ What it measures, against the goals of issue 3:
    (``async with engine.connect()``), gated it uses the gate's
    (``await connection()``). The ASGI app is called directly (minimal scope,
    no HTTP client), timeit-style, interleaved; wall time and this process's CPU
-   time per request. Goal <= 1.05x.
+   time per request. Goal <= 1.05x. Then pool checkouts are counted
+   (SQLAlchemy's ``checkout`` pool event) for the same two handlers, untimed
+   (the listener would take the checkout off its zero-I/O fast path), and for a
+   gated handler that calls ``connection()``, opens a ``router.for_write()``
+   session, then calls ``connection()`` again. Goal: exactly one checkout per
+   request.
 2. time to the first 503 with the database blackholed (TCP accepted, nothing
    answered), ``acquire_timeout=1.0``: with an idle pooled connection, with an
    empty pool and SQLAlchemy's default settings, with ``pool_pre_ping``. Goal <= 1.1 s.
@@ -44,12 +49,14 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import structlog
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -78,6 +85,11 @@ MAX_FALLBACK_RATIO = 1.05
 
 ACQUIRE = 1.0
 SELECT_1 = text("SELECT 1")
+
+#: The requests whose pool checkouts are counted (section 1).
+UNGATED = "ungated: async with engine.connect()"
+GATED = "gated: await connection()"
+MANY = "gated: connection(), for_write(), connection()"
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -152,6 +164,82 @@ def build_app(engine: AsyncEngine, dep: Any | None) -> Starlette:
     )
 
 
+def build_many_app(engine: AsyncEngine, dep: Any) -> Starlette:
+    """A gated ``/api/many``: ``connection()``, a ``router.for_write()`` session, ``connection()`` again.
+
+    A statement on each; all must share the request's one checkout (else a 500).
+    """
+    router = ReadReplicaRouter(primary=engine)  # no replica: for_write() and for_read() use the primary
+
+    async def many(request: Request) -> Response:
+        first = await connection()
+        total = (await first.execute(SELECT_1)).scalar_one()
+        async with router.for_write() as session:
+            total += (await session.execute(SELECT_1)).scalar_one()
+            shared = (await session.connection()).sync_connection is first.sync_connection
+        again = await connection()
+        total += (await again.execute(SELECT_1)).scalar_one()
+        if again is not first or not shared:
+            return JSONResponse({"error": "a second connection in one request"}, status_code=500)
+        return JSONResponse({"three": total})
+
+    return Starlette(
+        routes=[Route("/api/many", many)],
+        middleware=[
+            Middleware(
+                DBHealthMiddleware, engine=engine, dependency=dep, acquire_timeout=ACQUIRE, router=router
+            )
+        ],
+    )
+
+
+class Checkouts:
+    """Pool checkouts of one engine (SQLAlchemy's ``checkout`` event), per kind of request.
+
+    Requests run one at a time, so each checkout belongs to the request running;
+    one made outside a counted call is counted under ``None``. Not attached while
+    timing: a ``checkout`` listener takes SQLAlchemy off its zero-I/O checkout of
+    an idle connection, and the gate with it (it then bounds the checkout with a
+    task), so the timings would measure the listener.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine.sync_engine
+        self.running: str | None = None
+        self.checkouts: Counter[str | None] = Counter()
+        self.requests: Counter[str] = Counter()
+        self.statuses: dict[str, Counter[int]] = {}
+
+    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        self.checkouts[self.running] += 1
+
+    def __enter__(self) -> Checkouts:
+        event.listen(self._engine, "checkout", self._on_checkout)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        event.remove(self._engine, "checkout", self._on_checkout)
+
+    def call(self, app: Any, path: str, label: str) -> Callable[[], Awaitable[int]]:
+        """:func:`asgi_call`, counted under ``label``."""
+        inner = asgi_call(app, path)
+        statuses = self.statuses.setdefault(label, Counter())
+
+        async def call() -> int:
+            self.running = label
+            try:
+                status = await inner()
+            finally:
+                self.running = None
+            self.requests[label] += 1
+            statuses[status] += 1
+            return status
+
+        return call
+
+
 def paired(a: Any, b: Any) -> float:
     """Median over repeats of b/a, each pair measured back to back (robust to drifting load)."""
     return statistics.median(y / x for x, y in zip(a.per_call_ns, b.per_call_ns, strict=True))
@@ -198,6 +286,18 @@ async def bench_healthy(n: int, repeats: int) -> dict[str, Any]:
             n=n,
             repeats=repeats,
         )
+        # Checkouts: the same apps and handlers, untimed (see Checkouts), then the many-uses one.
+        many = build_many_app(engine, dep)
+        with Checkouts(engine) as counts:
+            calls = [
+                counts.call(plain, "/api/one", UNGATED),
+                counts.call(gated, "/api/one", GATED),
+                counts.call(many, "/api/many", MANY),
+            ]
+            for _ in range(n):
+                for call in calls:
+                    await call()
+        left_out = engine.sync_engine.pool.checkedout()
         # pool_pre_ping's price, for the docs: one more round trip per checkout.
         pinged = create_async_engine(PG_DSN, **engine_options(pool_pre_ping=True))
         try:
@@ -216,7 +316,7 @@ async def bench_healthy(n: int, repeats: int) -> dict[str, Any]:
     finally:
         await registry.aclose()
         await engine.dispose()
-    return {"wall": wall, "cpu": cpu, "pre_ping": pre_ping}
+    return {"wall": wall, "cpu": cpu, "pre_ping": pre_ping, "checkouts": counts, "left_out": left_out}
 
 
 # -- 2. hard bound, 3. 503s while down, 4. recovery ----------------------------------------
@@ -507,6 +607,42 @@ def render(
             f"gated request costs <= {MAX_COST_RATIO}x ungated",
             max(ratio, cpu_ratio) <= MAX_COST_RATIO,
             f"wall {ratio:.3f}x, CPU {cpu_ratio:.3f}x (median paired ratio)",
+        )
+    )
+
+    counts: Checkouts = h["checkouts"]
+    add("")
+    add("### Pool checkouts per request (SQLAlchemy `checkout` events; the handlers above, untimed)")
+    add("")
+    rows = []
+    one_each = True
+    for label in (UNGATED, GATED, MANY):
+        done, taken = counts.requests[label], counts.checkouts[label]
+        statuses = " ".join(f"{k}:{v}" for k, v in sorted(counts.statuses.get(label, Counter()).items()))
+        one_each &= done > 0 and taken == done and statuses == f"200:{done}"
+        rows.append([label, f"{done:,}", f"{taken:,}", f"{taken / max(done, 1):.3f}", statuses])
+    add(format_table(["request", "requests", "pool checkouts", "per request", "statuses"], rows))
+    stray = counts.checkouts[None]
+    add("")
+    add(
+        f"Checkouts outside a counted request: {stray}; connections still checked out afterwards:"
+        f" {h['left_out']}. The gated handlers check out at their first use (the gate's lazy"
+        " checkout); `connection()` pins that connection for the request, and a `router.for_write()`"
+        " session in the same request runs on it. Counted in a pass of their own: a `checkout`"
+        " listener takes SQLAlchemy and the gate off their zero-I/O checkout of an idle connection,"
+        " so it would bias the timings above against the gate (measured: about +10 %)."
+    )
+    ok = one_each and stray == 0 and h["left_out"] == 0
+    results.append(
+        (
+            "one pool checkout per request (gated; connection() x2 + for_write() too)",
+            ok,
+            ", ".join(
+                f"{label.split(':')[0]} {counts.checkouts[label]:,}/{counts.requests[label]:,}"
+                for label in (UNGATED, GATED)
+            )
+            + f", connection() x2 + for_write() {counts.checkouts[MANY]:,}/{counts.requests[MANY]:,}"
+            f" (checkouts/requests); left out {h['left_out']}",
         )
     )
 

@@ -3,9 +3,12 @@
 Parts (each selectable with ``--only``; all by default):
 
 * ``matrix``: {Postgres primary, replica, Redis, RabbitMQ} x {refuse, blackhole,
-  reset mid-stream, latency 2 s} through FaultProxy; per cell healthy, faulted,
-  healed phases under load; checks statuses against the drill's promises
-  (examples/drill.py), the wait bounds, recovery, leaks and event accounting.
+  reset mid-stream, latency 2 s} through FaultProxy, plus Redis slow (latency
+  200 ms: no cascade into the DB gate); per cell healthy, faulted, healed phases
+  under load; checks statuses against the drill's promises (examples/drill.py),
+  the wait bounds, recovery, leaks and event accounting; in the primary's
+  refuse, blackhole and latency cells, that the requests in flight when Postgres
+  broke were answered within the gate's acquire_timeout + 0.1 s.
 * ``pods``: two uvicorn processes sharing one Redis (``PODS=2``): the global
   limit with Redis up, the per-pod shares with Redis down, the global limit back.
 * ``fuzz``: Hypothesis-generated hostile requests through the full middleware
@@ -40,7 +43,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,13 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 #: Matrix dependencies (proxy names, as in examples/drill.py) and their labels.
 DEPS = {"db": "Postgres primary", "db-replica": "Postgres replica", "redis": "Redis", "rabbitmq": "RabbitMQ"}
 FAULTS = ("refuse", "blackhole", "reset", "latency")
+#: The matrix's faults: the outages above, and ``slow`` (Redis only; run first by default, so Redis
+#: fails next three cells later, outside its 60 s relapse window).
+CELL_FAULTS = ("slow", *FAULTS)
+#: Dependencies with a ``slow`` cell.
+SLOW_DEPS = ("redis",)
+#: ``slow``: seconds of latency each way (--slow-latency); a Redis call's round trip takes twice that.
+SLOW = 0.2
 #: Seconds between two resets of every open connection during a ``reset`` fault (--reset-every).
 RESET_EVERY = 0.25
 LATENCY = 2.0
@@ -89,6 +99,16 @@ BOUNDS: dict[str, dict[str, float]] = {
 RECOVER_EXTRA = {"GET /health/deep": 1.0}
 #: Allowed beyond a route's bound: the issue's 0.1 s.
 SLACK = 0.1
+#: Routes under the DB gate (examples/app.py: include=/tracks, /feed, /uploads) that the cells load.
+GATED = ("GET /tracks/{id}", "GET /feed", "POST /tracks")
+#: The gate's acquire_timeout in examples/app.py, if the server does not report it.
+ACQUIRE = 1.0
+#: Routes that read through the Redis cache (FailSoftCache): 2xx whatever Redis does.
+CACHE_ROUTES = ("GET /tracks/{id}",)
+#: The DB gate's call site (its degraded and shed counts are the gate's 503s).
+GATE_SITE = "degrade.db.DBHealthMiddleware"
+#: Primary cells judged on the in-flight promise (a reset may not take the primary down at all).
+IN_FLIGHT_FAULTS = ("refuse", "blackhole", "latency")
 
 
 def say(*parts: object) -> None:
@@ -174,6 +194,35 @@ def expectations(token: str, track_id: int) -> dict[tuple[str, str], list[Expect
             cell = [source.get(label, refuse.get(label, e)) for label, e in routes.items()]
             cells[(dep, fault)] = [*cell, *always.values()]
     return cells
+
+
+def slow_routes(
+    table: dict[tuple[str, str], list[Expect]], latency: float, timeout: float
+) -> tuple[list[Expect], str]:
+    """The Redis ``slow`` cell's routes and regime, from the app's Redis timeout (``timeout``).
+
+    FaultProxy delays each way, so a call's round trip takes 2 x ``latency``.
+    ``exceeds`` (2 x latency >= timeout): no call answers within the client's
+    bound, so by design Redis fails at it: the statuses of the Redis latency cell
+    (its blackhole's). ``within`` (2 x latency <= timeout / 2): every call answers
+    in time: every route keeps its healthy status. In between the outcome depends
+    on the event loop's lag: ValueError (choose another --slow-latency). Both
+    regimes also load ``POST /tracks`` (Redis's revocation check, then a write
+    on the gated primary): 202 throughout.
+    """
+    rtt = 2 * latency
+    source = table[("redis", "latency")]
+    if rtt >= timeout:
+        regime, routes = "exceeds", list(source)
+    elif rtt <= timeout / 2:
+        regime, routes = "within", [replace(e, expect=e.healthy) for e in source]
+    else:
+        raise ValueError(
+            f"--slow-latency {latency:g}: a {rtt:g} s round trip is neither over the app's Redis"
+            f" timeout ({timeout:g} s) nor within half of it; the cell could not say what to expect"
+        )
+    write = Expect("POST /tracks", "POST", f"{API}/tracks", 202, 202, json.dumps({"title": "slow"}))
+    return [*[e for e in routes if e.label != write.label], write], regime
 
 
 # -- the server ------------------------------------------------------------------------
@@ -309,6 +358,13 @@ class Sample:
     retry_after: str | None
     note: str
     port: int
+    #: ``time.monotonic()`` at the server's response start (x-chaos-at); None without an answer.
+    at: float | None = None
+
+    @property
+    def arrived(self) -> float | None:
+        """When the request reached the app (server side), on the harness's clock."""
+        return None if self.at is None or self.took is None else self.at - self.took
 
 
 async def load(
@@ -474,9 +530,11 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
-def apply_fault(proxy: FaultProxy, fault: str) -> Callable[[], None] | None:
+def apply_fault(proxy: FaultProxy, fault: str, slow: float = SLOW) -> Callable[[], None] | None:
     """Apply ``fault``; for ``reset`` return the tick to repeat while it lasts."""
-    if fault == "refuse":
+    if fault == "slow":
+        proxy.latency(slow)
+    elif fault == "refuse":
         proxy.refuse()
     elif fault == "blackhole":
         proxy.blackhole()
@@ -571,6 +629,16 @@ async def settle_events(
         await asyncio.sleep(0.2)
 
 
+def baselines(samples: list[Sample], labels: Sequence[str], t_on: float) -> dict[str, float]:
+    """Per route, its healthy p99 server time in this cell (at least every route's p99)."""
+    every = [s.took for s in samples if s.t1 < t_on and s.took is not None]
+    base: dict[str, float] = {}
+    for label in labels:
+        healthy = [s.took for s in samples if s.label == label and s.t1 < t_on and s.took is not None]
+        base[label] = max(_pct(healthy, 99), _pct(every, 99))
+    return base
+
+
 def judge_cell(
     dep: str, fault: str, routes: list[Expect], samples: list[Sample], t_on: float, t_off: float, d: Durations
 ) -> tuple[dict[str, Any], list[str]]:
@@ -584,11 +652,7 @@ def judge_cell(
     shed = 0
     worst_over = -1e9
     worst_where = ""
-    base: dict[str, float] = {}
-    every = [s.took for s in samples if s.t1 < t_on and s.took is not None]
-    for label in by_label:
-        healthy = [s.took for s in samples if s.label == label and s.t1 < t_on and s.took is not None]
-        base[label] = max(_pct(healthy, 99), _pct(every, 99))
+    base = baselines(samples, list(by_label), t_on)
     # recovery: per route whose fault status differs, the first healthy answer sent after t_off
     recovered: dict[str, float | None] = {}
     for label, e in by_label.items():
@@ -690,9 +754,179 @@ def judge_cell(
     return info, violations
 
 
+def gate_counts(st: dict[str, Any]) -> tuple[int, int]:
+    """The DB gate's site: (503s for an outage, 503s shed) so far."""
+    site = st.get("sites", {}).get("db", {}).get(GATE_SITE, {})
+    return int(site.get("degraded", 0)), sum(site.get("shed", {}).values())
+
+
+def downs(st: dict[str, Any], name: str, since: float, until: float) -> list[float]:
+    """When ``name`` went down between ``since`` and ``until`` (the server's transition log)."""
+    return [
+        t
+        for t, dep, state in st.get("transitions", ())
+        if dep == name and state == "down" and since <= t <= until
+    ]
+
+
+def judge_in_flight(
+    samples: list[Sample],
+    t_on: float,
+    t_off: float,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    base: dict[str, float],
+) -> tuple[str, list[str]]:
+    """The gate's in-flight promise, in a cell that breaks the Postgres primary.
+
+    A request on a gated route in flight when Postgres broke (it reached the app
+    before ``t_on``, the fault's start, and was answered after it) must be answered
+    by ``t_on + acquire_timeout + 0.1 s``: a silent primary is seen down within
+    acquire_timeout (the first checkouts' bound), then the gate terminates the
+    connections in flight and answers its line at once. So a request in flight at
+    that transition (from the server's log) that the primary's outage ends (it is
+    answered the db's 503) must be answered within 0.1 s of it ("503 within about
+    0.1 s of the transition", docs/postgres.md); the others in flight then (replica
+    reads, a write that committed in time) only finish their own work. Both bounds
+    get the route's healthy p99 in this cell on top, like every wait bound here
+    (the queueing of 200 clients on one worker). Times are the server's
+    (x-chaos-at, x-chaos-at - x-chaos-took for the arrival).
+    """
+    acquire = float((after.get("gate") or {}).get("acquire_timeout") or ACQUIRE)
+    went_down = downs(after, "db", t_on, t_off)
+    t_down = min(went_down) if went_down else None
+    v: list[str] = []
+
+    def in_flight(t: float) -> list[Sample]:
+        return [
+            s
+            for s in samples
+            if s.label in GATED and s.arrived is not None and s.at is not None and s.arrived < t < s.at
+        ]
+
+    def ended(s: Sample) -> bool:
+        return s.status == 503 and s.note.startswith("dependency_unavailable:db:")
+
+    def latest(group: list[Sample], t: float) -> float:
+        return max((s.at - t for s in group if s.at is not None), default=0.0)
+
+    at_fault = in_flight(t_on)
+    lost = [s for s in samples if s.label in GATED and s.status == 0 and s.t0 < t_on]
+    late = Counter(
+        f"{s.label} {s.status}"
+        for s in at_fault
+        if s.at is not None and s.at - t_on > acquire + SLACK + base[s.label]
+    )
+    worst, worst_ended = latest(at_fault, t_on), latest([s for s in at_fault if ended(s)], t_on)
+    for key, n in late.most_common():
+        v.append(
+            f"in flight when Postgres broke: {n} x {key} answered over {acquire:g}+{SLACK}+healthy p99"
+            f" after the fault (worst +{worst:.2f} s)"
+        )
+    if lost:
+        v.append(f"in flight when Postgres broke: {len(lost)} never answered")
+    if not at_fault and not lost:
+        v.append("no gated request was in flight when Postgres broke: the promise was not exercised")
+    if t_down is None:
+        v.append("the db dependency never went down while Postgres was broken")
+        tr_text = "db never went down"
+    else:
+        at_tr = in_flight(t_down)
+        ended_tr = [s for s in at_tr if ended(s)]
+        worst_tr = latest(ended_tr, t_down)
+        slow_tr = Counter(
+            s.label for s in ended_tr if s.at is not None and s.at - t_down > SLACK + base[s.label]
+        )
+        for key, n in slow_tr.most_common():
+            v.append(
+                f"in flight when db went down: {n} x {key} answered its 503 over {SLACK}+healthy p99"
+                f" after the transition (worst +{worst_tr:.2f} s)"
+            )
+        tr_text = (
+            f"db down +{t_down - t_on:.2f} s; in flight then {len(at_tr)}, {len(ended_tr)} ended by it"
+            f" (503), the last +{worst_tr:.3f} s after it (bound {SLACK}+p99)"
+        )
+    terminated = ((after.get("gate") or {}).get("terminated") or 0) - (
+        (before.get("gate") or {}).get("terminated") or 0
+    )
+    n503 = sum(1 for s in at_fault if ended(s))
+    allowance = max((base[label] for label in GATED if label in base), default=0.0)
+    numbers = (
+        f"in flight at the fault {len(at_fault)}, answered by +{worst:.2f} s ({n503} x 503, by"
+        f" +{worst_ended:.2f} s; bound {acquire:g}+{SLACK}+p99); {tr_text}; p99 {allowance:.2f} s;"
+        f" gate terminated {terminated}"
+    )
+    return numbers, v
+
+
+def judge_cascade(
+    samples: list[Sample],
+    regime: str,
+    start: float,
+    t_on: float,
+    t_off: float,
+    before: dict[str, Any],
+    after: dict[str, Any],
+) -> tuple[str, list[str]]:
+    """The Redis slow cell: a slow Redis never reaches Postgres, cache reads stay 2xx.
+
+    No DB-gate 503 (the gate's site counts, outage or shed, and no answer with the
+    gate's body), the db dependency never moves, every answer of a route that
+    reads through the cache is 2xx; ``within``: Redis never goes down either.
+    """
+    v: list[str] = []
+    d0, s0 = gate_counts(before)
+    d1, s1 = gate_counts(after)
+    degraded, shed = d1 - d0, s1 - s0
+    if degraded or shed:
+        v.append(f"DB gate (its site's counts): {degraded} outage 503s and {shed} shed while Redis was slow")
+    gated = [s for s in samples if s.status == 503 and s.note.startswith("dependency_unavailable:db:")]
+    gate503 = Counter(s.label for s in gated)
+    # by phase (sent before the fault, during it, after it): saturation the load causes anyway
+    # shows in the healthy phase too; what the slow Redis adds shows after t_on
+    phases = Counter("healthy" if s.t0 < t_on else "faulted" if s.t0 <= t_off else "healed" for s in gated)
+    split = "/".join(str(phases[p]) for p in ("healthy", "faulted", "healed"))
+    if gate503:
+        v.append(
+            f"{len(gated)} answers were the DB gate's 503 (sent healthy/faulted/healed {split}):"
+            f" {dict(gate503)}"
+        )
+    db_down = downs(after, "db", start, time.monotonic())
+    if db_down:
+        v.append(f"the db dependency went down {len(db_down)} times while Redis was slow")
+    cache = [s for s in samples if s.label in CACHE_ROUTES]
+    not_2xx = Counter(f"{s.label} {s.status or s.note}" for s in cache if not 200 <= s.status < 300)
+    for key, n in not_2xx.most_common():
+        v.append(f"cache read answered non-2xx: {n} x {key}")
+    redis_down = downs(after, "redis", start, time.monotonic())
+    if redis_down:
+        redis_text = f"Redis down +{min(redis_down) - t_on:.2f} s"
+        if regime == "within":
+            v.append(f"Redis went down {len(redis_down)} times though every call fits its timeout")
+    else:
+        redis_text = "Redis stayed ok"
+        if regime == "exceeds":
+            v.append("Redis never went down though no call fits its timeout: were the faults applied?")
+    replica = after.get("sites", {}).get("db-replica", {})
+    replica0 = before.get("sites", {}).get("db-replica", {})
+    replica_shed = sum(sum(x.get("shed", {}).values()) for x in replica.values()) - sum(
+        sum(x.get("shed", {}).values()) for x in replica0.values()
+    )
+    ok = sum(1 for s in cache if 200 <= s.status < 300)
+    numbers = (
+        f"DB gate 503s {degraded} (shed {shed}; answers healthy/faulted/healed {split}); {redis_text};"
+        f" cache reads 2xx {ok}/{len(cache)};"
+        f" replica shed {replica_shed}"
+    )
+    return numbers, v
+
+
 async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> None:
     d = Durations(args.healthy, args.faulted, args.healed, args.grace, args.recover)
-    cells = [(dep, fault) for fault in args.faults for dep in args.deps]  # a dependency fails every 4th cell
+    # a dependency fails every 4th cell (Redis's slow cell, first, three cells before its next)
+    cells = [
+        (dep, fault) for fault in args.faults for dep in args.deps if fault != "slow" or dep in SLOW_DEPS
+    ]
     if args.cells:
         cells = cells[: args.cells]
     say(
@@ -711,8 +945,20 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
             stop=t + args.warmup,
             clients=args.clients,
         )
+        redis_timeout = float((await stk.server.state()).get("redis_timeout") or 0.25)
         for index, (dep, fault) in enumerate(cells, 1):
-            routes = table[(dep, fault)]
+            case, regime = f"{DEPS[dep]} / {fault}", ""
+            if fault == "slow":
+                case = f"{DEPS[dep]} / slow (latency {args.slow_latency:g} s each way)"
+                try:
+                    routes, regime = slow_routes(table, args.slow_latency, redis_timeout)
+                except ValueError as exc:
+                    rows.append(Row("matrix", case, "not run", [str(exc)]))
+                    say(f"  [{index}/{len(cells)}] {case}: not run: {exc}")
+                    continue
+                case += f", {2 * args.slow_latency:g} s round trip {regime} the {redis_timeout:g} s timeout"
+            else:
+                routes = table[(dep, fault)]
             waited, still = await all_up(stk.server, within=40.0)
             before = await quiesce(stk.server)
             stk.consumer_base = len(stk.consumer.ids)
@@ -730,7 +976,8 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
             )
             proxy = stk.proxies[dep]
             await asyncio.sleep(max(0.0, t_on - time.monotonic()))
-            tick = apply_fault(proxy, fault)
+            t_on = time.monotonic()  # the fault's start, as the in-flight judge measures from it
+            tick = apply_fault(proxy, fault, args.slow_latency)
             next_tick = time.monotonic() + (args.reset_every or 1e9)
             while time.monotonic() < t_off:
                 await asyncio.sleep(min(0.05, max(0.0, t_off - time.monotonic())))
@@ -759,14 +1006,25 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
                 )
             leaks, leak_v = leak_check(before, after, args.margins)
             violations += leak_v
+            extra = ""
+            if dep == "db" and fault in IN_FLIGHT_FAULTS:
+                base = baselines(samples, GATED, t_on)
+                extra, v = judge_in_flight(samples, t_on, t_off, before, after, base)
+                violations += v
+            elif fault == "slow":
+                extra, v = judge_cascade(samples, regime, start, t_on, t_off, before, after)
+                violations += v
+            d0, s0 = gate_counts(before)
+            d1, s1 = gate_counts(after)
             statuses = " ".join(f"{k}:{v}" for k, v in info["statuses"].items())
             rec = "-" if info["recover"] is None else f"{info['recover']:.2f}"
             numbers = (
                 f"{info['requests']} req ({info['requests'] / (stop - start):.0f}/s); {statuses};"
-                f" shed {info['shed']}; p99 {info['p99_ms']:.0f} ms; recover {rec} s;"
-                f" events {published}/{delivered}/{dropped}; {leaks}"
+                f" shed {info['shed']}; gate 503s {d1 - d0} + {s1 - s0} shed; p99 {info['p99_ms']:.0f} ms;"
+                f" recover {rec} s; events {published}/{delivered}/{dropped}; {leaks}"
+                + (f"; {extra}" if extra else "")
             )
-            row = Row("matrix", f"{DEPS[dep]} / {fault}", numbers, violations)
+            row = Row("matrix", case, numbers, violations)
             rows.append(row)
             say(f"  [{index}/{len(cells)}] {row.case}: {row.verdict}  {numbers}")
             say(f"      worst wait vs bound: {info['worst_wait']}")
@@ -1267,7 +1525,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--reset-every", type=float, default=0.0, help="reset: seconds between resets (0: once, at the start)"
     )
     p.add_argument("--deps", default=",".join(DEPS))
-    p.add_argument("--faults", default=",".join(FAULTS))
+    p.add_argument(
+        "--faults",
+        default=",".join(CELL_FAULTS),
+        help="matrix faults (slow: Redis only, latency --slow-latency each way)",
+    )
+    p.add_argument(
+        "--slow-latency",
+        type=float,
+        default=SLOW,
+        help="slow: seconds of latency each way (a Redis round trip takes twice that)",
+    )
     p.add_argument("--cells", type=int, default=0, help="run only the first N cells (0: all)")
     p.add_argument("--fuzz-examples", type=int, default=10_000)
     p.add_argument("--soak", type=float, default=120.0, help="soak seconds (make chaos SOAK=600)")
@@ -1284,7 +1552,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.fuzz_examples = min(args.fuzz_examples, 500)
         args.soak = min(args.soak, 20.0)
         args.pod_phase = min(args.pod_phase, 2.0)
-        if args.cells == 0 and args.deps == ",".join(DEPS) and args.faults == ",".join(FAULTS):
+        if args.cells == 0 and args.deps == ",".join(DEPS) and args.faults == ",".join(CELL_FAULTS):
             args.deps, args.faults = "db,redis,rabbitmq", "refuse"
     args.deps = [x for x in args.deps.split(",") if x]
     args.faults = [x for x in args.faults.split(",") if x]

@@ -12,15 +12,22 @@ configured like examples/app.py through the environment, plus:
 Nothing here changes what the example app does: the wrapper only
 
 * adds ``x-chaos-took`` (seconds from the request reaching the app to its
-  response start: the server-side wait, free of the load generator's own queueing);
+  response start: the server-side wait, free of the load generator's own queueing)
+  and ``x-chaos-at`` (``time.monotonic()`` at the response start: the clock is
+  system-wide, so the harness places each answer against the moment it broke a
+  dependency);
 * answers ``GET /_chaos/state`` itself, outside the app's middleware (never rate
   limited or gated): pool check-outs, asyncio tasks, open fds, RSS, the event
-  publisher's counters, every dependency's state.
+  publisher's counters, every dependency's state and its transitions
+  (``time.monotonic()`` of each, recorded by a listener), every call site's
+  degraded and shed counts (the DB gate's among them), the gate's
+  ``acquire_timeout`` and terminated connections, the Redis client's timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import os
@@ -36,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 from examples.app import Settings, create_app  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+#: Every dependency transition of this process: ``[time.monotonic(), name, "down" | "ok"]``.
+TRANSITIONS: collections.deque[list[Any]] = collections.deque(maxlen=2000)
 
 
 def _settings() -> Settings:
@@ -76,10 +86,40 @@ def _redis_connections(client: Any) -> int:
     return len(getattr(pool, "_available_connections", ())) + len(getattr(pool, "_in_use_connections", ()))
 
 
+def _gate(app: Any) -> Any:
+    """The app's DBHealthMiddleware instance (None until Starlette built its stack on a first request)."""
+    from degrade.db import DBHealthMiddleware
+
+    node = getattr(app, "middleware_stack", None)
+    for _ in range(30):
+        if node is None or isinstance(node, DBHealthMiddleware):
+            return node
+        node = getattr(node, "app", None)
+    return None
+
+
+def _limiter_stats(limiter: Any) -> dict[str, Any]:
+    """The limiter's counters: ``limiter.stats()`` (a snapshot) or, before 0.2.0, ``limiter.stats``."""
+    stats = limiter.stats
+    snapshot = stats() if callable(stats) else stats
+    if dataclasses.is_dataclass(snapshot) and not isinstance(snapshot, type):
+        return dataclasses.asdict(snapshot)
+    return {k: getattr(snapshot, k) for k in type(snapshot).__slots__}
+
+
+def _sites(ex: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per dependency, per call site: degraded calls and shed calls by reason."""
+    return {
+        name: {s.name: {"degraded": s.degraded_calls, "shed": dict(s.shed_calls)} for s in dep.sites}
+        for name, dep in ex.registry.dependencies.items()
+    }
+
+
 def state(app: Any) -> dict[str, Any]:
-    """What the harness samples: leaks, pools, events, dependencies."""
+    """What the harness samples: leaks, pools, events, dependencies, call sites, transitions."""
     ex = app.state.example
     bus = ex.bus.stats
+    gate = _gate(app)
     return {
         "pid": os.getpid(),
         "time": time.time(),
@@ -102,7 +142,14 @@ def state(app: Any) -> dict[str, Any]:
         },
         "redis_connections": _redis_connections(ex.redis),
         "deps": {name: ("down" if dep.is_down else "ok") for name, dep in ex.registry.dependencies.items()},
-        "limiter": {k: getattr(ex.limiter.stats, k) for k in type(ex.limiter.stats).__slots__},
+        "limiter": _limiter_stats(ex.limiter),
+        "sites": _sites(ex),
+        "gate": None
+        if gate is None
+        else {"acquire_timeout": gate.acquire_timeout, "terminated": gate.terminated},
+        "redis_timeout": ex.redis.connection_pool.connection_kwargs.get("socket_timeout"),
+        "transitions": list(TRANSITIONS),
+        "monotonic": time.monotonic(),
     }
 
 
@@ -132,7 +179,12 @@ def wrap(app: Any) -> Any:
         async def timed(message: Any) -> None:
             if message["type"] == "http.response.start":
                 took = f"{time.perf_counter() - started:.4f}".encode()
-                message["headers"] = [*message.get("headers", ()), (b"x-chaos-took", took)]
+                at = f"{time.monotonic():.6f}".encode()
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-chaos-took", took),
+                    (b"x-chaos-at", at),
+                ]
             await send(message)
 
         await app(scope, receive, timed)
@@ -140,9 +192,16 @@ def wrap(app: Any) -> Any:
     return wrapper
 
 
+def _record(dep: Any) -> None:
+    TRANSITIONS.append([time.monotonic(), dep.name, "down" if dep.is_down else "ok"])
+
+
 def build() -> Any:
     """The wrapped example app (its lifespan runs through the wrapper untouched)."""
-    return wrap(create_app(_settings()))
+    app = create_app(_settings())
+    for dep in app.state.example.registry.dependencies.values():
+        dep.subscribe(_record)  # a plain function: held strongly
+    return wrap(app)
 
 
 app: Any = None  # built in main(): importing this module connects nothing

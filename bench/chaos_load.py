@@ -11,8 +11,9 @@ agree), ``timeout`` (per request), ``requests`` (``[label, method, path,
 headers, body]``), ``secrets`` (strings that must never appear in an answer),
 ``hosts`` (optional: ``[port, ...]`` to spread requests over several servers).
 OUT gets one JSON document: ``samples`` as ``[label, t_send, t_recv, status,
-took, retry_after, note, port]`` (status 0: no answer; note: the error, or the
-503/429 body's kind) and ``secret_hits``.
+took, retry_after, note, port, at]`` (status 0: no answer; note: the error, or the
+503/429 body's kind; took and at: the server's ``x-chaos-took`` and
+``x-chaos-at``, None when absent) and ``secret_hits``.
 """
 
 from __future__ import annotations
@@ -130,15 +131,16 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 status, headers, body, head = await asyncio.wait_for(conn.request(raw), timeout)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 await conn.close()
-                samples.append([label, t0, time.monotonic(), 0, None, None, type(exc).__name__, port])
+                samples.append([label, t0, time.monotonic(), 0, None, None, type(exc).__name__, port, None])
                 await asyncio.sleep(0.01)
                 continue
             except TimeoutError:
                 await conn.close()
-                samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port])
+                samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port, None])
                 continue
             t1 = time.monotonic()
             took = headers.get(b"x-chaos-took")
+            at = headers.get(b"x-chaos-at")
             retry = headers.get(b"retry-after")
             for secret in secrets:
                 if secret in head or secret in body:
@@ -153,6 +155,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                     retry.decode() if retry else None,
                     kind_of(status, body),
                     port,
+                    float(at) if at else None,
                 ]
             )
             if label == "POST /tracks" and status == 202:

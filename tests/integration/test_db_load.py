@@ -154,6 +154,65 @@ class TestInFlightWork:
         assert answered < 0.1 + MARGIN
         assert all(seconds < 3.0 for _, seconds in results)  # not at the query's own end
 
+    async def test_a_saturated_pool_on_a_silent_server_is_found_out(
+        self, pg_proxy: FaultProxy, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Pool 2 + overflow 2, Postgres blackholed under 20 clients: db goes down by the stall check in ~1 s.
+
+        Two slots are held by queries that never return; the other two cycle
+        through connects that time out with little budget left: saturation
+        (shed), never a failure, so only the stall check can tell. Slots given
+        back by those failed checkouts used to count as progress: the pool
+        never looked stalled and ``db`` went down only by its health check
+        (``make chaos``: +4.96 s; never, in this test).
+        """
+        engine = create_async_engine(
+            pg_proxy.url_for(postgres_dsn),
+            **engine_options(acquire_timeout=1.0, command_timeout=10.0, pool_size=2, max_overflow=2),
+        )
+        db = registry.dependency(
+            "db",
+            severity=Severity.SEV1,
+            check=checks.sqlalchemy(engine),
+            recovery_interval=5.0,
+            check_timeout=0.4,
+        )
+        went_down: list[float] = []
+
+        def listener(dep: Dependency) -> None:
+            if dep.is_down:
+                went_down.append(time.monotonic())
+
+        db.subscribe(listener)
+        stop = asyncio.Event()
+        statuses: list[int] = []
+
+        async def worker(c: httpx.AsyncClient) -> None:
+            while not stop.is_set():
+                status, _ = await timed(c, "/api/work")
+                statuses.append(status)
+                await asyncio.sleep(0.005)
+
+        try:
+            async with client(sleeping_app(engine, db, 0.05)) as c:
+                workers = [asyncio.ensure_future(worker(c)) for _ in range(2)]  # two connections opened
+                await asyncio.sleep(0.6)
+                healthy = len(statuses)
+                pg_proxy.blackhole()  # with both queries in flight, most likely
+                fault = time.monotonic()
+                workers += [asyncio.ensure_future(worker(c)) for _ in range(18)]
+                await asyncio.sleep(2.5)
+                stop.set()
+                await asyncio.gather(*workers)
+        finally:
+            pg_proxy.up()
+            await _bounded.settle_abandoned(5.0)
+            await engine.dispose()
+        assert healthy > 5
+        assert went_down, "a pool held by queries on a silent server was never found out"
+        assert went_down[0] - fault <= 0.5 + 0.4 + 0.3 + MARGIN  # stall window + check + slack
+        assert gate_site(db).degraded_calls > 0  # answered as an outage once known
+
     async def test_waiters_in_line_are_answered_when_it_goes_down(
         self, small_pool: AsyncEngine, registry: Registry
     ) -> None:

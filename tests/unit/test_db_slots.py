@@ -143,6 +143,19 @@ class TestSlots:
         slots.release(1.5)
         assert not slots.stalled(1.0)
 
+    async def test_a_failed_checkout_is_not_progress(self) -> None:
+        """Slots given back by checkouts that failed (a silent server) do not hide the stall."""
+        clock = FakeClock()
+        slots = Slots(2, clock=clock)
+        slots.try_take()  # a query that hangs on the silent server
+        clock.now += 0.3
+        for _ in range(5):
+            assert slots.try_take()  # a newcomer's connect or BEGIN...
+            clock.now += 0.1
+            slots.release(None)  # ...times out: the slot comes back having served nobody
+        slots.try_take()
+        assert slots.stalled(0.5)
+
     async def test_a_pause_that_stretches_holds_does_not_shed_a_healthy_line(self) -> None:
         """Counted releases keep the rate when a GC pause inflates the average hold."""
         clock = FakeClock()

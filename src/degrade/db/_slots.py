@@ -209,7 +209,11 @@ class Slots:
             hold = self.hold
             self.hold = held_for if hold is None else hold + self.ALPHA * (held_for - hold)
             self._count_release(now)
-        self.last_release = now
+            # Only a slot that served a request is progress: one given back by a failed
+            # checkout (a connect or BEGIN that timed out on a silent server) is not, and
+            # counting it hid a stalled pool from :meth:`stalled` for as long as the
+            # outage lasted (``make chaos``: ``db`` went down at +4.96 s, by its probe).
+            self.last_release = now
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -252,7 +256,7 @@ class Slots:
         return refused
 
     def stalled(self, window: float) -> bool:
-        """True when every slot is taken and none was given back for ``window`` seconds."""
+        """True when every slot is taken and none came back from serving a request for ``window`` seconds."""
         return self.in_use >= self.capacity and self._clock() - self.last_release >= window
 
     def __repr__(self) -> str:

@@ -108,13 +108,13 @@ class TestOutages:
         for i in range(3):
             await cache.get_or_load(f"k{i}", Loader())
         assert dep.is_down
-        before = redis_proxy.stats
+        before = redis_proxy.stats()
         loader = Loader()
         start = time.perf_counter()
         for i in range(100):
             await cache.get_or_load(f"x{i}", loader)
         took = time.perf_counter() - start
-        after = redis_proxy.stats
+        after = redis_proxy.stats()
         assert loader.calls == 100
         assert took < 0.5
         assert (after.accepted, after.bytes_up, after.held) == (before.accepted, before.bytes_up, before.held)

@@ -62,7 +62,7 @@ class TestRedis:
                 assert await client.get(f"{unique}:k") == b"v"
             finally:
                 await client.delete(f"{unique}:k")
-        stats = redis_proxy.stats
+        stats = redis_proxy.stats()
         assert stats.accepted >= 1
         assert stats.bytes_up > 0
         assert stats.bytes_down > 0
@@ -114,8 +114,8 @@ class TestRedis:
             with pytest.raises(redis_exc.ConnectionError):
                 await client.ping()
             assert await client.ping()
-        assert redis_proxy.stats.accepted == 2
-        assert redis_proxy.stats.resets == 1
+        assert redis_proxy.stats().accepted == 2
+        assert redis_proxy.stats().resets == 1
 
     async def test_up_recovers(self, redis_proxy: FaultProxy, redis_url: str) -> None:
         """After up(), the same client works again without being rebuilt."""
@@ -215,7 +215,7 @@ class TestSQLAlchemy:
             await select_one(sa_engine)
         assert info.value.connection_invalidated
         assert await select_one(sa_engine) == 1
-        assert pg_proxy.stats.accepted == 2
+        assert pg_proxy.stats().accepted == 2
 
     async def test_refuse_fails_fast(self, sa_engine: AsyncEngine, pg_proxy: FaultProxy) -> None:
         """refuse: a connect through the engine fails at once."""

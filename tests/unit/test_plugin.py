@@ -61,7 +61,7 @@ async def test_async_proxy_faults(fault_proxy):
             with pytest.raises(ConnectionRefusedError):
                 await asyncio.open_connection(*proxy.address)
         writer.close()
-        assert proxy.stats.accepted == 1
+        assert proxy.stats().accepted == 1
     finally:
         server.close()
         await server.wait_closed()
@@ -130,7 +130,7 @@ async def test_anyio_proxy(fault_proxy, simulate_outage):
     with proxy.outage("refuse"):
         with pytest.raises(OSError):
             await anyio.connect_tcp(*proxy.address)
-    assert proxy.stats.accepted == 0
+    assert proxy.stats().accepted == 0
 """
 
 

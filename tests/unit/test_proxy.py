@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import socketserver
 import threading
@@ -164,7 +165,7 @@ class TestStart:
             with pytest.raises(ConnectionResetError):
                 async with connected(p) as (reader, _):
                     await asyncio.wait_for(reader.read(10), 2.0)
-            assert p.stats.upstream_failures == 1
+            assert p.stats().upstream_failures == 1
 
     @pytest.mark.parametrize(
         ("host", "port", "options"),
@@ -227,7 +228,7 @@ class TestRefuse:
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(*proxy.address)
         assert time.monotonic() - start < 0.5
-        assert proxy.stats.accepted == 0
+        assert proxy.stats().accepted == 0
         assert echo.connections == 0
         assert proxy.mode == "refuse"
 
@@ -238,7 +239,7 @@ class TestRefuse:
             proxy.refuse()
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(reader.read(10), 2.0)
-        assert proxy.stats.resets == 1
+        assert proxy.stats().resets == 1
 
     async def test_up_listens_again_on_the_same_port(self, proxy: FaultProxy) -> None:
         """After up() the same address serves again (URLs handed out stay valid)."""
@@ -261,8 +262,8 @@ class TestBlackhole:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(reader.read(10), 0.3)
             assert echo.connections == 0
-            assert proxy.stats.accepted == 1
-            assert proxy.stats.bytes_up == 0
+            assert proxy.stats().accepted == 1
+            assert proxy.stats().bytes_up == 0
 
     async def test_open_connections_freeze_and_resume_on_up(self, proxy: FaultProxy) -> None:
         """An open connection stops passing data; up() delivers what was held, in order."""
@@ -295,7 +296,7 @@ class TestBlackhole:
                 await writer.drain()
         await asyncio.sleep(0.05)
         proxy.up()
-        await eventually(lambda: proxy.stats.open == 0)
+        await eventually(lambda: proxy.stats().open == 0)
         proxy.up()
         async with connected(proxy) as stream:
             assert await roundtrip(stream) == b"ping"
@@ -309,7 +310,7 @@ class TestBlackhole:
         proxy.blackhole()
         await asyncio.sleep(0.3)
         proxy.up()  # delivers reply (the client answers RST) and FIN in one go
-        await eventually(lambda: proxy.stats.open == 0)
+        await eventually(lambda: proxy.stats().open == 0)
         async with connected(proxy) as stream:
             assert await roundtrip(stream) == b"ping"
 
@@ -319,9 +320,9 @@ class TestBlackhole:
         async with connected(proxy) as (reader, writer):
             proxy.blackhole()
             writer.write(payload)
-            await eventually(lambda: proxy.stats.held >= MAX_HELD)
+            await eventually(lambda: proxy.stats().held >= MAX_HELD)
             await asyncio.sleep(0.1)
-            assert proxy.stats.held <= MAX_HELD + 256 * 1024  # one recv() beyond the mark at most
+            assert proxy.stats().held <= MAX_HELD + 256 * 1024  # one recv() beyond the mark at most
             proxy.up()
             assert await asyncio.wait_for(reader.readexactly(len(payload)), 20.0) == payload
 
@@ -384,7 +385,7 @@ class TestReset:
         assert proxy.mode == "up"
         async with connected(proxy) as stream:
             assert await roundtrip(stream, b"pong") == b"pong"
-        assert proxy.stats.resets == 1
+        assert proxy.stats().resets == 1
 
     async def test_keeps_other_faults(self, proxy: FaultProxy) -> None:
         """reset() is one-shot: a latency set before it stays."""
@@ -406,7 +407,7 @@ class TestLimitData:
             # the echo of "ef" never comes back: the cut resets the client first
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(reader.read(10), 2.0)
-        stats = proxy.stats
+        stats = proxy.stats()
         assert stats.cut == 1
         assert stats.bytes_up + stats.bytes_down == 10
         assert stats.dropped_bytes >= 2
@@ -454,7 +455,7 @@ class TestSlowClose:
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(10), 3.0) == b""
             assert time.monotonic() - start < 0.2
-        await eventually(lambda: proxy.stats.open == 0)
+        await eventually(lambda: proxy.stats().open == 0)
 
     async def test_data_before_the_close_is_delivered(self, proxy: FaultProxy) -> None:
         """Only the close is late; data sent before it is not held back."""
@@ -528,13 +529,69 @@ class TestOutage:
 class TestStatsAndBounds:
     async def test_counts_connections_and_bytes(self, proxy: FaultProxy) -> None:
         """accepted, open and the byte counters follow the traffic."""
-        assert proxy.stats == ProxyStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        assert proxy.stats() == ProxyStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         async with connected(proxy) as stream:
             assert await roundtrip(stream, b"12345") == b"12345"
-            await eventually(lambda: proxy.stats.bytes_down == 5)
-            stats = proxy.stats
+            await eventually(lambda: proxy.stats().bytes_down == 5)
+            stats = proxy.stats()
             assert (stats.accepted, stats.open, stats.bytes_up) == (1, 1, 5)
-        await eventually(lambda: proxy.stats.open == 0)
+        await eventually(lambda: proxy.stats().open == 0)
+
+    async def test_stats_is_a_frozen_snapshot(self, proxy: FaultProxy) -> None:
+        """proxy.stats() is a frozen ProxyStats made on each call; later traffic does not change one kept."""
+        before = proxy.stats()
+        assert isinstance(before, ProxyStats)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            before.accepted = 7  # type: ignore[misc]
+        async with connected(proxy) as stream:
+            assert await roundtrip(stream, b"abc") == b"abc"
+            await eventually(lambda: proxy.stats().bytes_down == 3)
+            after = proxy.stats()
+        assert before == ProxyStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # unchanged by the traffic
+        assert (after.accepted, after.open, after.bytes_up, after.bytes_down) == (1, 1, 3, 3)
+        await eventually(lambda: proxy.stats().open == 0)
+        assert proxy.stats() is not proxy.stats()  # a new snapshot on each call
+        assert proxy.stats() == proxy.stats()  # with equal values while nothing happens
+
+    async def test_old_spelling_warns_and_still_works(self, proxy: FaultProxy) -> None:
+        """proxy.stats.<field> works for one minor version: the value, a warning naming stats()."""
+        async with connected(proxy) as stream:
+            assert await roundtrip(stream, b"12345") == b"12345"
+            await eventually(lambda: proxy.stats().bytes_down == 5)
+            with pytest.warns(
+                DeprecationWarning,
+                match=r"FaultProxy\.stats\.bytes_up is deprecated; use FaultProxy\.stats\(\)\.bytes_up",
+            ) as warned:
+                assert proxy.stats.bytes_up == 5
+            assert len(warned) == 1
+            assert warned[0].filename == __file__  # points at the caller's line, not at degrade
+            snapshot = proxy.stats()
+            for name in (f.name for f in dataclasses.fields(ProxyStats)):
+                with pytest.warns(DeprecationWarning, match=rf"use FaultProxy\.stats\(\)\.{name}\b"):
+                    assert getattr(proxy.stats, name) == getattr(snapshot, name), name
+            # A view kept in a variable holds the snapshot made when it was read, as the old
+            # snapshot did, so ``before = proxy.stats`` ... ``before.accepted`` still compares.
+            kept = proxy.stats
+            async with connected(proxy) as second:
+                assert await roundtrip(second) == b"ping"
+                await eventually(lambda: proxy.stats().accepted == 2)
+            with pytest.warns(DeprecationWarning, match=r"FaultProxy\.stats\.accepted is deprecated"):
+                assert kept.accepted == 1
+            assert kept().accepted == 2  # calling it makes a fresh snapshot
+        with pytest.raises(dataclasses.FrozenInstanceError):  # as on the old snapshot
+            kept.accepted = 0
+
+    async def test_unknown_attribute_raises(self, proxy: FaultProxy) -> None:
+        """An attribute that is not a ProxyStats field raises AttributeError, without a warning."""
+        with pytest.raises(AttributeError, match=r"FaultProxy\.stats has no attribute 'nope'; call it"):
+            proxy.stats.nope  # noqa: B018
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            proxy.stats.nope = 1
+        assert not hasattr(proxy.stats, "_private")
+
+    async def test_repr_shows_the_snapshot_without_a_warning(self, proxy: FaultProxy) -> None:
+        """repr(proxy.stats) is the snapshot's repr; it does not warn."""
+        assert repr(proxy.stats) == repr(proxy.stats()) == repr(ProxyStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
     async def test_connections_beyond_the_cap_are_rejected(self, echo: Echo) -> None:
         """Over max_connections, a new connection is reset at once and counted."""
@@ -546,7 +603,7 @@ class TestStatsAndBounds:
             with pytest.raises(ConnectionResetError):
                 async with connected(p) as (reader, _):
                     await asyncio.wait_for(reader.read(10), 2.0)
-            assert p.stats.rejected == 1
+            assert p.stats().rejected == 1
             assert await roundtrip(first) == b"ping"
 
 

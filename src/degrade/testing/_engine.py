@@ -29,6 +29,15 @@ decisions:
   held per direction of a connection (see :mod:`degrade.testing._conn`), every
   connect to the upstream bounded by ``connect_timeout``, every control call
   and the shutdown bounded.
+* **``proxy.stats()`` returns a frozen :class:`ProxyStats`**, made on each
+  call, the library's one stats shape (as ``limiter.stats()``,
+  ``cache.stats()`` and ``bus.stats()``). Before 0.2.0 ``proxy.stats`` was a
+  property returning that snapshot, so ``proxy.stats.accepted`` was the
+  spelling; :class:`StatsView` keeps it working for one minor version with a
+  ``DeprecationWarning`` naming ``FaultProxy.stats().accepted``. The property
+  makes a view on each read, holding the snapshot made then, which is what a
+  field read off it returns: a view kept in a variable (``before =
+  proxy.stats``) still does not change, as the old snapshot did not.
 """
 
 from __future__ import annotations
@@ -36,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +62,7 @@ __all__ = [
     "Engine",
     "ProxyStats",
     "Runner",
+    "StatsView",
     "settle",
 ]
 
@@ -98,6 +110,60 @@ class ProxyStats:
     rejected: int
     upstream_failures: int
     dropped_bytes: int
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ProxyStats))
+
+
+def _deprecated(name: str) -> None:
+    # stacklevel 3: this function, StatsView.__getattr__, then the caller's line.
+    warnings.warn(
+        f"FaultProxy.stats.{name} is deprecated; use FaultProxy.stats().{name} "
+        "(FaultProxy.stats() returns a frozen ProxyStats snapshot)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+class StatsView:
+    """What ``proxy.stats`` is: call it for a :class:`ProxyStats` snapshot.
+
+    A field read off it (``proxy.stats.accepted``, the spelling before 0.2.0)
+    still works for one minor version with a ``DeprecationWarning`` naming
+    ``FaultProxy.stats().accepted``; it returns the field of the snapshot made
+    when ``proxy.stats`` was read, as before (a view kept in a variable does not
+    change). Setting a field raises ``FrozenInstanceError``, as it did.
+
+    Failure mode: none; an unknown attribute raises ``AttributeError``.
+    """
+
+    __slots__ = ("_kept", "_read")
+    _read: Callable[[], ProxyStats]
+    _kept: ProxyStats
+
+    def __init__(self, read: Callable[[], ProxyStats]) -> None:
+        object.__setattr__(self, "_read", read)
+        object.__setattr__(self, "_kept", read())
+
+    def __call__(self) -> ProxyStats:
+        return self._read()
+
+    def __getattr__(self, name: str) -> int:
+        if name not in _FIELDS:
+            raise AttributeError(f"FaultProxy.stats has no attribute {name!r}; call it: FaultProxy.stats()")
+        _deprecated(name)
+        value: int = getattr(self._kept, name)
+        return value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FIELDS:
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to field {name!r}: FaultProxy.stats() is a frozen snapshot"
+            )
+        raise AttributeError(f"FaultProxy.stats has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return repr(self._kept)
 
 
 class Engine(State):

@@ -49,7 +49,7 @@ from ._conn import Mode
 from ._engine import CLOSE_TIMEOUT as CLOSE_TIMEOUT  # noqa: PLC0414
 from ._engine import CONTROL_TIMEOUT as CONTROL_TIMEOUT  # noqa: PLC0414
 from ._engine import START_TIMEOUT as START_TIMEOUT  # noqa: PLC0414
-from ._engine import Engine, ProxyStats, Runner
+from ._engine import Engine, ProxyStats, Runner, StatsView
 
 __all__ = ["Fault", "FaultProxy", "ProxyOutage", "ProxyStats"]
 
@@ -120,12 +120,12 @@ class FaultProxy:
 
         The service need not be up: a connection the proxy cannot pass on
         (refused, or no answer within ``connect_timeout``) is reset and counted
-        in ``stats.upstream_failures``.
+        in ``stats().upstream_failures``.
 
         Args:
             host: The service's host (name, IPv4 or IPv6 address).
             port: The service's port.
-            max_connections: Connections open at once; more are reset (``stats.rejected``).
+            max_connections: Connections open at once; more are reset (``stats().rejected``).
             connect_timeout: Bound of each connect to the service, in seconds.
 
         Raises:
@@ -212,9 +212,16 @@ class FaultProxy:
         return self._runner.closed
 
     @property
-    def stats(self) -> ProxyStats:
-        """A snapshot of the counters (read without stopping the proxy)."""
-        return self._engine.stats()
+    def stats(self) -> StatsView:
+        """The counters: ``proxy.stats()`` is a frozen :class:`ProxyStats` snapshot, made on each call.
+
+        Read without stopping the proxy; later traffic does not change a
+        snapshot you kept. (Before 0.2.0 ``proxy.stats`` was the snapshot
+        itself. Reading a field off it, ``proxy.stats.accepted``, still works
+        for one minor version with a ``DeprecationWarning``; use
+        ``proxy.stats().accepted``.)
+        """
+        return StatsView(self._engine.stats)
 
     def url_for(self, dsn: str) -> str:
         """The same URL or DSN with its host and port replaced by the proxy's.
@@ -257,7 +264,7 @@ class FaultProxy:
 
         What a client sees when the service is down or restarting. Replaces
         ``blackhole()``. Refused connects never reach the proxy, so they are
-        not counted in ``stats.accepted``.
+        not counted in ``stats().accepted``.
         """
         self._runner.control(self._engine.do_refuse)
 
@@ -306,7 +313,7 @@ class FaultProxy:
         """Cut each connection (RST) once ``nbytes`` more bytes have passed it, both ways together.
 
         New connections get ``nbytes`` from their start, open ones from now.
-        Bytes beyond the limit are dropped (``stats.dropped_bytes``). Models a
+        Bytes beyond the limit are dropped (``stats().dropped_bytes``). Models a
         connection dying mid-response. ``limit_data(0)`` cuts on the first byte.
 
         Raises:

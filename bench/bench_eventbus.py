@@ -158,7 +158,7 @@ def percentiles(timed: Timed) -> dict[str, float]:
 
 
 def confirmed_at_least(bus: EventPublisher, n: int) -> Callable[[], bool]:
-    return lambda: bus.stats.confirmed >= n
+    return lambda: bus.stats().confirmed >= n
 
 
 def attempts_at_least(bus: EventPublisher, n: int) -> Callable[[], bool]:
@@ -182,7 +182,7 @@ async def time_publishes(
         if result is not expect:
             raise RuntimeError(f"publish() returned {result}, expected {expect}")
         if pause_every and (i + 1) % pause_every == 0:
-            await wait_until(confirmed_at_least(bus, bus.stats.queued), 30)
+            await wait_until(confirmed_at_least(bus, bus.stats().queued), 30)
     return Timed(samples, minor_faults() - faults)
 
 
@@ -273,8 +273,8 @@ async def run_ours(broker: Broker, n: int) -> tuple[float, float]:
             await bus.publish("track.uploaded", PAYLOAD)
             if i % 500 == 499:
                 await asyncio.sleep(0)  # an app yields between requests; let the sender in
-        if not await wait_until(lambda: bus.stats.confirmed >= n, 120):
-            raise RuntimeError(f"only {bus.stats.confirmed} of {n} confirmed")
+        if not await wait_until(lambda: bus.stats().confirmed >= n, 120):
+            raise RuntimeError(f"only {bus.stats().confirmed} of {n} confirmed")
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     return n / elapsed, cpu / n * 1e6
 
@@ -546,7 +546,7 @@ async def bench_traps(broker: Broker, cap: float) -> list[tuple[str, str, str]]:
             )
             proxy.reset()
             proxy.up()
-            await wait_until(lambda: bus.connected and bus.stats.buffered == 0, 10)
+            await wait_until(lambda: bus.connected and bus.stats().buffered == 0, 10)
             proxy.blackhole()
             await bus.publish("track.x", PAYLOAD)
             start = time.monotonic()

@@ -118,7 +118,7 @@ def _sites(ex: Any) -> dict[str, dict[str, dict[str, Any]]]:
 def state(app: Any) -> dict[str, Any]:
     """What the harness samples: leaks, pools, events, dependencies, call sites, transitions."""
     ex = app.state.example
-    bus = ex.bus.stats
+    bus = ex.bus.stats()
     gate = _gate(app)
     return {
         "pid": os.getpid(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 from collections.abc import AsyncIterator
@@ -82,7 +83,7 @@ class TestDelivery:
         assert second.body == b"\x00\x01"
         assert second.content_type == "application/octet-stream"
         assert len(second.message_id) == 32
-        assert bus.stats.confirmed == 2
+        assert bus.stats().confirmed == 2
 
     async def test_unroutable_event_is_reported(
         self, broker: Topology, make_bus: Any, sentry_events: list[dict[str, Any]]
@@ -92,9 +93,9 @@ class TestDelivery:
         with capture_logs() as logs:
             async with bus:
                 await bus.publish("nobody.listens", {}, message_id="lost-1")
-                await wait_for(lambda: bus.stats.dropped == 1)
+                await wait_for(lambda: bus.stats().dropped == 1)
         sentry_sdk.flush()
-        assert bus.stats.dropped_by_reason == {"unroutable": 1}
+        assert bus.stats().dropped_by_reason == {"unroutable": 1}
         (summary,) = [e for e in logs if e["event"] == "eventbus.dropped"]
         assert summary["sample_message_ids"] == ["lost-1"]
         (event,) = [e for e in sentry_events if e["tags"].get("eventbus.reason") == "unroutable"]
@@ -109,7 +110,7 @@ class TestDelivery:
         async with bus:
             await wait_for(lambda: bus.connected)
             took = await publish_timed(bus, 200)
-            elapsed = await wait_for(lambda: bus.stats.confirmed == 200, within=15)
+            elapsed = await wait_for(lambda: bus.stats().confirmed == 200, within=15)
             received = await broker.consume(200)
         assert sum(took) < 0.1  # all 200 calls together took less than one round trip: none waited
         assert elapsed < 5.0  # one at a time would take >= 20 s
@@ -134,7 +135,7 @@ class TestOutages:
                 received = await broker.consume(20)
         assert max(took) < 0.1  # far below any wait on the broker (connect_timeout 0.5 s): none waited
         assert sorted(received.ids) == sorted(f"m{i}" for i in range(20))
-        assert bus.stats.dropped == 0
+        assert bus.stats().dropped == 0
         names = [e["event"] for e in logs]
         assert names.count("eventbus.unreachable") == 1
         assert "eventbus.reconnected" in names
@@ -168,7 +169,7 @@ class TestOutages:
             await bus.close()
         assert max(took) < 0.1  # far below any wait on the broker (connect_timeout 0.5 s): none waited
         assert sorted(set(received.ids)) == sorted(f"m{i}" for i in range(10))
-        await wait_for(lambda: proxy.stats.open == 0)
+        await wait_for(lambda: proxy.stats().open == 0)
 
     async def test_stalled_broker_mid_stream(
         self, broker: Topology, proxy: FaultProxy, make_bus: Any
@@ -186,7 +187,7 @@ class TestOutages:
         assert max(took) < 0.1  # far below any wait on the broker (connect_timeout 0.5 s): none waited
         assert noticed < 3.0  # confirm_timeout 0.5 s (+ a watchdog tick), not aiormq's (1 + 1) * 3 = 6 s
         assert set(received.ids) == {f"m{i}" for i in range(10)}
-        assert bus.stats.resent >= 1
+        assert bus.stats().resent >= 1
         lost = [e for e in logs if e["event"] == "eventbus.connection_lost"]
         assert lost
         assert lost[0]["error"] == "TimeoutError"
@@ -210,7 +211,7 @@ class TestOutages:
             await producer
             received = await broker.consume({f"m{i}" for i in range(300)}, within=15)
         assert set(received.ids) == {f"m{i}" for i in range(300)}
-        assert bus.stats.dropped == 0
+        assert bus.stats().dropped == 0
 
     async def test_latency_without_connection_loss(
         self, broker: Topology, proxy: FaultProxy, make_bus: Any
@@ -222,10 +223,10 @@ class TestOutages:
                 await wait_for(lambda: bus.connected)
                 proxy.latency(0.2)
                 await publish_timed(bus, 20)
-                slow = await wait_for(lambda: bus.stats.confirmed == 20, within=5)
+                slow = await wait_for(lambda: bus.stats().confirmed == 20, within=5)
                 proxy.up()
                 await publish_timed(bus, 20, prefix="n")
-                fast = await wait_for(lambda: bus.stats.confirmed == 40, within=5)
+                fast = await wait_for(lambda: bus.stats().confirmed == 40, within=5)
                 received = await broker.consume(40)
         assert slow >= 0.3
         assert fast < slow
@@ -259,7 +260,7 @@ class TestDegradedMode:
         assert 0.25 <= took < 1.5
         assert results == [PublishResult.DROPPED] * 5
         assert received.ids == ["after"]
-        assert bus.stats.dropped_by_reason == {"degraded": 8}
+        assert bus.stats().dropped_by_reason == {"degraded": 8}
         drops = [e for e in sentry_events if e["tags"].get("eventbus.reason") == "degraded"]
         assert {e["extra"]["message_id"] for e in drops} == {f"early{i}" for i in range(3)} | {
             f"late{i}" for i in range(5)
@@ -397,6 +398,75 @@ class TestDegradedMode:
         assert asyncio.all_tasks() - before == set()
 
 
+#: Past confirm_timeout (5 s) plus a watchdog tick (1.25 s): the stall is seen before the deadline.
+#: A longer one only makes the test longer.
+SILENCE_DEGRADE_AFTER = 8.0
+#: Generous on 2 shared CPUs (the timer, the 5 ms polling, a late loop), and still less than the
+#: confirm_timeout by which degraded mode used to come late.
+SILENCE_MARGIN = 2.0
+
+
+class TestDegradeAfterCountsFromSilence:
+    async def test_blackholed_mid_stream_degrades_degrade_after_from_the_first_unanswered_publish(
+        self, broker: Topology, proxy: FaultProxy
+    ) -> None:
+        """Default bounds: blackholed while publishing, degraded mode begins degrade_after after the
+        first publish the broker left unanswered, not after the confirm bound noticed it (5-6.25 s later)."""
+        confirm_timeout = inspect.signature(EventPublisher).parameters["confirm_timeout"].default
+        assert confirm_timeout == 5.0
+        bus = EventPublisher(proxy.url_for(broker.url), broker.exchange, degrade_after=SILENCE_DEGRADE_AFTER)
+        published: list[float] = []  # monotonic time of each publish() call
+        stop = asyncio.Event()
+
+        async def produce() -> None:
+            i = 0
+            while not stop.is_set():
+                published.append(time.monotonic())
+                await bus.publish("track.up", {"i": i}, message_id=f"m{i}")
+                i += 1
+                await asyncio.sleep(0.02)
+
+        with capture_logs() as logs:
+            await bus.start()
+            producer = asyncio.create_task(produce())
+            try:
+                await wait_for(lambda: bus.stats().confirmed >= 10, within=15)  # the broker answers
+                proxy.blackhole()
+                blackholed = time.monotonic()
+                await wait_for(lambda: not bus.connected, within=2 * confirm_timeout)
+                noticed = time.monotonic()
+                await wait_for(lambda: bus.degraded, within=SILENCE_DEGRADE_AFTER + 2 * confirm_timeout)
+                degraded = time.monotonic()
+            finally:
+                stop.set()
+                await producer
+                await bus.close(timeout=0)
+                proxy.up()
+        first = next(t for t in published if t >= blackholed)  # the first publish left unanswered
+        since_first, noticed_after = degraded - first, noticed - first
+        print(
+            f"blackholed mid-stream: loss noticed {noticed_after:.3f} s and degraded mode began "
+            f"{since_first:.3f} s after the first unanswered publish "
+            f"(degrade_after {SILENCE_DEGRADE_AFTER:g} s, confirm_timeout {confirm_timeout:g} s; loss: "
+            f"{[e['error'] for e in logs if e['event'] == 'eventbus.connection_lost'][:1]})"
+        )
+        # the loss is noticed seconds later: at the confirm bound (plus up to a watchdog tick), or
+        # earlier when the broker's heartbeat timeout resets the connection through the proxy ...
+        assert noticed_after <= 1.25 * confirm_timeout + SILENCE_MARGIN
+        # ... but degraded mode counts degrade_after from the silence itself:
+        assert SILENCE_DEGRADE_AFTER - 0.5 <= since_first <= SILENCE_DEGRADE_AFTER + SILENCE_MARGIN
+        # counted from the notice it would have begun at degrade_after + 5-6.25 s
+        assert since_first < SILENCE_DEGRADE_AFTER + confirm_timeout - SILENCE_MARGIN
+        (entered,) = [e for e in logs if e["event"] == "eventbus.degraded"]
+        # the publisher's own count: from the oldest unconfirmed send to degraded mode, never early
+        assert (
+            SILENCE_DEGRADE_AFTER - 0.01 <= entered["unreachable_s"] <= SILENCE_DEGRADE_AFTER + SILENCE_MARGIN
+        )
+        (lost,) = [e for e in logs if e["event"] == "eventbus.connection_lost"][:1]
+        assert lost["silent_s"] == pytest.approx(noticed_after, abs=0.5)
+        assert bus.stats().dropped_by_reason["degraded"] >= 1
+
+
 class TestShutdown:
     async def test_close_flushes_within_its_timeout(self, broker: Topology, make_bus: Any) -> None:
         """close() right after 500 publishes waits for their confirms; every one arrives."""
@@ -407,8 +477,8 @@ class TestShutdown:
         started = time.monotonic()
         await bus.close(timeout=10)
         assert time.monotonic() - started < 10
-        assert bus.stats.confirmed == 500
-        assert bus.stats.dropped == 0
+        assert bus.stats().confirmed == 500
+        assert bus.stats().dropped == 0
         received = await broker.consume(500)
         assert len(set(received.ids)) == 500
 
@@ -427,7 +497,7 @@ class TestShutdown:
             await bus.close(timeout=0.3)
             took = time.monotonic() - started
         assert took < 1.5  # the flush bound, then the stalled connection is cut, not awaited
-        assert bus.stats.dropped_by_reason == {"shutdown": 20}
+        assert bus.stats().dropped_by_reason == {"shutdown": 20}
         (closed,) = [e for e in logs if e["event"] == "eventbus.closed"]
         assert closed["shutdown_leftovers"] == 20
         assert not [t for t in asyncio.all_tasks() - before if "eventbus" in t.get_name()]

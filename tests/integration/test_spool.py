@@ -47,12 +47,12 @@ class TestSpool:
             late = [await bus.publish("track.up", {"i": i}, message_id=f"m{i:03}") for i in range(50, 100)]
             proxy.up()
             received = await broker.consume(100)
-            await wait_for(lambda: bus.stats.replayed == 100)
+            await wait_for(lambda: bus.stats().replayed == 100)
         assert early == [PublishResult.QUEUED] * 50
         assert late == [PublishResult.SPOOLED] * 50
         assert received.ids == [f"m{i:03}" for i in range(100)]
-        assert bus.stats.spooled == 100
-        assert bus.stats.dropped == 0
+        assert bus.stats().spooled == 100
+        assert bus.stats().dropped == 0
         assert bus.spool is not None
         assert bus.spool.size_bytes == 0  # replayed segments are deleted
 
@@ -72,7 +72,7 @@ class TestSpool:
         with capture_logs() as logs:
             async with second:
                 received = await broker.consume(20)
-                await wait_for(lambda: second.stats.replayed == 20)
+                await wait_for(lambda: second.stats().replayed == 20)
         assert received.ids == [f"m{i}" for i in range(20)]
         (started,) = [e for e in logs if e["event"] == "eventbus.started"]
         assert started["spool_backlog_bytes"] > 0
@@ -98,7 +98,7 @@ class TestSpool:
         spooled = results.count(PublishResult.SPOOLED)
         assert 5 < spooled < 30
         assert results == [PublishResult.SPOOLED] * spooled + [PublishResult.DROPPED] * (30 - spooled)
-        assert bus.stats.dropped_by_reason == {"spool_full": 30 - spooled}
+        assert bus.stats().dropped_by_reason == {"spool_full": 30 - spooled}
         drops = [e for e in sentry_events if e["tags"].get("eventbus.reason") == "spool_full"]
         assert drops
         assert {e["tags"]["eventbus.status"] for e in drops} == {"degraded"}
@@ -122,8 +122,8 @@ class TestSpool:
         started = time.monotonic()
         await bus.close(timeout=0.2)
         assert time.monotonic() - started < 1.5
-        assert bus.stats.spooled == 10
-        assert bus.stats.dropped == 0
+        assert bus.stats().spooled == 10
+        assert bus.stats().dropped == 0
         proxy.reset()  # the stalled connection's held publishes never reach the broker
         proxy.up()
         second = make_bus(broker.url, broker.exchange, spool=DiskSpool(tmp_path))
@@ -147,10 +147,10 @@ CHILD = textwrap.dedent(
         await bus.start()
         if mode == "drain":
             async with asyncio.timeout(30):
-                while spool.backlog_bytes or bus.stats.in_flight:
+                while spool.backlog_bytes or bus.stats().in_flight:
                     await asyncio.sleep(0.02)
             await bus.close()
-            print("drained", bus.stats.replayed, flush=True)
+            print("drained", bus.stats().replayed, flush=True)
             return
         i = 0
         while True:  # publish until killed; a line per event once publish() has returned

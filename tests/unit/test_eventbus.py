@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import socket
 import sys
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 import sentry_sdk
 import tenacity
+from starlette.applications import Starlette
 from structlog.testing import capture_logs
 
-from degrade import ConfigurationError, MissingExtraError, Registry, Severity
-from degrade.eventbus import DiskSpool, EventPublisher, PublishResult
+from degrade import ConfigurationError, MissingExtraError, Registry, Severity, health_routes
+from degrade.eventbus import DiskSpool, EventPublisher, PublisherStats, PublishResult
 from degrade.eventbus._event import Event, check_headers, encode_payload, new_id
 from degrade.eventbus._report import Counts, Reporter
 from degrade.eventbus._retry import CONNECTION_ERRORS, wait_jittered
 
 from ..support import eventually
+from .test_eventbus_sender import FakeBroker
 
 
 def closed_port_url() -> str:
@@ -129,8 +133,8 @@ class TestPublish:
         """publish() returns QUEUED at once; nothing touches the network."""
         bus = EventPublisher(closed_port_url(), "ex")
         assert await bus.publish("a.b", {"x": 1}) is PublishResult.QUEUED
-        assert bus.stats.buffered == 1
-        assert bus.stats.queued == 1
+        assert bus.stats().buffered == 1
+        assert bus.stats().queued == 1
 
     async def test_bad_arguments_raise_at_the_call(self) -> None:
         """Wrong payload, routing key, message id or headers raise before anything is queued."""
@@ -147,7 +151,7 @@ class TestPublish:
             await bus.publish("a", {}, message_id="")
         with pytest.raises(TypeError):
             await bus.publish("a", {}, headers={"when": object()})
-        assert bus.stats.buffered == 0
+        assert bus.stats().buffered == 0
 
     async def test_bad_arguments_are_configuration_errors(self) -> None:
         """Every bad argument is a ConfigurationError; the wrong kinds are also TypeError (as before)."""
@@ -172,7 +176,7 @@ class TestPublish:
             with pytest.raises(ConfigurationError) as info:
                 await bus.publish(routing_key, {}, **kwargs)
             assert not isinstance(info.value, TypeError)
-        assert bus.stats.queued == 0
+        assert bus.stats().queued == 0
 
     async def test_full_buffer_drops_and_reports(self) -> None:
         """Past buffer_size a publish returns DROPPED, counted as buffer_full and logged in a summary."""
@@ -181,7 +185,7 @@ class TestPublish:
             results = [await bus.publish("a", {"i": i}, message_id=f"m{i}") for i in range(5)]
             await bus.close(timeout=0)
         assert results == [PublishResult.QUEUED] * 3 + [PublishResult.DROPPED] * 2
-        assert bus.stats.dropped_by_reason == {"buffer_full": 2, "shutdown": 3}
+        assert bus.stats().dropped_by_reason == {"buffer_full": 2, "shutdown": 3}
         summaries = [e for e in logs if e["event"] == "eventbus.dropped"]
         assert len(summaries) == 1
         assert summaries[0]["by_reason"] == {"buffer_full": 2, "shutdown": 3}
@@ -193,15 +197,17 @@ class TestPublish:
         registry = Registry()
         dep = registry.dependency("rabbitmq", severity=Severity.SEV1)
         bus = EventPublisher(closed_port_url(), "ex", dependency=dep, buffer_size=3, log_interval=60)
+        bus._sender.connect = FakeBroker("blackhole").connect  # started; the broker never answers
         assert bus.site is not None
         with capture_logs() as logs:
+            await bus.start()
             results = [await bus.publish("a.b", {"i": i}, message_id=f"m{i}") for i in range(6)]
             await asyncio.sleep(0)  # the drops' Sentry reports are sent from the loop
             states = (dep.state, dep.failures, dep.last_error, bus.degraded)
             await bus.close(timeout=0)
         assert states == ("ok", 0, None, False)
         assert results == [PublishResult.QUEUED] * 3 + [PublishResult.DROPPED] * 3
-        assert bus.stats.dropped_by_reason == {"buffer_full": 3, "shutdown": 3}
+        assert bus.stats().dropped_by_reason == {"buffer_full": 3, "shutdown": 3}
         assert bus.site.shed_calls == {"buffer-full": 3}  # shutdown is not saturation
         assert bus.site.degraded_calls == 0
         shed = [e for e in logs if e["event"] == "degrade.shed"]
@@ -228,11 +234,16 @@ class TestPublish:
         payload = {"blob": "x" * 300}
         results = [await bus.publish("a.b", payload) for i in range(5)]
         assert results == [PublishResult.QUEUED] * 4 + [PublishResult.DROPPED]  # no spool open yet
-        assert bus.site.shed_calls == {"buffer-full": 1}
+        # never started: the 4 queued are also shed as not-started (nothing would send them)
+        assert bus.site.shed_calls == {"not-started": 4, "buffer-full": 1}
         await bus.close(timeout=0)  # the 4 buffered events go to the spool, which takes 2 or 3
-        by_reason = bus.stats.dropped_by_reason
+        by_reason = bus.stats().dropped_by_reason
         assert by_reason["spool_full"] >= 1
-        assert bus.site.shed_calls == {"buffer-full": 1, "spool-full": by_reason["spool_full"]}
+        assert bus.site.shed_calls == {
+            "not-started": 4,
+            "buffer-full": 1,
+            "spool-full": by_reason["spool_full"],
+        }
         assert (dep.state, dep.failures) == ("ok", 0)
         await registry.aclose()
 
@@ -241,7 +252,7 @@ class TestPublish:
         bus = EventPublisher(closed_port_url(), "ex")
         await bus.close()
         assert await bus.publish("a", {}) is PublishResult.DROPPED
-        assert bus.stats.dropped_by_reason == {"shutdown": 1}
+        assert bus.stats().dropped_by_reason == {"shutdown": 1}
 
     async def test_simulated_outage_drops_without_network(self, simulate_outage: Any) -> None:
         """While the dependency is held down in-process, publish drops as dependency_down."""
@@ -251,7 +262,7 @@ class TestPublish:
         with simulate_outage(dep):
             assert await bus.publish("a", {}) is PublishResult.DROPPED
         assert await bus.publish("a", {}) is PublishResult.QUEUED
-        assert bus.stats.dropped_by_reason == {"dependency_down": 1}
+        assert bus.stats().dropped_by_reason == {"dependency_down": 1}
         await registry.aclose()
 
     async def test_no_credentials_in_logs_or_repr(self) -> None:
@@ -267,6 +278,88 @@ class TestPublish:
         assert "secret-pw" not in repr(bus)
         assert logs
         assert all("secret-pw" not in repr(entry) for entry in logs)
+
+
+class TestNeverStarted:
+    async def test_publish_without_start_warns_once_counts_and_says_it_in_health_details(self) -> None:
+        """Lifespan never ran: QUEUED as before, one warning naming the fix, each event counted
+        in stats().unsent and shed as not-started, which /health/deep details show."""
+        registry = Registry()
+        dep = registry.dependency("rabbitmq", severity=Severity.SEV2)
+        bus = EventPublisher(closed_port_url(), "ex", dependency=dep)
+        assert bus.site is not None
+        with capture_logs() as logs:
+            results = [await bus.publish("a.b", {"i": i}) for i in range(3)]
+        assert results == [PublishResult.QUEUED] * 3
+        (warning,) = [e for e in logs if e["event"] == "eventbus.not_started"]
+        assert warning["log_level"] == "warning"
+        assert "never started" in warning["detail"]
+        assert "registry's lifespan" in warning["detail"]
+        assert "registry.manage(publisher)" in warning["detail"]
+        assert "secret-pw" not in repr(logs)
+        stats = bus.stats()
+        assert (stats.unsent, stats.queued, stats.buffered, stats.dropped) == (3, 3, 3, 0)
+        assert bus.site.shed_calls == {"not-started": 3}
+        assert (dep.state, dep.failures) == ("ok", 0)  # not the broker's fault: nothing tried it
+        assert "not started" in repr(bus)
+        app = Starlette(routes=health_routes(registry, details=True))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            body = (await client.get("/health/deep")).json()
+        assert body["details"]["rabbitmq"]["shed"] == {"not-started": 3}
+        await bus.close(timeout=0)
+        await registry.aclose()
+
+    async def test_a_late_start_sends_what_waited_and_counting_stops(self) -> None:
+        """Events queued before start() go out once it runs; only those count as unsent; one warning."""
+        broker = FakeBroker()
+        bus = EventPublisher(closed_port_url(), "ex", backoff_initial=0.01, backoff_max=0.02)
+        bus._sender.connect = broker.connect
+        with capture_logs() as logs:
+            for i in range(2):
+                await bus.publish("rk", {}, message_id=f"early{i}")
+            async with bus:
+                await bus.publish("rk", {}, message_id="late")
+                await eventually(lambda: bus.stats().confirmed == 3)
+        assert bus.stats().unsent == 2
+        assert bus.site is None  # no dependency: the log and the counter say it
+        assert [e["event"] for e in logs].count("eventbus.not_started") == 1
+        assert broker.links[0].sent == ["early0", "early1", "late"]
+
+
+class TestStats:
+    async def test_stats_call_is_a_frozen_snapshot(self) -> None:
+        """bus.stats() is a PublisherStats made on each call: later publishes do not change one kept."""
+        bus = EventPublisher(closed_port_url(), "ex")
+        before = bus.stats()
+        await bus.publish("a", {})
+        after = bus.stats()
+        assert isinstance(before, PublisherStats)
+        assert (before.queued, after.queued) == (0, 1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            before.queued = 5  # type: ignore[misc]
+        await bus.close(timeout=0)
+
+    async def test_the_old_spelling_warns_and_keeps_its_snapshot(self) -> None:
+        """bus.stats.<field> works for one minor version: a DeprecationWarning naming bus.stats(),
+        the value as of reading bus.stats (a kept view does not change, as the old snapshot did)."""
+        bus = EventPublisher(closed_port_url(), "ex")
+        kept = bus.stats
+        await bus.publish("a", {})
+        with pytest.warns(
+            DeprecationWarning,
+            match=r"EventPublisher\.stats\.queued is deprecated; use EventPublisher\.stats\(\)\.queued",
+        ) as warned:
+            assert kept.queued == 0
+        assert warned[0].filename == __file__  # points at the caller
+        with pytest.warns(DeprecationWarning, match=r"stats\(\)\.dropped_by_reason"):
+            assert bus.stats.dropped_by_reason == {}
+        assert kept().queued == 1  # calling the view gives a snapshot now
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            kept.queued = 5
+        with pytest.raises(AttributeError, match=r"stats\(\)"):
+            _ = kept.nope
+        assert repr(bus.stats) == repr(bus.stats())  # no warning
+        await bus.close(timeout=0)
 
 
 class TestConfiguration:
@@ -343,7 +436,7 @@ class TestDegradedMode:
             assert time.now == pytest.approx(30.0)
             assert dep.is_down
             assert await bus.publish("a", {}) is PublishResult.DROPPED
-            assert bus.stats.dropped_by_reason == {"degraded": 3}  # two buffered, one new
+            assert bus.stats().dropped_by_reason == {"degraded": 3}  # two buffered, one new
             # the rest of the cut wait, then reconnection continues at the longest backoff
             assert await time.next_sleep() == pytest.approx(1.2)
             time.release()
@@ -393,9 +486,9 @@ class TestWorker:
         await bus.publish("a", {}, message_id="m1")
         with pytest.raises(ConnectionError):
             await bus._sender._worker(DroppedLink())  # type: ignore[arg-type]
-        assert bus.stats.in_flight == 1  # kept, to be sent again on the next connection
+        assert bus.stats().in_flight == 1  # kept, to be sent again on the next connection
         bus._queue.requeue_in_flight()
-        assert bus.stats.buffered == 1
+        assert bus.stats().buffered == 1
 
     async def test_a_real_cancellation_propagates(self) -> None:
         """Cancelling the worker itself raises CancelledError, never swallowed or converted."""

@@ -45,7 +45,7 @@ class TestFeedingTheDependency:
             broker.mode = "up"
             await eventually(lambda: bus.connected)
             assert (dep.state, dep.failures) == ("ok", 0)
-            await eventually(lambda: bus.stats.confirmed == 1)
+            await eventually(lambda: bus.stats().confirmed == 1)
         await registry.aclose()
 
     async def test_a_lost_connection_is_a_failure(self) -> None:
@@ -98,7 +98,7 @@ class TestFeedingTheDependency:
                 assert not dep.is_down
         (down,) = [e for e in logs if e["event"] == "dependency.down"]
         assert down["reason"] == "degrade_after"
-        assert bus.stats.dropped_by_reason == {"degraded": 1}
+        assert bus.stats().dropped_by_reason == {"degraded": 1}
         await registry.aclose()
 
 
@@ -199,11 +199,72 @@ class TestWhoProbes:
             with simulate_outage(dep):
                 assert await bus.publish("rk", {}) is PublishResult.DROPPED
                 broker.mode = "up"
-                await eventually(lambda: bus.stats.confirmed == 1)
+                await eventually(lambda: bus.stats().confirmed == 1)
                 assert dep.is_down
             assert not dep.is_down
-        assert bus.stats.dropped_by_reason == {"dependency_down": 1}
+        assert bus.stats().dropped_by_reason == {"dependency_down": 1}
         await registry.aclose()
+
+
+class TestDegradeAfterCountsFromSilence:
+    """degrade_after runs from when the broker stopped answering, not from when a bound noticed."""
+
+    async def test_the_deadline_is_the_silence_plus_degrade_after(self) -> None:
+        """A loss noticed 5 s after the oldest unconfirmed send: degraded mode is due 25 s later, not 30."""
+        now = [1000.0]
+        bus = make_bus(FakeBroker(), degrade_after=30, clock=lambda: now[0])
+        outage = bus._outage
+        with capture_logs() as logs:
+            outage.attempt_failed(TimeoutError(), since=995.0)
+        assert outage.since == 995.0
+        assert outage.deadline() == 1025.0
+        (line,) = [e for e in logs if e["event"] == "eventbus.unreachable"]
+        assert line["silent_s"] == 5.0
+        now[0] = 1024.9
+        outage.check()
+        assert not bus.degraded
+        now[0] = 1025.0
+        outage.check()
+        assert bus.degraded
+        await bus.close(timeout=0)
+
+    async def test_a_later_failure_does_not_move_the_start_of_the_episode(self) -> None:
+        """The first silence of an episode counts; later failures of the episode do not move it."""
+        now = [10.0]
+        bus = make_bus(FakeBroker(), degrade_after=30, clock=lambda: now[0])
+        outage = bus._outage
+        outage.connection_lost(TimeoutError(), since=5.0)
+        now[0] = 20.0
+        outage.attempt_failed(TimeoutError(), since=15.0)
+        assert outage.deadline() == 35.0
+        await bus.close(timeout=0)
+
+    async def test_silence_past_degrade_after_degrades_at_once(self) -> None:
+        """A stall noticed once degrade_after has already run out degrades at once (degrade_after < bound)."""
+        now = [100.0]
+        bus = make_bus(FakeBroker(), degrade_after=3, clock=lambda: now[0])
+        with capture_logs() as logs:
+            bus._outage.connection_lost(TimeoutError(), since=94.0)
+            await eventually(lambda: bus.degraded, within=2.0)
+        (line,) = [e for e in logs if e["event"] == "eventbus.degraded"]
+        assert line["unreachable_s"] == 6.0
+        await bus.close(timeout=0)
+
+    async def test_a_stalled_broker_degrades_degrade_after_from_the_send(self) -> None:
+        """Through the publisher and its sender, real time: a broker that never confirms degrades
+        degrade_after after the first unanswered publish, not degrade_after after the confirm bound."""
+        broker = FakeBroker()
+        bus = make_bus(broker, confirm_timeout=1.0, degrade_after=1.5)
+        async with bus:
+            await eventually(lambda: bus.connected)
+            broker.answer = lambda event: "stall"
+            broker.mode = "blackhole"  # and reconnects time out (connect_timeout 0.05 s)
+            sent = asyncio.get_running_loop().time()
+            assert await bus.publish("rk", {}) is PublishResult.QUEUED
+            await eventually(lambda: bus.degraded, within=5.0, interval=0.005)
+            took = asyncio.get_running_loop().time() - sent
+        # noticed at 1.0-1.25 s (bound + a watchdog tick): counting from there would give >= 2.5 s
+        assert 1.45 <= took < 2.2
 
 
 class TestWithoutADependency:

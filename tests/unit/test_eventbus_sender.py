@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -92,14 +93,18 @@ class Hooks:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        #: (clock time of the report, the ``since`` it gave) for each failure
+        self.silences: list[tuple[float, float]] = []
         self.due: float | None = None
         self.checked = 0
 
-    def attempt_failed(self, error: BaseException) -> None:
+    def attempt_failed(self, error: BaseException, *, since: float) -> None:
         self.calls.append(("attempt_failed", type(error).__name__))
+        self.silences.append((time.monotonic(), since))
 
-    def connection_lost(self, error: BaseException) -> None:
+    def connection_lost(self, error: BaseException, *, since: float) -> None:
         self.calls.append(("connection_lost", type(error).__name__))
+        self.silences.append((time.monotonic(), since))
 
     def setup_failed(self, error: BaseException) -> None:
         self.calls.append(("setup_failed", type(error).__name__))
@@ -301,6 +306,55 @@ class TestConnection:
         assert [e.resend for e in queue.buffer] == [True] * 4 + [False] * 2
 
 
+class TestSilentSince:
+    """What the sender reports as the moment the broker stopped answering (``since``)."""
+
+    async def test_a_timed_out_attempt_is_silent_since_it_began(self) -> None:
+        """Blackholed: the failure is reported at connect_timeout, silent since the attempt started."""
+        broker = FakeBroker("blackhole")
+        sender, _, hooks = make_sender(broker, connect_timeout=0.2)
+        started = time.monotonic()
+        sender.start()
+        await eventually(lambda: len(hooks.silences) >= 1, within=3.0)
+        await stop(sender)
+        reported, since = hooks.silences[0]
+        assert started <= since < started + 0.1
+        assert reported - since >= 0.19  # noticed connect_timeout later, counted from the start
+
+    async def test_a_stall_is_silent_since_the_oldest_unconfirmed_send(self) -> None:
+        """No confirm: the loss is reported after confirm_timeout, silent since the first send."""
+        broker = FakeBroker()
+        broker.answer = lambda event: "stall"
+        sender, queue, hooks = make_sender(broker, confirm_timeout=0.2)
+        started = time.monotonic()
+        sender.start()
+        await eventually(lambda: sender.connected)
+        sent = time.monotonic()
+        queue.put(make_event(0))
+        await eventually(lambda: len(hooks.silences) >= 1, within=3.0)
+        await stop(sender)
+        reported, since = hooks.silences[0]
+        assert ("connection_lost", "TimeoutError") in hooks.calls
+        assert started <= sent <= since < sent + 0.1
+        assert reported - since > 0.2  # the watchdog's bound, then its tick
+
+    async def test_a_loss_with_nothing_in_flight_is_silent_since_the_loss(self) -> None:
+        """The broker closes an idle connection: silent from that moment, not from the last send."""
+        broker = FakeBroker()
+        sender, queue, hooks = make_sender(broker)
+        queue.put(make_event(0))
+        sender.start()
+        await eventually(lambda: queue.counts.confirmed == 1)
+        await asyncio.sleep(0.1)
+        broker.mode = "refuse"
+        broker.links[0].drop()
+        await eventually(lambda: len(hooks.silences) >= 1)
+        await stop(sender)
+        reported, since = hooks.silences[0]
+        assert hooks.calls[1] == ("connection_lost", "ConnectionLost")
+        assert 0 <= reported - since < 0.05
+
+
 class TestPublisherSeam:
     async def test_the_publisher_runs_on_an_injected_connect(self) -> None:
         """EventPublisher's sender can be given a fake connect: no socket, same behaviour."""
@@ -309,7 +363,7 @@ class TestPublisherSeam:
         bus._sender.connect = broker.connect
         async with bus:
             await bus.publish("rk", {"i": 1}, message_id="a")
-            await eventually(lambda: bus.stats.confirmed == 1)
+            await eventually(lambda: bus.stats().confirmed == 1)
             assert bus.connected
         assert broker.links[0].sent == ["a"]
         assert not bus.connected

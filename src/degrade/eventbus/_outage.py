@@ -15,10 +15,13 @@ counted and sent to Sentry once, by :mod:`degrade.observe`
 The publisher keeps only its policy on top of that state:
 
 * **degraded mode** = the dependency is down AND the broker has not answered
-  the sender for ``degrade_after`` seconds (counted from the first failure).
-  At that deadline the policy marks the dependency down if its trip rule has
-  not (``dep.mark_down(reason="degrade_after")``: a custom rule, or errors
-  that are not outages such as an exchange type clash), so degraded mode never
+  the sender for ``degrade_after`` seconds, counted from when it stopped
+  answering: the start of the failed connect attempt, or the send of the
+  oldest publish still unconfirmed when the connection was lost (the sender
+  reports both as ``since``), not from when a bound noticed it. At that
+  deadline the policy marks the dependency down if its trip rule has not
+  (``dep.mark_down(reason="degrade_after")``: a custom rule, or errors that
+  are not outages such as an exchange type clash), so degraded mode never
   shows next to a dependency that reads ``ok``. Buffered and new events are
   then dropped or spooled at once.
 * Degraded mode ends when either half stops being true: the dependency
@@ -33,6 +36,22 @@ and connects as soon as the dependency recovers, woken by
 :meth:`~degrade.Dependency.subscribe`. So the broker never sees two loops.
 While the dependency is held down by ``simulate_outage`` the sender is not
 held back: nothing probes then.
+
+Measured (``tests/integration/test_eventbus.py``, default bounds, RabbitMQ
+blackholed through the FaultProxy while publishing every 20 ms, degrade_after
+8 s): the loss was noticed 5.8 s after the first unanswered publish (the
+broker's heartbeat timeout, passed on by the proxy as a reset, before the
+confirm watchdog's tick); degraded mode began 8.00 s after that publish,
+against 13.81 s when the count started at the notice (which comes up to
+``confirm_timeout`` plus a watchdog tick late, 6.25 s by default; a blackholed
+connect up to ``connect_timeout`` late).
+
+Rejected: entering degraded mode from the confirm watchdog while the
+connection is still up (the oldest publish older than ``degrade_after``):
+degraded mode stands on the dependency being down, which only a failure feeds;
+with ``degrade_after`` below ``confirm_timeout`` degraded mode therefore begins
+when the loss is noticed. Not covered: a broker that accepts connections but
+never confirms (each connect is an answer and restarts the count).
 
 Rejected: keeping the publisher's own unreachable -> degraded -> recovered
 machine next to the dependency's, and reporting its transitions to Sentry
@@ -57,14 +76,36 @@ from ._queue import SendQueue
 from ._report import Reporter
 from ._result import PublishResult
 
-__all__ = ["HOLD_RECHECK", "SHED_SPOOL_FULL", "Outage"]
+__all__ = ["HOLD_RECHECK", "SHED_NOT_STARTED", "SHED_SPOOL_FULL", "Outage", "publish_site"]
 
 #: ``Site.shed`` reason: the spool had no room (saturation, not an outage).
 SHED_SPOOL_FULL = "spool-full"
+#: ``Site.shed`` reason: queued on a publisher that was never started (nothing sends it).
+SHED_NOT_STARTED = "not-started"
 
 #: Seconds between two looks at the dependency while the sender is held back
 #: (the subscription wakes it at once; this only bounds each wait).
 HOLD_RECHECK = 1.0
+
+
+def publish_site(
+    dependency: Dependency | None, exchange: str, buffer_size: int, spooled: bool, degrade_after: float
+) -> Site | None:
+    """Declare the publisher's publish site on ``dependency`` (for the runbook; where shed events count).
+
+    Failure mode: none; None without a dependency.
+    """
+    if dependency is None:
+        return None
+    where = "spooled to disk and replayed" if spooled else "dropped, counted and reported"
+    return dependency.add_site(
+        f"degrade.eventbus.EventPublisher[{exchange}].publish",
+        "fail_soft",
+        f"publish never waits: events are buffered (up to {buffer_size}) while the broker "
+        f"is unreachable, then {where} after {degrade_after:g}s "
+        "(Sentry: tag:eventbus.status=degraded); the request succeeds",
+        fallback="buffer, then " + ("spool" if spooled else "drop"),
+    )
 
 
 class Outage:
@@ -108,26 +149,30 @@ class Outage:
         self._mark = (0, 0)  # (lost, spooled) when degraded mode began
         self._attempts: int | None = None
         self._closed = False
+        self._warned_not_started = False
         self._up: asyncio.Event | None = None
         self._unsubscribe = dependency.subscribe(self._on_transition) if dependency is not None else None
 
     # -- fed by the sender -------------------------------------------------------
 
-    def attempt_failed(self, error: BaseException) -> None:
-        """A connect attempt failed: a failure of the broker."""
+    def attempt_failed(self, error: BaseException, *, since: float | None = None) -> None:
+        """A connect attempt failed: a failure of the broker, silent since the attempt began."""
         if self.dependency is not None:
             self.dependency.record_failure(error)
-        self._unreachable(error, log=True)
+        self._unreachable(error, log=True, since=since)
 
-    def connection_lost(self, error: BaseException) -> None:
-        """A working connection ended: a failure of the broker (logged by the sender)."""
+    def connection_lost(self, error: BaseException, *, since: float | None = None) -> None:
+        """A working connection ended: a failure of the broker (logged by the sender).
+
+        ``since``: when the oldest publish it left unconfirmed was sent.
+        """
         if self.dependency is not None:
             self.dependency.record_failure(error)
-        self._unreachable(error, log=False)
+        self._unreachable(error, log=False, since=since)
 
     def setup_failed(self, error: BaseException) -> None:
         """Not an outage (an exchange type clash, a bug): not fed to the dependency, but nothing is sent."""
-        self._unreachable(error, log=True)
+        self._unreachable(error, log=True, since=None)
 
     def connected(self, attempts: int) -> None:
         """A connection is up: a success of the broker; the end of degraded mode."""
@@ -210,6 +255,31 @@ class Outage:
         self.reporter.dropped(event, reason)
         return PublishResult.DROPPED
 
+    def not_started(self) -> None:
+        """An event was queued on a publisher never started: nothing will send it.
+
+        Counted (``stats().unsent``), shed on the site as ``"not-started"`` (so
+        ``/health/deep`` details say it under ``shed``; not a failure of the
+        dependency: the broker may be fine), and warned about once.
+        """
+        self.counts.unsent += 1
+        if self.site is not None:
+            self.site.shed(SHED_NOT_STARTED)
+        if self._warned_not_started:
+            return
+        self._warned_not_started = True
+        logger.warning(
+            "eventbus.not_started",
+            exchange=self.exchange,
+            broker=self.broker,
+            detail=(
+                "publish() on an EventPublisher that was never started: events wait in the buffer "
+                f"(up to buffer_size={self.queue.size}, then dropped) and nothing sends them; "
+                "run the registry's lifespan with registry.manage(publisher) "
+                "(or use `async with publisher:`)"
+            ),
+        )
+
     def open_spool(self) -> None:
         """Open the spool if there is one (idempotent); a failure is reported and leaves it closed."""
         if self.spool is None or self.queue.spool_open:
@@ -234,21 +304,23 @@ class Outage:
 
     # -- degraded mode -------------------------------------------------------------
 
-    def _unreachable(self, error: BaseException, *, log: bool) -> None:
+    def _unreachable(self, error: BaseException, *, log: bool, since: float | None) -> None:
         self._last_error = error
         now = self._clock()
+        at = now if since is None else min(since, now)  # when the broker stopped answering
         if self._lost_at is None:
-            self._lost_at = now
+            self._lost_at = at
         if self.since is not None:
             return
-        self.since = now
-        self._arm_timer(self.degrade_after)
+        self.since = at
+        self._arm_timer(at + self.degrade_after - now)  # past already: at once (the timer's floor)
         if log:
             logger.warning(
                 "eventbus.unreachable",
                 exchange=self.exchange,
                 broker=self.broker,
                 error=type(error).__name__,
+                silent_s=round(now - at, 3),
                 degrade_after_s=self.degrade_after,
                 buffered=len(self.queue.buffer),
             )

@@ -28,6 +28,7 @@ from typing import Any
 from .._extras import optional
 from ..observe import logger, otel_observable, report_to_sentry, sentry_active
 from ._event import Event
+from ._result import PublisherStats
 
 __all__ = ["STATUS", "Counts", "Reporter", "metrics"]
 
@@ -56,7 +57,17 @@ class Counts:
     ``Counter.inc()`` (as the foundation does for its per-site counters).
     """
 
-    __slots__ = ("confirmed", "degraded", "exchange", "lost", "queued", "replayed", "resent", "spooled")
+    __slots__ = (
+        "confirmed",
+        "degraded",
+        "exchange",
+        "lost",
+        "queued",
+        "replayed",
+        "resent",
+        "spooled",
+        "unsent",
+    )
 
     def __init__(self, exchange: str) -> None:
         self.exchange = exchange
@@ -65,8 +76,26 @@ class Counts:
         self.spooled = 0
         self.replayed = 0
         self.resent = 0
+        self.unsent = 0  # queued while the publisher was not started
         self.lost: collections.Counter[str] = collections.Counter()
         self.degraded = False
+
+    def snapshot(self, buffered: int, in_flight: int, connected: bool) -> PublisherStats:
+        """The counters now, frozen, with the publisher's state now."""
+        return PublisherStats(
+            queued=self.queued,
+            confirmed=self.confirmed,
+            spooled=self.spooled,
+            replayed=self.replayed,
+            resent=self.resent,
+            dropped=sum(self.lost.values()),
+            dropped_by_reason=dict(self.lost),
+            buffered=buffered,
+            in_flight=in_flight,
+            connected=connected,
+            degraded=self.degraded,
+            unsent=self.unsent,
+        )
 
 
 class _Collector:

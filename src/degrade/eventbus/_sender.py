@@ -18,6 +18,11 @@ probe owns the broker.
   connection when the oldest unconfirmed publish passes it (a stalled broker
   is noticed then, not after aiormq's three heartbeats). Closing is bounded by
   ``DISCONNECT_TIMEOUT``, at once when the broker stalled (socket reset).
+* Every failure is reported with ``since``, when the broker stopped answering:
+  the attempt's start (a timed-out one is seen ``connect_timeout`` later) or
+  the send of the oldest unconfirmed publish (a stall is seen
+  ``confirm_timeout`` plus up to a watchdog tick later), so ``degrade_after``
+  is not lengthened by the bound that noticed it.
 * ``max_in_flight`` worker coroutines publish on one channel (no task per
   message); unconfirmed events go back to the front of the buffer, in order,
   when a connection ends. Connections that end before their first confirm
@@ -76,12 +81,19 @@ class Link(Protocol):
 
 
 class Hooks(Protocol):
-    """What the sender reports, and what may hold it back (the publisher's outage policy)."""
+    """What the sender reports, and what may hold it back (the publisher's outage policy).
 
-    def attempt_failed(self, error: BaseException) -> None:
+    ``since`` is the clock time the broker stopped answering, as far as the
+    sender can tell: the start of the failed attempt, or the send of the
+    oldest publish still unconfirmed when the connection ended (the moment of
+    the loss when nothing was in flight). It comes before the report by up to
+    ``connect_timeout`` or ``confirm_timeout`` plus a watchdog tick.
+    """
+
+    def attempt_failed(self, error: BaseException, *, since: float) -> None:
         """A connect attempt failed with a connection error or timed out."""
 
-    def connection_lost(self, error: BaseException) -> None:
+    def connection_lost(self, error: BaseException, *, since: float) -> None:
         """A working connection ended (reset, closed, stalled past ``confirm_timeout``)."""
 
     def setup_failed(self, error: BaseException) -> None:
@@ -149,6 +161,8 @@ class Sender:
         self.abort_on_close = False
         #: Connect attempts since the last connection (for logs).
         self.attempts = 0
+        #: Clock time the current (or last) connect attempt began.
+        self.attempt_at = 0.0
         self.task: asyncio.Task[None] | None = None
         self._churn = 0  # connections in a row that ended before their first confirm
         self._workers: list[asyncio.Task[None]] = []
@@ -249,7 +263,7 @@ class Sender:
             self.queue.replay_ok = self.queue.spool_open
             attempts, self.attempts = self.attempts, 0
             self.hooks.connected(attempts)
-            error = await self._pump(link)
+            error, silent_since = await self._pump(link)
         except BaseException:  # cancelled, or a bug: close the connection before leaving
             self.phase = "disconnecting"
             await disconnect(link, abort=self.abort_on_close, exchange=self.exchange)
@@ -259,12 +273,13 @@ class Sender:
             await disconnect(link, abort=self.abort_on_close, exchange=self.exchange)
             return
         self.phase = "backoff"
-        self.hooks.connection_lost(error)
+        self.hooks.connection_lost(error, since=silent_since)
         logger.warning(
             "eventbus.connection_lost",
             exchange=self.exchange,
             broker=self.broker,
             error=type(error).__name__,
+            silent_s=round(self._clock() - silent_since, 3),
             buffered=len(self.queue.buffer),
         )
         # A broken connection may take aiormq seconds to close: do it aside, so
@@ -295,6 +310,7 @@ class Sender:
         self.phase = "held"
         await self.hooks.hold()
         self.attempts += 1
+        self.attempt_at = self._clock()
         self.phase = "connecting"
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -305,7 +321,9 @@ class Sender:
     async def _attempt_failed(self, retry_state: tenacity.RetryCallState) -> None:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        self.hooks.attempt_failed(error or TimeoutError())
+        # The broker stopped answering when this attempt began (a timed-out
+        # attempt is noticed connect_timeout later; a refused one at once).
+        self.hooks.attempt_failed(error or TimeoutError(), since=self.attempt_at)
         logger.debug(
             "eventbus.retry",
             exchange=self.exchange,
@@ -326,13 +344,19 @@ class Sender:
 
     # -- one connection ------------------------------------------------------------
 
-    async def _pump(self, link: Link) -> BaseException:
-        """Publish until the connection fails; return what ended it."""
+    async def _pump(self, link: Link) -> tuple[BaseException, float]:
+        """Publish until the connection fails; return what ended it and since when the broker was silent.
+
+        The second value is the clock time the oldest publish still
+        unconfirmed was sent (its age is read on the loop's clock, which the
+        confirm watchdog uses, and taken back from ``clock()``), or the moment
+        of the loss when nothing was in flight.
+        """
         lost = link.watch()
+        loop = asyncio.get_running_loop()
         if lost.done():
             link.unwatch()
-            return ConnectionLost("the connection closed before publishing began")
-        loop = asyncio.get_running_loop()
+            return ConnectionLost("the connection closed before publishing began"), self._clock()
         name = f"degrade.eventbus[{self.exchange}]"
         self._workers = [
             loop.create_task(self._worker(link), name=f"{name}.worker") for _ in range(self.max_in_flight)
@@ -341,6 +365,9 @@ class Sender:
         workers = self._workers
         try:
             await asyncio.wait([lost, *workers], return_when=asyncio.FIRST_COMPLETED)
+            sent_at = self.queue.oldest_sent_at()  # before the requeue below empties in_flight
+            now = self._clock()
+            silent_since = now if sent_at is None else now - max(loop.time() - sent_at, 0.0)
         finally:
             for task in workers:
                 task.cancel()
@@ -358,9 +385,9 @@ class Sender:
             if error is None:
                 continue
             if isinstance(error, _CONNECTION_ENDERS):
-                return error
+                return error, silent_since
             raise error
-        return ConnectionLost("the broker closed the connection")
+        return ConnectionLost("the broker closed the connection"), silent_since
 
     async def _watchdog(self) -> None:
         """Bound every publish: the oldest one unconfirmed past ``confirm_timeout`` ends the connection.

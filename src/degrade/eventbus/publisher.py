@@ -48,10 +48,10 @@ from ..dependency import Clock, Dependency, Site, Sleep
 from ..exceptions import ConfigurationError
 from ..observe import logger
 from ._event import Event, check_headers, check_message_id, check_routing_key, encode_payload
-from ._outage import SHED_SPOOL_FULL, Outage  # noqa: F401 - SHED_SPOOL_FULL: importable here as before
+from ._outage import SHED_NOT_STARTED, SHED_SPOOL_FULL, Outage, publish_site  # noqa: F401 - SHED_*: importable here
 from ._queue import SendQueue
 from ._report import Counts, Reporter, metrics
-from ._result import PublisherStats, PublishResult
+from ._result import PublisherStats, PublishResult, StatsView
 from ._sender import Sender
 from ._transport import DISCONNECT_TIMEOUT, amqp_connector  # noqa: F401 - DISCONNECT_TIMEOUT: importable here as before
 from .spool import DiskSpool
@@ -71,12 +71,14 @@ class EventPublisher:
     While the broker is unreachable the sender retries with exponential backoff
     and jitter; events wait in the buffer. Each failed attempt is a failure of
     ``dependency`` (down after its trip rule, 3 in a row by default) and each
-    connection a success. After ``degrade_after`` seconds of unreachable broker
-    the publisher degrades (``dependency`` is then down: marked so if its trip
-    rule has not done it): buffered and new events are dropped at once
-    (``DROPPED``), or written to ``spool`` (``SPOOLED``). Each drop is counted
-    (``stats``, Prometheus ``degrade_eventbus_dropped_total``), summarised in a
-    log line every ``log_interval`` seconds and sent to Sentry (tags
+    connection a success. ``degrade_after`` seconds after the broker stopped
+    answering (when the oldest unconfirmed publish was sent or the failed
+    connect attempt began; not when a bound noticed it) the publisher degrades
+    (``dependency`` is then down: marked so if its trip rule has not done it):
+    buffered and new events are dropped at once (``DROPPED``), or written to
+    ``spool`` (``SPOOLED``). Each drop is counted (``stats()``, Prometheus
+    ``degrade_eventbus_dropped_total``), summarised in a log line every
+    ``log_interval`` seconds and sent to Sentry (tags
     ``eventbus.status=degraded``, ``eventbus.routing_key``; the message id as
     extra), at most ``sentry_rate`` events a second plus one summary of the
     rest. A full buffer drops (or spools) the same way before degraded mode.
@@ -94,6 +96,7 @@ class EventPublisher:
     sender connects once it recovers.
 
     Start and stop it with ``registry.manage(bus)`` or ``async with bus:``.
+    Never started, it queues what nothing sends: see :meth:`publish`.
 
     Failure mode: FAIL-SOFT as above; ``publish()`` raises only for bad
     arguments (:class:`~degrade.ConfigurationError`). A spool that cannot be
@@ -107,7 +110,8 @@ class EventPublisher:
             connect attempt; down in degraded mode. Held down by
             ``simulate_outage(dep)``, it makes ``publish()`` drop (or spool)
             without touching the network.
-        degrade_after: Seconds of unreachable broker before degraded mode.
+        degrade_after: Seconds of unreachable broker before degraded mode,
+            counted from when it stopped answering (see above).
         buffer_size: Most events held in memory (waiting plus in flight).
         spool: The outage policy: a :class:`DiskSpool` that takes what would
             be dropped; ``None`` drops.
@@ -187,17 +191,9 @@ class EventPublisher:
         self.broker = f"{parsed.host}:{parsed.explicit_port or 5672}{parsed.path or '/'}"
         self._degrade_after = degrade_after
         #: The publish site on ``dependency`` (None without one): where shed events are counted.
-        self.site: Site | None = None
-        if dependency is not None:
-            where = "spooled to disk and replayed" if spool is not None else "dropped, counted and reported"
-            self.site = dependency.add_site(
-                f"degrade.eventbus.EventPublisher[{exchange}].publish",
-                "fail_soft",
-                f"publish never waits: events are buffered (up to {buffer_size}) while the broker "
-                f"is unreachable, then {where} after {degrade_after:g}s "
-                "(Sentry: tag:eventbus.status=degraded); the request succeeds",
-                fallback="buffer, then " + ("spool" if spool is not None else "drop"),
-            )
+        self.site: Site | None = publish_site(
+            dependency, exchange, buffer_size, spool is not None, degrade_after
+        )
         self._counts = Counts(exchange)
         metrics.track(self._counts)
         self._reporter = Reporter(
@@ -248,6 +244,7 @@ class EventPublisher:
             rng=rng,
         )
         self._close_done: asyncio.Future[None] | None = None
+        self._started = False
 
     # -- reading the state -------------------------------------------------------
 
@@ -262,22 +259,16 @@ class EventPublisher:
         return self._sender.connected
 
     @property
-    def stats(self) -> PublisherStats:
-        """A frozen snapshot of the counters, made on each read (later publishes do not change it)."""
-        c = self._counts
-        return PublisherStats(
-            queued=c.queued,
-            confirmed=c.confirmed,
-            spooled=c.spooled,
-            replayed=c.replayed,
-            resent=c.resent,
-            dropped=sum(c.lost.values()),
-            dropped_by_reason=dict(c.lost),
-            buffered=len(self._buffer),
-            in_flight=len(self._in_flight),
-            connected=self._sender.connected,
-            degraded=c.degraded,
-        )
+    def stats(self) -> StatsView:
+        """The counters: ``bus.stats()`` is a frozen :class:`PublisherStats` snapshot, made on each call.
+
+        Failure mode: none (counters in memory). ``bus.stats.dropped``, the
+        spelling before 0.2.0, works for one minor version with a ``DeprecationWarning``.
+        """
+        return StatsView(self._snapshot)
+
+    def _snapshot(self) -> PublisherStats:
+        return self._counts.snapshot(len(self._buffer), len(self._in_flight), self._sender.connected)
 
     # -- the request path --------------------------------------------------------
 
@@ -293,7 +284,10 @@ class EventPublisher:
 
         Failure mode: FAIL-SOFT. In degraded mode, with a full buffer or after
         ``close()`` the event is dropped (``DROPPED``, counted and reported)
-        or, with a spool, written to disk (``SPOOLED``). Only bad arguments raise.
+        or, with a spool, written to disk (``SPOOLED``). Never started, the
+        publisher queues it with nothing to send it: ``eventbus.not_started``
+        (warning, once), ``stats().unsent``, shed ``"not-started"`` on ``site``
+        (``/health/deep`` details). Only bad arguments raise.
 
         Args:
             routing_key: The AMQP routing key (at most 255 UTF-8 bytes).
@@ -340,6 +334,8 @@ class EventPublisher:
             return self._divert(event, "buffer_full")
         self._queue.put(event)
         self._counts.queued += 1
+        if not self._started:
+            self._outage.not_started()
         return PublishResult.QUEUED
 
     # -- lifecycle ---------------------------------------------------------------
@@ -355,6 +351,7 @@ class EventPublisher:
             return
         self._outage.open_spool()
         self._sender.start()
+        self._started = True
         logger.info(
             "eventbus.started",
             exchange=self.exchange,
@@ -443,6 +440,7 @@ class EventPublisher:
 
     def __repr__(self) -> str:
         state = "degraded" if self.degraded else "connected" if self.connected else "connecting"
+        state = state if self._started else "not started"
         return (
             f"<EventPublisher exchange={self.exchange!r} broker={self.broker!r} {state} "
             f"buffered={len(self._buffer)} in_flight={len(self._in_flight)}>"

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import warnings
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import checks
+from ..exceptions import CheckFailed
 
-__all__ = ["LAG_SQL", "replica_check", "replica_lag"]
+if TYPE_CHECKING:
+    from ..dependency import Dependency
+
+__all__ = ["LAG_SQL", "LagMonitor", "replica_check", "replica_lag"]
 
 #: One round trip. ``caught_up``: everything the standby received is replayed
 #: (then it is as fresh as the primary lets it be, however long the primary
@@ -56,3 +64,61 @@ def replica_check(
         stacklevel=2,
     )
     return checks.replica(engine, max_lag=max_lag, timeout=timeout)
+
+
+class LagMonitor:
+    """The replica router's lag monitor: a degrade Component its registry's lifespan runs.
+
+    While the replica is up, every ``lag_interval`` it runs the lag check: lag
+    over ``max_lag`` marks the replica down (``reason=lag``), an unreachable
+    replica counts an ordinary failure. (A base class of
+    :class:`~degrade.db.ReadReplicaRouter`, kept here beside the lag query.)
+
+    Failure mode: none of its own; a failing check feeds the dependency.
+    """
+
+    dependency: Dependency | None
+    replica: AsyncEngine | None
+    max_lag: float | None
+    lag_interval: float
+    _lag_check: Callable[[], Awaitable[object]]
+    _monitor: asyncio.Task[None] | None
+
+    async def start(self) -> None:
+        """Start the lag monitor (only with a replica and ``max_lag``); idempotent."""
+        if self.max_lag is None or self.replica is None:
+            return
+        if self._monitor is not None and not self._monitor.done():
+            return
+        loop = asyncio.get_running_loop()
+        # A fresh context: the monitor must not inherit a request's connection.
+        self._monitor = loop.create_task(
+            self._watch_lag(), name="degrade.db.replica-lag", context=contextvars.Context()
+        )
+
+    async def aclose(self) -> None:
+        """Stop the lag monitor and wait for it (idempotent)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None or monitor.done():
+            return
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError  # we were cancelled too: do not swallow it
+
+    async def _watch_lag(self) -> None:
+        dep = self.dependency
+        if dep is None:  # pragma: no cover - start() requires a replica, which requires a dependency
+            return
+        while True:
+            await asyncio.sleep(self.lag_interval)
+            if dep.is_down:
+                continue  # the dependency's probe runs the check meanwhile
+            try:
+                await self._lag_check()
+            except CheckFailed as exc:
+                dep.mark_down(exc, reason="lag")
+            except Exception as exc:  # unreachable replica: an ordinary failure
+                dep.record_failure(exc, reason="lag-monitor")

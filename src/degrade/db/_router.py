@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -14,11 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from .. import _validate, checks, observe
 from ..dependency import Dependency
-from ..exceptions import CheckFailed, ConfigurationError, DependencyUnavailable, scrubbed
+from ..exceptions import ConfigurationError, DependencyUnavailable, scrubbed
 from ..observe import logger
 from ._conn import _driver, _killing_after, acquire, discard, pool_capacity, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
+from ._lag import LagMonitor
 from ._settings import warn_problems
 from ._slots import GRANTED, Slots
 
@@ -27,7 +27,7 @@ __all__ = ["ReadReplicaRouter"]
 SessionFactory = Callable[..., AsyncSession]
 
 
-class ReadReplicaRouter:
+class ReadReplicaRouter(LagMonitor):
     """Route ``AsyncSession``s: writes to the primary, reads to a replica that can serve them.
 
     ``async with router.for_write() as session`` runs on the primary;
@@ -161,47 +161,6 @@ class ReadReplicaRouter:
             warn_problems(replica, acquire_timeout=self.connect_timeout, component="ReadReplicaRouter")
         # Read-your-writes: remember commits on the primary in the request's context.
         event.listen(self._primary_sync, "commit", self._on_commit)
-
-    # -- lifecycle (a degrade Component) ---------------------------------------
-
-    async def start(self) -> None:
-        """Start the lag monitor (only with a replica and ``max_lag``); idempotent."""
-        if self.max_lag is None or self.replica is None:
-            return
-        if self._monitor is not None and not self._monitor.done():
-            return
-        loop = asyncio.get_running_loop()
-        # A fresh context: the monitor must not inherit a request's connection.
-        self._monitor = loop.create_task(
-            self._watch_lag(), name="degrade.db.replica-lag", context=contextvars.Context()
-        )
-
-    async def aclose(self) -> None:
-        """Stop the lag monitor and wait for it (idempotent)."""
-        monitor, self._monitor = self._monitor, None
-        if monitor is None or monitor.done():
-            return
-        monitor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await monitor
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise asyncio.CancelledError  # we were cancelled too: do not swallow it
-
-    async def _watch_lag(self) -> None:
-        dep = self.dependency
-        if dep is None:  # pragma: no cover - start() requires a replica, which requires a dependency
-            return
-        while True:
-            await asyncio.sleep(self.lag_interval)
-            if dep.is_down:
-                continue  # the dependency's probe runs the check meanwhile
-            try:
-                await self._lag_check()
-            except CheckFailed as exc:
-                dep.mark_down(exc, reason="lag")
-            except Exception as exc:  # unreachable replica: an ordinary failure
-                dep.record_failure(exc, reason="lag-monitor")
 
     # -- routing ---------------------------------------------------------------
 

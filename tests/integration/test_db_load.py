@@ -402,3 +402,60 @@ class TestReplicaSaturation:
             await _bounded.settle_abandoned(5.0)
             await primary.dispose()
             await replica.dispose()
+
+    async def test_with_the_primary_down_a_replica_line_too_long_is_shed_as_overload(
+        self, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Primary down, replica pool of 1, 30 reads of 100 ms: those the line cannot serve get the overload 503.
+
+        Retry-After: 1, counted as shed on the replica's site, never as an
+        outage of either database (they used to read "db is unavailable").
+        """
+        primary = create_async_engine(postgres_dsn, **engine_options(acquire_timeout=1.0))
+        replica = create_async_engine(
+            postgres_dsn, **engine_options(acquire_timeout=1.0, pool_size=1, max_overflow=0)
+        )
+        db = registry.dependency("db", severity=Severity.SEV1)  # no check: stays down once marked
+        replica_dep = registry.dependency("db-replica", severity=Severity.SEV3)
+        router = ReadReplicaRouter(
+            primary=primary, replica=replica, dependency=replica_dep, connect_timeout=0.2
+        )
+
+        async def read(request: Request) -> Response:
+            async with router.for_read() as session:
+                await session.execute(text("SELECT pg_sleep(0.1)"))
+            return JSONResponse({"ok": True})
+
+        app = Starlette(
+            routes=[Route("/api/read", read)],
+            middleware=[
+                Middleware(
+                    DBHealthMiddleware,
+                    engine=primary,
+                    dependency=db,
+                    acquire_timeout=1.0,
+                    router=router,
+                    read_only_fallback=True,
+                )
+            ],
+        )
+        try:
+            db.mark_down(reason="test")
+            async with client(app) as c:
+                for _ in range(2):  # the line measures the replica's holds
+                    assert (await c.get("/api/read")).status_code == 200
+                responses = await asyncio.gather(*(c.get("/api/read") for _ in range(30)))
+            served = [r for r in responses if r.status_code == 200]
+            shed = [r for r in responses if r.status_code == 503]
+            assert len(served) + len(shed) == 30
+            assert 3 <= len(served) <= 15  # about 7 fit in 70 % of the bound at 10 reads/s
+            assert shed
+            assert {r.headers["retry-after"] for r in shed} == {"1"}
+            site = next(s for s in replica_dep.sites if s.name.endswith("for_read"))
+            assert site.shed_total == len(shed)
+            assert replica_dep.state == "ok"
+            assert replica_dep.failures == 0
+        finally:
+            await _bounded.settle_abandoned(5.0)
+            await primary.dispose()
+            await replica.dispose()

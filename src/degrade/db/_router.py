@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from .. import _validate, checks, observe
 from ..dependency import Dependency
-from ..exceptions import ConfigurationError, DependencyUnavailable, scrubbed
+from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded, scrubbed
 from ..observe import logger
 from ._conn import _driver, _killing_after, acquire, discard, pool_capacity, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
@@ -225,7 +225,10 @@ class ReadReplicaRouter(LagMonitor):
 
         Failure mode: FAIL-SOFT on the replica (see the class); with both the
         replica and the primary unavailable, raises
-        :class:`~degrade.DependencyUnavailable` for the primary.
+        :class:`~degrade.DependencyUnavailable` for the primary; with the
+        primary down and the replica's line too long for the request's budget,
+        :class:`~degrade.Overloaded` (a 503 with ``Retry-After: 1``, shed, not
+        an outage).
         """
         active = ACTIVE_WRITE.get()
         if active is not None:
@@ -298,7 +301,11 @@ class ReadReplicaRouter(LagMonitor):
         self._fell_back(type(exc).__name__)
 
     async def _replica_slot(self, budget: float, started: float) -> float | None:
-        """A slot in the replica's fair line (when it was handed over), or None: shed, read elsewhere."""
+        """A slot in the replica's fair line (when it was handed over), or None: shed, read elsewhere.
+
+        Raises :class:`~degrade.Overloaded` instead of None when the primary is
+        known down: there is nowhere else to read.
+        """
         slots = self._replica_slots
         if slots is None:  # pragma: no cover - set with the replica
             return None
@@ -309,6 +316,16 @@ class ReadReplicaRouter(LagMonitor):
             return slot_at
         if self._site is not None:  # the line is too long for the budget: saturation, not a down replica
             self._site.shed(outcome)
+        primary = self.primary_dependency
+        if primary is not None and primary.is_down and self.dependency is not None:
+            # Nowhere else to read: say it is saturation (503, Retry-After: 1), not the
+            # primary's outage (under make chaos these read "db is unavailable").
+            raise Overloaded(
+                self.dependency.name,
+                outcome,
+                "the read replica is busy and the primary is down: retry shortly",
+                retry_after=1,
+            )
         return None
 
     def _replica_budget(self) -> float:

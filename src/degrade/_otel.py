@@ -46,7 +46,7 @@ class SiteCounts(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def dependency(self) -> str: ...
+    def dependency_name(self) -> str: ...
     @property
     def mode(self) -> str: ...
     @property
@@ -202,7 +202,7 @@ class Bridge:
         # Sites that share attributes (the same function decorated twice) add up, as in Prometheus.
         totals: dict[tuple[str, str, str], int] = {}
         for site, _ in list(self._source.sites):
-            key = (site.dependency, site.name, site.mode)
+            key = (site.dependency_name, site.name, site.mode)
             totals[key] = totals.get(key, 0) + site.degraded_calls
         return self.observe(
             (value, {DEPENDENCY: dep, SITE: name, MODE: mode}) for (dep, name, mode), value in totals.items()
@@ -212,7 +212,7 @@ class Bridge:
         totals: dict[tuple[str, str, str], int] = {}
         for site, _ in list(self._source.sites):
             for reason, count in list(site.shed_calls.items()):
-                key = (site.dependency, site.name, reason)
+                key = (site.dependency_name, site.name, reason)
                 totals[key] = totals.get(key, 0) + count
         return self.observe(
             (value, {DEPENDENCY: dep, SITE: name, REASON: reason})

@@ -10,6 +10,7 @@ they are imported from there (or from :mod:`degrade`) as before.
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,10 +38,17 @@ class Severity(enum.IntEnum):
 
 @dataclass(eq=False)
 class Site:
-    """A call site declared FAIL-SOFT or FAIL-LOUD on a dependency (for the runbook)."""
+    """A call site declared FAIL-SOFT or FAIL-LOUD on a dependency (for the runbook).
+
+    ``dependency_name`` is the name of the dependency the site is declared on
+    (the ``dependency`` label of its metrics). ``.dependency`` still returns
+    that name, with a :class:`DeprecationWarning`: in 0.3 it becomes the
+    :class:`~degrade.Dependency` itself, as on the cache, the limiter, the
+    hatch and the publisher.
+    """
 
     name: str
-    dependency: str
+    dependency_name: str
     mode: Literal["fail_soft", "fail_loud"]
     reason: str
     fallback: str | None = None
@@ -55,6 +63,20 @@ class Site:
     _counter: Any = field(default=None, repr=False)
     _shed_log_due: float = field(default=0.0, repr=False)
     _shed_logged: int = field(default=0, repr=False)
+
+    @property
+    def dependency(self) -> str:
+        """Deprecated: the dependency's name; use :attr:`dependency_name`.
+
+        In 0.3 ``.dependency`` becomes the :class:`~degrade.Dependency`, as everywhere else.
+        """
+        warnings.warn(
+            "Site.dependency is deprecated; use Site.dependency_name "
+            "(in 0.3 .dependency becomes the Dependency)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.dependency_name
 
     def count(self) -> None:
         """Count one degraded call (fallback returned or DependencyUnavailable raised)."""

@@ -118,7 +118,7 @@ class FailSoft(Generic[T]):
                     site.count()
                     return await fallback_async(args, kwargs)
                 except Exception as exc:
-                    if isinstance(exc, DependencyUnavailable) and exc.dependency == name:
+                    if isinstance(exc, DependencyUnavailable) and exc.dependency_name == name:
                         pass  # a nested fail-loud site already counted this failure
                     elif is_failure(exc):
                         dep.record_failure(exc)
@@ -152,7 +152,7 @@ class FailSoft(Generic[T]):
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
-                if isinstance(exc, DependencyUnavailable) and exc.dependency == name:
+                if isinstance(exc, DependencyUnavailable) and exc.dependency_name == name:
                     pass
                 elif is_failure(exc):
                     dep.record_failure(exc)

@@ -258,7 +258,7 @@ class Dependency(Probing):
         for site in self.sites:
             if site.name == name and site.mode == mode:
                 return site
-        site = Site(name=name, dependency=self.name, mode=mode, reason=reason, fallback=fallback)
+        site = Site(name=name, dependency_name=self.name, mode=mode, reason=reason, fallback=fallback)
         site._counter = observe.metrics.site_counter(site)
         self.sites.append(site)
         return site

@@ -18,7 +18,8 @@ raised while the host builds its app, so a mistake shows at start-up, not mid-ou
 
 from __future__ import annotations
 
-from typing import TypeVar
+import warnings
+from typing import Any, TypeVar
 
 E = TypeVar("E", bound=BaseException)
 
@@ -72,19 +73,58 @@ class DependencyUnavailable(DegradeError):
     an app without ``exception_handlers()`` answers 503: that is what it did.)
 
     Attributes:
-        dependency: The dependency's name.
+        dependency_name: The dependency's name (the ``dependency`` of the 503 body).
         detail: A short, credential-free explanation fit for a response body.
         retry_after: Seconds a client should wait before retrying.
+
+    The first parameter keeps its name, ``dependency``, so that callers passing
+    it by keyword still work; it is the dependency's *name*. The attribute
+    ``.dependency`` still returns that name too, with a
+    :class:`DeprecationWarning`: read ``.dependency_name``. In 0.3
+    ``.dependency`` becomes the :class:`~degrade.Dependency`, as on the cache,
+    the limiter, the hatch and the publisher.
+
+    It pickles and copies (``dependency_name``, ``detail``, ``retry_after`` and
+    any other attribute kept), without calling ``__init__`` again.
     """
 
     def __init__(self, dependency: str, detail: str = "", *, retry_after: int = 5) -> None:
-        self.dependency = dependency
+        self.dependency_name = dependency
         self.detail = detail or f"{dependency} is unavailable"
         self.retry_after = retry_after
         super().__init__(f"dependency {dependency!r} is unavailable: {self.detail}")
 
+    @property
+    def dependency(self) -> str:
+        """Deprecated: the dependency's name; use :attr:`dependency_name`."""
+        warnings.warn(
+            f"{type(self).__name__}.dependency is deprecated; use {type(self).__name__}.dependency_name "
+            "(in 0.3 .dependency becomes the Dependency)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.dependency_name
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.dependency!r}, {self.detail!r}, retry_after={self.retry_after})"
+        name = type(self).__name__
+        return f"{name}({self.dependency_name!r}, {self.detail!r}, retry_after={self.retry_after})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default, ``cls(*self.args)`` then the instance dict, would call
+        # ``__init__`` with the message as the dependency's name (and fails for
+        # Overloaded, whose ``reason`` is required): rebuild without ``__init__``.
+        return (_rebuild, (type(self), self.args), dict(self.__dict__))
+
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        state = dict(state or {})
+        if "dependency" in state:  # pickled when .dependency was a plain attribute (0.1)
+            state.setdefault("dependency_name", state.pop("dependency"))
+        self.__dict__.update(state)
+
+
+def _rebuild(cls: type[DependencyUnavailable], args: tuple[Any, ...]) -> DependencyUnavailable:
+    """Unpickle a :class:`DependencyUnavailable` (or subclass) without calling its ``__init__``."""
+    return cls.__new__(cls, *args)
 
 
 class Overloaded(DependencyUnavailable):
@@ -93,7 +133,9 @@ class Overloaded(DependencyUnavailable):
     Answered like its parent (503 with ``Retry-After``, the shared body) but it
     is never counted as a failure of the dependency: saturation is not an
     outage. ``reason`` names the capacity (``"queue"``, ``"pool-saturated"``,
-    ``"abandoned-cap"``).
+    ``"abandoned-cap"``). As on its parent, ``dependency_name`` is the
+    dependency's name (``.dependency`` is its deprecated spelling), and it
+    pickles and copies with its ``reason``.
     """
 
     def __init__(self, dependency: str, reason: str, detail: str = "", *, retry_after: int = 1) -> None:

@@ -202,10 +202,12 @@ class _SiteTotals:
         totals: dict[tuple[bool, str, str], list[float]] = {}
         shed: dict[tuple[str, str, str], list[float]] = {}
         for site, created in list(self._sites):
-            entry = totals.setdefault((site.mode == "fail_soft", site.dependency, site.name), [0.0, created])
+            entry = totals.setdefault(
+                (site.mode == "fail_soft", site.dependency_name, site.name), [0.0, created]
+            )
             entry[0] += site.degraded_calls
             for reason, count in list(site.shed_calls.items()):
-                shed.setdefault((site.dependency, site.name, reason), [0.0, created])[0] += count
+                shed.setdefault((site.dependency_name, site.name, reason), [0.0, created])[0] += count
         fallback, fail_loud = self._families()
         shed_family = self._shed_family()
         with_created = getattr(_prometheus.metrics, "_use_created", True)
@@ -383,7 +385,7 @@ def shed_reported(site: Site, reason: str) -> None:
     total = site.shed_total
     logger.warning(
         "degrade.shed",
-        dependency=site.dependency,
+        dependency=site.dependency_name,
         site=site.name,
         reason=reason,
         shed=total - site._shed_logged,

@@ -49,7 +49,7 @@ async def send_json(send: Send, status: int, body: bytes, headers: Mapping[str, 
 async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, DependencyUnavailable):  # Starlette routes by type; be safe anyway
         raise exc
-    return unavailable_response(exc.dependency, exc.detail, retry_after=exc.retry_after)
+    return unavailable_response(exc.dependency_name, exc.detail, retry_after=exc.retry_after)
 
 
 def exception_handlers() -> dict[Any, Any]:

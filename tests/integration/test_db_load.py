@@ -201,7 +201,7 @@ class TestInFlightWork:
                 pg_proxy.blackhole()  # with both queries in flight, most likely
                 fault = time.monotonic()
                 workers += [asyncio.ensure_future(worker(c)) for _ in range(18)]
-                await asyncio.sleep(2.5)
+                await asyncio.sleep(3.0)
                 stop.set()
                 await asyncio.gather(*workers)
         finally:
@@ -210,7 +210,9 @@ class TestInFlightWork:
             await engine.dispose()
         assert healthy > 5
         assert went_down, "a pool held by queries on a silent server was never found out"
-        assert went_down[0] - fault <= 0.5 + 0.4 + 0.3 + MARGIN  # stall window + check + slack
+        # Stall window + check + slack for a loaded host (0.9-1.0 s measured idle, 1.92 s once
+        # with three other test runs on the 2 CPUs); before the fix it never went down.
+        assert went_down[0] - fault <= 0.5 + 0.4 + 1.0 + MARGIN
         assert gate_site(db).degraded_calls > 0  # answered as an outage once known
 
     async def test_waiters_in_line_are_answered_when_it_goes_down(
@@ -406,7 +408,7 @@ class TestReplicaSaturation:
     async def test_with_the_primary_down_a_replica_line_too_long_is_shed_as_overload(
         self, postgres_dsn: str, registry: Registry
     ) -> None:
-        """Primary down, replica pool of 1, 30 reads of 100 ms: those the line cannot serve get the overload 503.
+        """Primary down, replica pool of 1, 30 reads of 100 ms: the excess gets the overload 503.
 
         Retry-After: 1, counted as shed on the replica's site, never as an
         outage of either database (they used to read "db is unavailable").
@@ -451,6 +453,7 @@ class TestReplicaSaturation:
             assert 3 <= len(served) <= 15  # about 7 fit in 70 % of the bound at 10 reads/s
             assert shed
             assert {r.headers["retry-after"] for r in shed} == {"1"}
+            assert {r.json()["dependency"] for r in shed} == {"db-replica"}
             site = next(s for s in replica_dep.sites if s.name.endswith("for_read"))
             assert site.shed_total == len(shed)
             assert replica_dep.state == "ok"

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from degrade import (
     Dependency,
     DependencyUnavailable,
+    Overloaded,
     Registry,
     Severity,
     Site,
@@ -126,6 +127,10 @@ assert_type(write({"a": 1}), bool)
 write([1])  # type: ignore[arg-type]
 
 assert_type(site_of(write), Site)
+assert_type(site_of(write).dependency_name, str)
+assert_type(site_of(write).dependency, str)  # deprecated: warns at run time, still the name
+site_of(write).dependency_name = "other"  # a dataclass field
+site_of(write).dependency = "other"  # type: ignore[misc]  # read-only property
 
 fail_soft(cache, fallback=None)  # type: ignore[call-overload]
 fail_loud(cache)  # type: ignore[call-arg]
@@ -134,7 +139,11 @@ fail_loud(cache)  # type: ignore[call-arg]
 
 error = DependencyUnavailable("db", retry_after=5)
 assert_type(error.retry_after, int)
-assert_type(error.dependency, str)
+assert_type(error.dependency_name, str)
+assert_type(error.dependency, str)  # deprecated: warns at run time, still the name
+error.dependency = "other"  # type: ignore[misc]  # read-only property
+assert_type(Overloaded("db", "queue").dependency_name, str)
+assert_type(DependencyUnavailable(dependency="db").dependency_name, str)  # the parameter keeps its name
 
 
 @contextlib.asynccontextmanager

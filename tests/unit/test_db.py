@@ -609,7 +609,7 @@ class TestRouterConfig:
         with simulate_outage(db), pytest.raises(DependencyUnavailable) as info:
             async with router.for_write():
                 pytest.fail("the block must not run")
-        assert info.value.dependency == "db"
+        assert info.value.dependency_name == "db"
         assert attempts.calls == 0
 
     async def test_unreachable_primary_is_unavailable(self, engine: AsyncEngine, registry: Registry) -> None:

@@ -408,7 +408,7 @@ class TestFailLoudAsync:
         with pytest.raises(DependencyUnavailable) as info:
             await load()
         assert calls == 0
-        assert (info.value.dependency, info.value.retry_after) == ("cache", 7)
+        assert (info.value.dependency_name, info.value.retry_after) == ("cache", 7)
         assert site_of(load).degraded_calls == 1
 
     async def test_failure_raises_unavailable_from_the_cause(self, dep: Dependency) -> None:
@@ -481,7 +481,7 @@ class TestFailLoudAsync:
 
         with pytest.raises(DependencyUnavailable) as info:
             await outer()
-        assert info.value.dependency == "db"
+        assert info.value.dependency_name == "db"
         assert dep.failures == 0
         assert site_of(outer).degraded_calls == 0
 
@@ -606,7 +606,7 @@ class TestSites:
         assert soft is site_of(cached)
         assert loud is site_of(session)
         assert soft.name == f"{__name__}.{cached.__qualname__}"
-        assert (soft.dependency, soft.mode, soft.reason, soft.fallback) == (
+        assert (soft.dependency_name, soft.mode, soft.reason, soft.fallback) == (
             "cache",
             "fail_soft",
             "cache miss falls back to Postgres",
@@ -783,7 +783,7 @@ class TestSaturationIsNotAnOutage:
         for _ in range(3):
             with pytest.raises(DependencyUnavailable) as info:
                 await load()
-            assert info.value.dependency == "cache"
+            assert info.value.dependency_name == "cache"
             assert info.value.retry_after == 7
             assert "busy" in info.value.detail
         assert calls == []
@@ -852,7 +852,7 @@ class TestInFlightWhenItGoesDown:
         with pytest.raises(DependencyUnavailable) as info:
             await task
         assert time.perf_counter() - start < 0.2
-        assert info.value.dependency == "cache"
+        assert info.value.dependency_name == "cache"
         assert site_of(load).degraded_calls == 1
         await _bounded.settle_abandoned(1.0)
         assert unwound == [True]

@@ -168,7 +168,7 @@ class TestUnavailableResponse:
     def test_exception_defaults(self) -> None:
         """DependencyUnavailable has a default detail and Retry-After of 5 s."""
         exc = DependencyUnavailable("db")
-        assert (exc.dependency, exc.detail, exc.retry_after) == ("db", "db is unavailable", 5)
+        assert (exc.dependency_name, exc.detail, exc.retry_after) == ("db", "db is unavailable", 5)
         assert str(exc) == "dependency 'db' is unavailable: db is unavailable"
 
 

@@ -164,7 +164,7 @@ class TestRaise:
         dep.mark_down()
         with pytest.raises(DependencyUnavailable) as info:
             await rl.is_revoked("any")
-        assert info.value.dependency == "redis"
+        assert info.value.dependency_name == "redis"
         assert fake.calls == []
 
     async def test_failure_raises(self, fake: FakeRedis, dep: Any, clock: FakeClock) -> None:

@@ -384,11 +384,13 @@ class DBHealthMiddleware:
             exc = exc.exceptions[0]  # a task group's wrapping (Starlette's streaming, anyio)
         if isinstance(exc, DependencyUnavailable):
             # Raised by the lease or the router, which counted it on the right dependency.
-            if exc.dependency not in self._names:
+            if exc.dependency_name not in self._names:
                 return None
             if isinstance(exc, Overloaded):
-                return self._overloaded_body, exc.retry_after, False
-            return unavailable_body(exc.dependency, exc.detail), exc.retry_after, True
+                if exc.dependency_name == self.dependency.name:
+                    return self._overloaded_body, exc.retry_after, False
+                return unavailable_body(exc.dependency_name, exc.detail), exc.retry_after, False
+            return unavailable_body(exc.dependency_name, exc.detail), exc.retry_after, True
         if not is_database_failure(exc):
             return None
         self.dependency.record_failure(exc)

@@ -20,6 +20,7 @@ import re
 from collections import OrderedDict
 from typing import Any, Literal, NamedTuple
 
+from . import _validate
 from ._extras import optional
 from .exceptions import ConfigurationError
 
@@ -70,8 +71,7 @@ class Rate(NamedTuple):
         for label, value in (("limit", limit), ("period", period), ("burst", burst)):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"rate {label} must be a whole number >= 1; got {value!r}")
+            _validate.count(f"rate {label}", value)
         burst = limit if burst is None else burst
         emission = -(-period * _US // limit)  # ceil
         capacity = emission * burst
@@ -176,9 +176,7 @@ class MemoryStore:
     __slots__ = ("_tats", "evictions", "expired", "max_keys")
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-            raise ConfigurationError(f"max_keys must be a whole number >= 1; got {max_keys!r}")
-        self.max_keys = max_keys
+        self.max_keys = _validate.count("max_keys", max_keys)
         #: Active keys evicted because the store was full.
         self.evictions = 0
         #: Expired keys dropped.

@@ -1,4 +1,8 @@
-"""``python -m degrade runbook|alerts module:attr``: the runbook and alert rules, from code."""
+"""``python -m degrade runbook|alerts module:attr``: the runbook and alert rules, from code.
+
+``python -m degrade proxy --pair NAME=LISTEN,UPSTREAM``: fault proxies outside pytest,
+switched over HTTP or stdin (see :mod:`degrade.testing._cli`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from starlette.applications import Starlette
 
 from .registry import Registry
 from .runbook import render_alerts, render_runbook
+from .testing import _cli as proxy_cli
 
 
 class UsageError(Exception):
@@ -65,7 +70,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     al = commands.add_parser("alerts", help="print Prometheus alert rules for a Registry")
     al.add_argument("registry", help="module:attribute of a degrade.Registry")
     al.add_argument("--runbook-base", default="", help="prefix for runbook_url annotations (a URL)")
+    px = commands.add_parser(
+        "proxy",
+        help="run fault proxies in front of services, switched over HTTP or stdin",
+        description=proxy_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    proxy_cli.add_arguments(px)
     args = parser.parse_args(argv)
+    if args.command == "proxy":
+        return proxy_cli.run(args)
+    return _registry_command(args)
+
+
+def _registry_command(args: argparse.Namespace) -> int:
+    """``runbook`` and ``alerts``: import the Registry, render it."""
     if not structlog.is_configured():
         # This process is ours: keep what the imported app logs off the generated output.
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))

@@ -244,8 +244,12 @@ def replica(engine: Any, *, max_lag: float | None = None, timeout: float = 0.8) 
 
     Failure mode: raises on a connection failure, ``TimeoutError`` after
     ``timeout`` (hard bound), and :class:`~degrade.CheckFailed` when the lag is
-    over ``max_lag`` or unknown (a primary behind the replica URL, a standby
-    that has not replayed anything yet).
+    over ``max_lag`` or unknown (a standby that has not replayed anything
+    yet). With ``max_lag``, a server that is not in recovery (a primary behind
+    the replica URL, a promoted replica) raises its subclass
+    :class:`~degrade.db.NotAStandby` ("not a standby: the replica URL points
+    at a primary"); without ``max_lag`` nothing is measured, so a primary
+    passes.
     """
     sa = require("sqlalchemy", "postgres", feature="checks.replica")
     timeout = _validate.seconds("timeout", timeout)
@@ -254,7 +258,7 @@ def replica(engine: Any, *, max_lag: float | None = None, timeout: float = 0.8) 
     ping = sa.text("SELECT 1")
 
     async def run() -> None:
-        from .db._lag import replica_lag
+        from .db._lag import standby_lag
 
         own_engine = private()
         try:
@@ -262,12 +266,12 @@ def replica(engine: Any, *, max_lag: float | None = None, timeout: float = 0.8) 
                 if max_lag is None:
                     await conn.execute(ping)
                     return
-                lag = await replica_lag(conn)
+                lag = await standby_lag(conn)  # NotAStandby: its own failure, not lag
         finally:
             if own_engine is not engine:
                 await own_engine.dispose()
         if lag is None:
-            raise CheckFailed("replication lag is unknown (not a standby, or nothing replayed yet)")
+            raise CheckFailed("replication lag is unknown (the standby has replayed nothing yet)")
         if lag > max_lag:
             raise CheckFailed(f"replication lag {lag:.1f}s is over max_lag={max_lag:g}s")
 

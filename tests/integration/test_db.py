@@ -26,12 +26,14 @@ from structlog.testing import capture_logs
 from degrade import CheckFailed, Dependency, Registry, Severity, _bounded, checks
 from degrade.db import (
     DBHealthMiddleware,
+    NotAStandby,
     ReadReplicaRouter,
     _conn,
     connection,
     current_connection,
     engine_options,
     replica_lag,
+    require_connection,
 )
 from degrade.testing import FaultProxy
 
@@ -508,6 +510,95 @@ class TestMidRequest:
         await settle(engine)
 
 
+class TestGateEntries:
+    async def test_method_exclusion_and_require_connection(
+        self, engine: AsyncEngine, db: Dependency, table: str
+    ) -> None:
+        """exclude='GET /api/items': the read runs ungated (require_connection says so), writes are gated."""
+        seen: list[str] = []
+
+        async def items(request: Request) -> Response:
+            try:
+                conn = await require_connection()
+            except Exception as exc:
+                seen.append(type(exc).__name__)
+                return JSONResponse({"gated": False})
+            seen.append("gated")
+            return JSONResponse({"gated": True, "one": (await conn.execute(text("SELECT 1"))).scalar()})
+
+        app = Starlette(
+            routes=[Route("/api/items", items, methods=["GET", "POST"])],
+            middleware=[
+                Middleware(
+                    DBHealthMiddleware,
+                    engine=engine,
+                    dependency=db,
+                    acquire_timeout=ACQUIRE,
+                    include="/api",
+                    exclude="GET /api/items",
+                )
+            ],
+        )
+        async with client(app) as c:
+            assert (await c.get("/api/items")).json() == {"gated": False}
+            assert (await c.post("/api/items")).json() == {"gated": True, "one": 1}
+        assert seen == ["ConfigurationError", "gated"]
+        await settle(engine)
+
+
+class TestSameServerReplica:
+    """Both URLs on the same primary (development): what the router does with and without max_lag."""
+
+    async def test_max_lag_marks_it_not_a_standby(self, postgres_dsn: str, registry: Registry) -> None:
+        """With max_lag: down as not-a-standby (not lag), reads on the primary, one warning of each kind."""
+        primary = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
+        replica = create_async_engine(
+            postgres_dsn, **engine_options(acquire_timeout=0.3, command_timeout=2.0)
+        )
+        dep = replica_dep(registry)
+        router = ReadReplicaRouter(
+            primary=primary, replica=replica, dependency=dep, max_lag=5, lag_interval=0.1
+        )
+        try:
+            with capture_logs() as logs:
+                await router.start()
+                await wait_for(lambda: dep.is_down, timeout=5)
+                for _ in range(3):
+                    async with router.for_read() as session:
+                        assert session.bind is primary
+                        assert (await session.execute(text("SELECT 1"))).scalar() == 1
+            down = [(e["reason"], e["error"]) for e in logs if e["event"] == "dependency.down"]
+            assert down == [("not-a-standby", "NotAStandby")]
+            assert dep.last_error == "NotAStandby"
+            events = [e["event"] for e in logs if e["event"].startswith("db.replica")]
+            assert events == ["db.replica.not_a_standby", "db.replica.fallback"]
+            await asyncio.sleep(0.5)  # the probe keeps it down (the server is still a primary)
+            assert dep.is_down
+        finally:
+            await router.aclose()
+            await primary.dispose()
+            await replica.dispose()
+
+    async def test_without_max_lag_it_serves_reads(self, postgres_dsn: str, registry: Registry) -> None:
+        """Without max_lag nothing is measured: the 'replica' serves reads, nothing is down."""
+        primary = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
+        replica = create_async_engine(
+            postgres_dsn, **engine_options(acquire_timeout=0.3, command_timeout=2.0)
+        )
+        dep = replica_dep(registry)
+        router = ReadReplicaRouter(primary=primary, replica=replica, dependency=dep)
+        try:
+            assert dep.check is not None
+            await dep.check()
+            async with router.for_read() as session:
+                assert (await session.execute(text("SELECT 1"))).scalar() == 1
+            assert not dep.is_down
+        finally:
+            await router.aclose()
+            await primary.dispose()
+            await replica.dispose()
+
+
 # -- the read replica -------------------------------------------------------------
 
 
@@ -676,12 +767,13 @@ class TestLag:
         await checks.replica(replica, max_lag=0.5)()
 
     async def test_null_on_a_primary_is_unknown(self, pair: tuple[AsyncEngine, str]) -> None:
-        """Pointed at a primary, lag is None and the check fails: unknown is never zero."""
+        """Pointed at a primary, lag is None and the check fails as not a standby: unknown is never zero."""
         primary, _ = pair
         async with primary.connect() as conn:
             assert await replica_lag(conn) is None
-        with pytest.raises(CheckFailed, match="unknown"):
+        with pytest.raises(CheckFailed, match="not a standby: the replica URL points at a primary") as info:
             await checks.replica(primary, max_lag=5)()
+        assert isinstance(info.value, NotAStandby)  # its own class: health details show NotAStandby
 
     async def test_lagging_replica_counts_as_down_until_caught_up(
         self, cluster: PgCluster, pair: tuple[AsyncEngine, str], replica: AsyncEngine, registry: Registry

@@ -37,6 +37,7 @@ from degrade import (
 )
 from degrade.db import (
     DBHealthMiddleware,
+    NotAStandby,
     ReadReplicaRouter,
     _conn,
     _context,
@@ -46,6 +47,7 @@ from degrade.db import (
     is_database_failure,
     problems,
     replica_lag,
+    require_connection,
 )
 
 
@@ -330,16 +332,108 @@ class TestPassThrough:
         from degrade.db._gate import _matcher
 
         gated = _matcher(("/api",), ("/api/v1/health",))
-        assert gated("/api")
-        assert gated("/api/")
-        assert gated("/api/v1/tracks")
-        assert not gated("/apix")
-        assert not gated("/api/v1/health")
-        assert not gated("/api/v1/health/deep")
-        assert gated("/api/v1/healthz")
+        for method in ("GET", "POST", "PROPFIND"):  # plain prefixes: every method
+            assert gated(method, "/api")
+            assert gated(method, "/api/")
+            assert gated(method, "/api/v1/tracks")
+            assert not gated(method, "/apix")
+            assert not gated(method, "/api/v1/health")
+            assert not gated(method, "/api/v1/health/deep")
+            assert gated(method, "/api/v1/healthz")
         everything = _matcher(("/",), ())
-        assert everything("/")
-        assert everything("/x/y")
+        assert everything("GET", "/")
+        assert everything("DELETE", "/x/y")
+
+    def test_method_entries(self) -> None:
+        """'GET /users' excludes the cached read only; writes stay gated; 'POST|PUT /api' names several."""
+        from degrade.db._gate import _matcher
+
+        gated = _matcher(("/api", "/users"), ("GET /users",))
+        assert not gated("GET", "/users/7")
+        assert not gated("HEAD", "/users/7")  # GET covers HEAD (Starlette serves it with the GET route)
+        for method in ("POST", "PUT", "PATCH", "DELETE", "PROPFIND"):
+            assert gated(method, "/users/7")
+        assert not gated("GET", "/usersx")
+        assert gated("GET", "/api/users")  # the exclusion is a prefix of the path, not a substring
+        writes = _matcher(("post|PUT /api",), ())  # method tokens are case-insensitive
+        assert writes("POST", "/api/x")
+        assert writes("PUT", "/api")
+        assert not writes("GET", "/api/x")
+        assert not writes("PROPFIND", "/api/x")
+        spaced = _matcher(("GET  /a b",), ())  # spaces after the methods; the prefix may hold one
+        assert spaced("GET", "/a b/c")
+        assert not spaced("GET", "/a")
+        mixed = _matcher("/", ["/static", "GET /cache"])  # a plain string and a list both work
+        assert not mixed("POST", "/static/x")
+        assert not mixed("GET", "/cache/x")
+        assert mixed("POST", "/cache/x")
+
+    @pytest.mark.parametrize(
+        ("include", "exclude", "named"),
+        [
+            (("GET users",), (), "'GET users'"),
+            (("GET",), (), "'GET'"),
+            (("api",), (), "'api'"),
+            (("/api",), ("FETCH /api",), "'FETCH /api'"),
+            (("GET|POTS /api",), (), "'GET|POTS /api'"),
+            (("GET||POST /api",), (), "'GET||POST /api'"),
+            ((" /api",), (), "' /api'"),
+            (("/api",), (7,), "7"),
+        ],
+    )
+    def test_bad_entries_are_named(self, include: Any, exclude: Any, named: str) -> None:
+        """No leading '/', an unknown method token: ConfigurationError naming the entry."""
+        from degrade.db._gate import _matcher
+
+        with pytest.raises(ConfigurationError, match=re.escape(named)):
+            _matcher(include, exclude)
+
+    async def test_method_exclusion_through_the_gate(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry, simulate_outage: Any
+    ) -> None:
+        """While down: an excluded GET reaches its (cached) handler, a POST to the same path gets 503."""
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        app = _Recorder(uses_db=False)
+        gate = DBHealthMiddleware(app, engine=engine, dependency=dep, include="/", exclude=["GET /users"])
+        with simulate_outage(dep):
+            assert (await _call(gate, _scope("/users/7")))[0]["status"] == 200
+            assert (await _call(gate, _scope("/users/7", method="POST")))[0]["status"] == 503
+        assert [sc["method"] for sc in app.scopes] == ["GET"]
+        assert attempts.calls == 0
+
+
+class TestRequireConnection:
+    async def test_is_connection(self) -> None:
+        """require_connection is connection under its FastAPI name; current_connection still gives None."""
+        assert require_connection is connection
+        assert current_connection() is None
+        with pytest.raises(ConfigurationError, match=r"not under the gate's include= prefixes.*exclude="):
+            await require_connection()
+
+    async def test_fastapi_depends(
+        self, engine: AsyncEngine, attempts: _Attempts, registry: Registry
+    ) -> None:
+        """Depends(require_connection): a gated path checks out (503: no server); an ungated one says so."""
+        fastapi = pytest.importorskip("fastapi")
+        import httpx
+
+        dep = registry.dependency("db", severity=Severity.SEV1)
+        app = fastapi.FastAPI()
+
+        @app.get("/api/items")
+        @app.get("/health/items")
+        async def items(conn: Any = fastapi.Depends(require_connection)) -> Any:  # noqa: B008
+            return {"rows": (await conn.execute(text("SELECT 1"))).scalar()}
+
+        app.add_middleware(DBHealthMiddleware, engine=engine, dependency=dep, include="/api")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            response = await client.get("/api/items")
+            assert response.status_code == 503  # the checkout was tried, and refused
+            assert attempts.calls == 1
+            with pytest.raises(ConfigurationError, match="needs a request gated by DBHealthMiddleware"):
+                await client.get("/health/items")  # not 'NoneType' object has no attribute 'execute'
+        assert attempts.calls == 1
 
 
 class TestKnownDown:
@@ -466,6 +560,106 @@ class TestLagDecision:
         """On a primary (not in recovery) lag is unknown (None), never zero."""
         assert await replica_lag(self._conn(standby=False, caught_up=False, since_replay=None)) is None
 
+    async def test_primary_is_not_a_standby(self) -> None:
+        """standby_lag tells a primary apart: NotAStandby (a CheckFailed), with its own message."""
+        from degrade.db._lag import standby_lag
+
+        with pytest.raises(NotAStandby, match="not a standby: the replica URL points at a primary"):
+            await standby_lag(self._conn(standby=False, caught_up=False, since_replay=None))
+        assert issubclass(NotAStandby, CheckFailed)
+        assert await standby_lag(self._conn(standby=True, caught_up=True, since_replay=None)) == 0.0
+        assert await standby_lag(self._conn(standby=True, caught_up=False, since_replay=None)) is None
+
+    async def test_check_says_not_a_standby(
+        self, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """checks.replica(max_lag=...) on a primary raises NotAStandby, not the 'unknown lag' CheckFailed."""
+        row = {"standby": False, "caught_up": False, "since_replay": None}
+        fake = self._conn(**row)
+
+        class FakeEngine:
+            def connect(self) -> Any:
+                class Ctx:
+                    async def __aenter__(self) -> Any:
+                        return fake
+
+                    async def __aexit__(self, *exc: object) -> None:
+                        return None
+
+                return Ctx()
+
+            async def dispose(self) -> None:
+                return None
+
+        monkeypatch.setattr(checks, "_private_engine", lambda engine: FakeEngine)
+        with pytest.raises(NotAStandby, match="not a standby"):
+            await checks.replica(engine, max_lag=2)()
+        row.update(standby=True, caught_up=False, since_replay=None)
+        fake = self._conn(**row)
+        with pytest.raises(CheckFailed, match="unknown") as info:
+            await checks.replica(engine, max_lag=2)()
+        assert type(info.value) is CheckFailed
+
+    @pytest.mark.parametrize(
+        ("error", "reason", "last_error"),
+        [
+            (
+                NotAStandby("not a standby: the replica URL points at a primary"),
+                "not-a-standby",
+                "NotAStandby",
+            ),
+            (CheckFailed("replication lag 9.0s is over max_lag=2s"), "lag", "CheckFailed"),
+        ],
+    )
+    async def test_monitor_reason(
+        self,
+        *,
+        engine: AsyncEngine,
+        attempts: _Attempts,
+        registry: Registry,
+        error: CheckFailed,
+        reason: str,
+        last_error: str,
+    ) -> None:
+        """The lag monitor marks a primary down as not-a-standby (lag stays lag); reads go to the primary."""
+
+        async def lag_check() -> None:
+            raise error
+
+        # Its own check (the probe's, while down) is the fake too: nothing dials the replica.
+        dep = registry.dependency("db-replica", severity=Severity.SEV3, check=lag_check)
+        replica_attempts = _Attempts()
+        replica = create_async_engine(
+            f"postgresql+asyncpg://u@127.0.0.1:{_closed_port()}/y", async_creator=replica_attempts
+        )
+        went_down = asyncio.Event()
+        dep.subscribe(lambda d: went_down.set() if d.is_down else None)
+        try:
+            router = ReadReplicaRouter(
+                primary=engine, replica=replica, dependency=dep, max_lag=2, lag_interval=0.01
+            )
+            router._lag_check = lag_check
+            with capture_logs() as logs:
+                await router.start()
+                try:
+                    await asyncio.wait_for(went_down.wait(), timeout=5.0)
+                finally:
+                    await router.aclose()
+                async with router.for_read() as session:
+                    assert session.bind is engine  # the primary, without trying the replica
+            assert dep.is_down
+            assert dep.last_error == last_error  # health details show the class: distinguishable
+            assert replica_attempts.calls == 0
+            down = [e for e in logs if e["event"] == "dependency.down"]
+            assert [(e["reason"], e["error"]) for e in down] == [(reason, last_error)]
+            fallback = [e for e in logs if e["event"] == "db.replica.fallback"]
+            assert [e["error"] for e in fallback] == [last_error]
+            flagged = [e for e in logs if e["event"] == "db.replica.not_a_standby"]
+            assert len(flagged) == (1 if reason == "not-a-standby" else 0)
+            assert all("max_lag" in e["hint"] for e in flagged)
+        finally:
+            await replica.dispose()
+
     async def test_idle_primary_is_not_lag(self) -> None:
         """Everything received replayed: 0, however old the last transaction is."""
         assert await replica_lag(self._conn(standby=True, caught_up=True, since_replay=3600.0)) == 0.0
@@ -511,7 +705,7 @@ class TestLagDecision:
             async def fake_lag(conn: Any, value: float | None = value) -> float | None:
                 return value
 
-            monkeypatch.setattr(lag_module, "replica_lag", fake_lag)
+            monkeypatch.setattr(lag_module, "standby_lag", fake_lag)
             check = checks.replica(engine, max_lag=2)
             if ok:
                 await check()

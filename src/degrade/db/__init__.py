@@ -3,7 +3,8 @@
 * :class:`DBHealthMiddleware` answers 503 at once while Postgres is down and
   within a hard ``acquire_timeout`` when it stops answering, without piling
   requests or connection attempts up; the connection it checks out serves the
-  request (:func:`current_connection`), so the healthy path pays one checkout.
+  request (:func:`connection`; :func:`require_connection` is its name for
+  FastAPI's ``Depends``), so the healthy path pays one checkout.
 * :class:`ReadReplicaRouter` gives ``AsyncSession``s for reads and writes:
   reads on a replica that is up and fresh enough, on the primary otherwise,
   with read-your-writes.
@@ -22,16 +23,17 @@ require("sqlalchemy", "postgres", feature="degrade.db")
 require("asyncpg", "postgres", feature="degrade.db")
 require("greenlet", "postgres", feature="degrade.db (SQLAlchemy's asyncio support)")
 
-from ._context import connection, current_connection  # noqa: E402
+from ._context import connection, current_connection, require_connection  # noqa: E402
 from ._errors import is_database_failure  # noqa: E402
 from ._gate import DBHealthMiddleware  # noqa: E402
-from ._lag import LAG_SQL, replica_check, replica_lag  # noqa: E402
+from ._lag import LAG_SQL, NotAStandby, replica_check, replica_lag  # noqa: E402
 from ._router import ReadReplicaRouter  # noqa: E402
 from ._settings import engine_options, engine_problems, problems, warn_problems  # noqa: E402
 
 __all__ = [
     "LAG_SQL",
     "DBHealthMiddleware",
+    "NotAStandby",
     "ReadReplicaRouter",
     "connection",
     "current_connection",
@@ -41,5 +43,6 @@ __all__ = [
     "problems",
     "replica_check",
     "replica_lag",
+    "require_connection",
     "warn_problems",
 ]

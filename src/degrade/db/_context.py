@@ -17,7 +17,15 @@ if TYPE_CHECKING:
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["Lease", "LeaseSource", "RequestContext", "connection", "current_connection", "request_context"]
+__all__ = [
+    "Lease",
+    "LeaseSource",
+    "RequestContext",
+    "connection",
+    "current_connection",
+    "request_context",
+    "require_connection",
+]
 
 
 class LeaseSource(Protocol):
@@ -127,6 +135,11 @@ def current_connection() -> AsyncConnection | None:
     background task that outlives its request, a read-only request served
     while the primary is down).
 
+    As a FastAPI dependency use ``Depends(degrade.db.require_connection)``
+    instead: it checks the connection out, and on a path the gate does not
+    cover it raises a ``ConfigurationError`` that says so, where this
+    returns None (and the handler fails later on ``None.execute``).
+
     Failure mode: none of its own; see :func:`connection`.
     """
     lease = LEASE.get()
@@ -157,14 +170,29 @@ async def connection() -> AsyncConnection:
     :class:`~degrade.Overloaded` (a 503 too, not counted as a failure) when
     the line is longer than the pool can serve in time, and
     ``ConfigurationError`` outside a request gated by
-    :class:`~degrade.db.DBHealthMiddleware`. Do not share the connection
-    between concurrent tasks: an asyncpg connection runs one operation at a time.
+    :class:`~degrade.db.DBHealthMiddleware` (it says the path is not gated and
+    how to gate it). Do not share the connection between concurrent tasks: an
+    asyncpg connection runs one operation at a time.
+
+    :func:`require_connection` is this same function, under the name to use
+    as a FastAPI dependency: ``Depends(degrade.db.require_connection)``.
     """
     lease = LEASE.get()
     if lease is None or lease.closed:
         raise ConfigurationError(
-            "degrade.db.connection() needs a request gated by DBHealthMiddleware "
-            "(a path under include= and not under exclude=)"
+            "degrade.db.connection() needs a request gated by DBHealthMiddleware, and this one is "
+            "not: its path is not under the gate's include= prefixes, or is under exclude= "
+            "(or the call runs after its request ended, in a background task). Gate the path "
+            '(include=("/api",), exclude=... without it; entries may name methods: "GET /users"), '
+            "or use the engine directly outside the gate"
         )
     lease.pinned = True
     return await lease.connection()
+
+
+#: :func:`connection` under the name to use as a FastAPI dependency:
+#: ``conn: AsyncConnection = Depends(degrade.db.require_connection)``. It returns
+#: this gated request's connection (checked out on first use), and on a path
+#: the gate does not cover raises ``ConfigurationError`` saying so, where
+#: ``Depends(current_connection)`` gives None.
+require_connection = connection

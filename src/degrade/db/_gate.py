@@ -31,24 +31,71 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 _OVERLOADED_DETAIL = "the database is busy: no pooled connection free in time, retry shortly"
 
 
-def _prefixes(label: str, value: str | Iterable[str]) -> tuple[tuple[str, ...], frozenset[str]]:
-    """Prefix-match data: ``/api`` matches ``/api`` and ``/api/...`` but not ``/apix``."""
+#: The method tokens an include/exclude entry may name ("GET /users", "POST|PUT /api").
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+_Entry = tuple[frozenset[str] | None, str]  # (methods, or None for any; path prefix)
+_Table = tuple[tuple[str, ...], frozenset[str]]  # (prefixes ending in "/", exact paths)
+
+
+def _entries(label: str, value: str | Iterable[str]) -> list[_Entry]:
+    """Parse ``"/api"`` (any method) and ``"GET|HEAD /api"`` entries; a bad one names itself."""
     items = (value,) if isinstance(value, str) else tuple(value)
+    out: list[_Entry] = []
     for item in items:
-        if not isinstance(item, str) or not item.startswith("/"):
+        if not isinstance(item, str):
             raise ConfigurationError(f"{label} takes path prefixes starting with '/'; got {item!r}")
-    starts = tuple(p if p.endswith("/") else p + "/" for p in items)
-    exact = frozenset(p.rstrip("/") or "/" for p in items)
+        if item.startswith("/"):
+            out.append((None, item))
+            continue
+        head, _, prefix = item.partition(" ")
+        prefix = prefix.lstrip(" ")
+        if not prefix.startswith("/"):
+            raise ConfigurationError(
+                f"{label} entry {item!r}: a path prefix starting with '/', optionally after "
+                "methods and a space ('/api', 'GET /users', 'POST|PUT /api')"
+            )
+        methods = {token.upper() for token in head.split("|")}
+        unknown = sorted(methods - _METHODS)
+        if unknown:
+            raise ConfigurationError(
+                f"{label} entry {item!r}: unknown method {unknown[0]!r}; "
+                f"methods are {', '.join(sorted(_METHODS))}, joined with '|'"
+            )
+        if "GET" in methods:
+            methods.add("HEAD")  # Starlette and FastAPI serve HEAD with the GET route
+        out.append((frozenset(methods), prefix))
+    return out
+
+
+def _table(entries: list[_Entry], method: str | None) -> _Table:
+    """Prefix-match data for ``method`` (None: a method no entry names).
+
+    ``/api`` matches ``/api`` and ``/api/...`` but not ``/apix``.
+    """
+    prefixes = [p for methods, p in entries if methods is None or (method is not None and method in methods)]
+    starts = tuple(p if p.endswith("/") else p + "/" for p in prefixes)
+    exact = frozenset(p.rstrip("/") or "/" for p in prefixes)
     return starts, exact
 
 
-def _matcher(include: str | Iterable[str], exclude: str | Iterable[str]) -> Callable[[str], bool]:
-    inc_starts, inc_exact = _prefixes("include", include)
-    exc_starts, exc_exact = _prefixes("exclude", exclude)
-    if not inc_starts:
-        raise ConfigurationError("include needs at least one path prefix, e.g. ('/api/',)")
+def _matcher(include: str | Iterable[str], exclude: str | Iterable[str]) -> Callable[[str, str], bool]:
+    """``gated(method, path)``: under an ``include`` entry and under no ``exclude`` entry.
 
-    def gated(path: str) -> bool:
+    An entry is a path prefix (any method) or methods, a space and a prefix
+    (``"GET /users"``, ``"POST|PUT /api"``; ``GET`` covers ``HEAD`` too).
+    """
+    inc = _entries("include", include)
+    exc = _entries("exclude", exclude)
+    if not inc:
+        raise ConfigurationError("include needs at least one path prefix, e.g. ('/api/',)")
+    # One table per method an entry names, one for every other method: two lookups per request.
+    named = {m for methods, _ in inc + exc if methods is not None for m in methods}
+    tables = {m: (_table(inc, m), _table(exc, m)) for m in named}
+    other = (_table(inc, None), _table(exc, None))
+
+    def gated(method: str, path: str) -> bool:
+        (inc_starts, inc_exact), (exc_starts, exc_exact) = tables.get(method, other)
         return (path.startswith(inc_starts) or path in inc_exact) and not (
             path.startswith(exc_starts) or path in exc_exact
         )
@@ -104,8 +151,11 @@ class DBHealthMiddleware:
             ``check=checks.sqlalchemy(engine)`` so a probe closes it).
         acquire_timeout: Hard bound, in seconds, on getting a connection.
         include: Path prefixes to gate (``"/api"`` matches ``/api`` and
-            ``/api/...``, not ``/apix``).
-        exclude: Path prefixes never gated (health routes, static files).
+            ``/api/...``, not ``/apix``); an entry may name methods first
+            (``"GET /users"``, ``"POST|PUT /api"``; ``GET`` covers ``HEAD``).
+        exclude: Path prefixes never gated (health routes, static files),
+            with methods too (``"GET /users"`` leaves a cached read ungated
+            while writes to ``/users`` stay gated); exclude wins.
         retry_after: ``Retry-After`` seconds; defaults to the dependency's.
         read_only_fallback: While the primary is down, let GET/HEAD requests
             through when ``router`` has a healthy replica; their
@@ -189,7 +239,7 @@ class DBHealthMiddleware:
         dependency.subscribe(self._on_transition)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._gated(scope["path"]):
+        if scope["type"] != "http" or not self._gated(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         dep = self.dependency

@@ -14,11 +14,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import checks
 from ..exceptions import CheckFailed
+from ..observe import logger
 
 if TYPE_CHECKING:
     from ..dependency import Dependency
 
-__all__ = ["LAG_SQL", "LagMonitor", "replica_check", "replica_lag"]
+__all__ = [
+    "LAG_SQL",
+    "NOT_A_STANDBY",
+    "LagMonitor",
+    "NotAStandby",
+    "replica_check",
+    "replica_lag",
+    "standby_lag",
+]
+
+#: The message of :class:`NotAStandby` (credential-free: it names no URL).
+NOT_A_STANDBY = "not a standby: the replica URL points at a primary (pg_is_in_recovery() is false)"
 
 #: One round trip. ``caught_up``: everything the standby received is replayed
 #: (then it is as fresh as the primary lets it be, however long the primary
@@ -29,6 +41,32 @@ LAG_SQL = text(
     "coalesce(pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), false) AS caught_up, "
     "extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8 AS since_replay"
 )
+
+
+class NotAStandby(CheckFailed):
+    """The server behind the replica URL is not in recovery: a primary (or a promoted replica).
+
+    Its own failure, not lag: the lag monitor marks the replica down with
+    ``reason="not-a-standby"`` (reads run on the primary), and health details
+    show ``"error": "NotAStandby"`` instead of ``"CheckFailed"``.
+    """
+
+
+async def standby_lag(conn: AsyncConnection) -> float | None:
+    """Like :func:`replica_lag`, but a server that is not a standby raises instead of returning None.
+
+    Failure mode: raises :class:`NotAStandby` when ``pg_is_in_recovery()`` is
+    false, and whatever the query raises (the caller bounds it). None means
+    a standby that has WAL to replay but has replayed no transaction yet.
+    """
+    row = (await conn.execute(LAG_SQL)).one()
+    if not row.standby:
+        raise NotAStandby(NOT_A_STANDBY)
+    if row.caught_up:
+        return 0.0
+    if row.since_replay is None:
+        return None
+    return max(0.0, float(row.since_replay))
 
 
 async def replica_lag(conn: AsyncConnection) -> float | None:
@@ -42,16 +80,14 @@ async def replica_lag(conn: AsyncConnection) -> float | None:
       has WAL to replay but has replayed no transaction yet: None, which
       means *unknown* and is never taken for zero.
 
+    :func:`standby_lag` tells the first case apart (it raises :class:`NotAStandby`).
+
     Failure mode: raises whatever the query raises (the caller bounds it).
     """
-    row = (await conn.execute(LAG_SQL)).one()
-    if not row.standby:
+    try:
+        return await standby_lag(conn)
+    except NotAStandby:
         return None
-    if row.caught_up:
-        return 0.0
-    if row.since_replay is None:
-        return None
-    return max(0.0, float(row.since_replay))
 
 
 def replica_check(
@@ -70,7 +106,10 @@ class LagMonitor:
     """The replica router's lag monitor: a degrade Component its registry's lifespan runs.
 
     While the replica is up, every ``lag_interval`` it runs the lag check: lag
-    over ``max_lag`` marks the replica down (``reason=lag``), an unreachable
+    over ``max_lag`` (or unknown) marks the replica down (``reason=lag``), a
+    server that is not a standby marks it down with ``reason=not-a-standby``
+    and one ``db.replica.not_a_standby`` warning (reads run on the primary:
+    the only server known to hold the data the app writes), an unreachable
     replica counts an ordinary failure. (A base class of
     :class:`~degrade.db.ReadReplicaRouter`, kept here beside the lag query.)
 
@@ -118,6 +157,15 @@ class LagMonitor:
                 continue  # the dependency's probe runs the check meanwhile
             try:
                 await self._lag_check()
+            except NotAStandby as exc:
+                logger.warning(
+                    "db.replica.not_a_standby",
+                    replica=dep.name,
+                    detail=NOT_A_STANDBY,
+                    hint="point the replica URL at a standby, or leave max_lag unset "
+                    "(or the replica out) when it is the primary's server",
+                )
+                dep.mark_down(exc, reason="not-a-standby")
             except CheckFailed as exc:
                 dep.mark_down(exc, reason="lag")
             except Exception as exc:  # unreachable replica: an ordinary failure

@@ -20,8 +20,7 @@ import re
 from collections import OrderedDict
 from typing import Any, Literal, NamedTuple
 
-from . import _validate
-from ._extras import optional
+from . import _metrics, _validate
 from .exceptions import ConfigurationError
 
 __all__ = ["Decision", "MemoryStore", "Rate", "Source", "parse_rate"]
@@ -147,17 +146,8 @@ class _Inc:
         """Count nothing (prometheus_client is not installed)."""
 
 
-def _evictions_counter() -> Any:
-    prometheus: Any = optional("prometheus_client")
-    if prometheus is None:
-        return _Inc()
-    return prometheus.Counter(
-        "degrade_ratelimit_evictions_total",
-        "Keys of the in-memory rate limiter evicted while still active (store full).",
-    )
-
-
-_EVICTIONS = _evictions_counter()
+#: From the metric registry (degrade._metrics); a no-op without prometheus_client.
+_EVICTIONS: Any = _metrics.prometheus_metric("degrade_ratelimit_evictions_total") or _Inc()
 
 
 class MemoryStore:

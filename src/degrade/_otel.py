@@ -5,7 +5,9 @@ Importing this module imports nothing of OpenTelemetry: ``opentelemetry.metrics`
 and never when it is not installed. Each Prometheus metric of
 :mod:`degrade.observe` has an OpenTelemetry instrument here, with the same
 meaning and the same labels as attributes (``degrade.dependency``,
-``degrade.site``...); ``docs/operations.md`` has the table.
+``degrade.site``...); the instruments' names, units and descriptions are rows
+of the metric registry (:mod:`degrade._metrics`), and ``docs/operations.md``
+has the table.
 
 Nothing runs per call on the hot path: the per-site counts are the plain
 integers of each :class:`~degrade.Site`, read by observable instruments when the
@@ -19,7 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from . import _bounded
+from . import _bounded, _metrics
 from ._extras import optional
 
 if TYPE_CHECKING:
@@ -118,54 +120,32 @@ class Bridge:
         #: The instruments of :func:`degrade.observe.otel_counter` counters, by name.
         self._counters: dict[str, Any] = {}
         self._observables: list[Observable] = []
-        self.transitions = meter.create_counter(
-            "degrade.dependency.transitions",
-            unit="{transition}",
-            description="State transitions of a dependency, by target state.",
+        # Every instrument's name, unit and description come from the registry (degrade._metrics).
+        self.transitions = self._counter("degrade.dependency.transitions")
+        self.flaps = self._counter("degrade.dependency.flaps")
+        self._observable("degrade.dependency.up", self._up)
+        self._observable("degrade.site.degraded_calls", self._degraded)
+        self._observable("degrade.site.shed", self._shed)
+        self._observable("degrade.abandoned.in_flight", self._abandoned_in_flight)
+        self._observable("degrade.abandoned.calls", self._abandoned)
+        self._observable("degrade.abandoned.refused", self._abandoned_refused)
+
+    def _counter(self, name: str) -> Any:
+        spec = _metrics.instrument(name)
+        return self.meter.create_counter(spec.name, unit=spec.unit, description=spec.description)
+
+    def _observable(self, name: str, callback: Callable[[CallbackOptions], Iterable[Observation]]) -> None:
+        spec = _metrics.instrument(name)
+        self._create_observable(spec.kind)(
+            spec.name, callbacks=[callback], unit=spec.unit, description=spec.description
         )
-        self.flaps = meter.create_counter(
-            "degrade.dependency.flaps",
-            unit="{flap}",
-            description="Quick relapses: a dependency down again within its flap window after recovering.",
-        )
-        meter.create_observable_gauge(
-            "degrade.dependency.up",
-            callbacks=[self._up],
-            unit="1",
-            description="1 while the dependency is ok, 0 while degrade treats it as down.",
-        )
-        meter.create_observable_counter(
-            "degrade.site.degraded_calls",
-            callbacks=[self._degraded],
-            unit="{call}",
-            description="Calls of a site answered degraded: by its fallback (fail_soft) "
-            "or with DependencyUnavailable (fail_loud).",
-        )
-        meter.create_observable_counter(
-            "degrade.site.shed",
-            callbacks=[self._shed],
-            unit="{call}",
-            description="Calls shed for lack of local capacity (saturation, not an outage), by reason.",
-        )
-        meter.create_observable_up_down_counter(
-            "degrade.abandoned.in_flight",
-            callbacks=[self._abandoned_in_flight],
-            unit="{call}",
-            description="Calls abandoned at a hard time bound whose clean-up is still unwinding.",
-        )
-        meter.create_observable_counter(
-            "degrade.abandoned.calls",
-            callbacks=[self._abandoned],
-            unit="{call}",
-            description="Calls abandoned at a hard time bound (cancelled, left to unwind in the background).",
-        )
-        meter.create_observable_counter(
-            "degrade.abandoned.refused",
-            callbacks=[self._abandoned_refused],
-            unit="{call}",
-            description="Calls answered degraded without an attempt because too many abandoned "
-            "calls were unwinding.",
-        )
+
+    def _create_observable(self, kind: Kind) -> Callable[..., Any]:
+        return {
+            "counter": self.meter.create_observable_counter,
+            "up_down_counter": self.meter.create_observable_up_down_counter,
+            "gauge": self.meter.create_observable_gauge,
+        }[kind]
 
     def close(self) -> None:
         """Stop reporting: observable callbacks yield nothing, transitions are not counted."""
@@ -248,12 +228,9 @@ class Bridge:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             return self.observe(list(spec.callback()))
 
-        create = {
-            "counter": self.meter.create_observable_counter,
-            "up_down_counter": self.meter.create_observable_up_down_counter,
-            "gauge": self.meter.create_observable_gauge,
-        }[spec.kind]
-        create(spec.name, callbacks=[callback], unit=spec.unit, description=spec.description)
+        self._create_observable(spec.kind)(
+            spec.name, callbacks=[callback], unit=spec.unit, description=spec.description
+        )
 
 
 class State:

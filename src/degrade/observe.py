@@ -15,66 +15,30 @@ the global meter provider, which is a no-op until the host configures one (see
 :func:`use_opentelemetry`). Both can be on together; each costs nothing when its
 package is absent, and neither adds work per call: per-site counts are plain
 integers read at collection time.
+
+Every metric name is a row of one registry, :mod:`degrade._metrics` (name,
+type, labels, help; ``docs/operations.md`` lists them); the objects that
+report them live in :mod:`degrade._signals` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from . import _bounded, _otel
+from . import _bounded, _metrics, _otel
 from ._extras import optional, require
+from ._signals import AbandonedWork as _AbandonedWork
+from ._signals import Dependency, Site, _Inc, _Severity, metrics
+from ._signals import Metrics as _Metrics
+from ._signals import SiteTotals as _SiteTotals
+from ._signals import otel_state as _otel_state
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
-
-
-class _Severity(Protocol):
-    @property
-    def value(self) -> int: ...
-    @property
-    def label(self) -> str: ...
-
-
-class Dependency(Protocol):
-    """What the signals read of a :class:`degrade.Dependency` (a protocol: no import cycle)."""
-
-    _report_due: dict[str, float]
-    _report_held: dict[str, int]
-    _report_held_since: dict[str, float]
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def impact(self) -> str: ...
-    @property
-    def last_error(self) -> str | None: ...
-    @property
-    def severity(self) -> _Severity: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def is_down(self) -> bool: ...
-    @property
-    def failures(self) -> int: ...
-    @property
-    def flaps(self) -> int: ...
-    @property
-    def recovery_delay(self) -> float: ...
-
-
-class Site(_otel.SiteCounts, Protocol):
-    """What the signals read of a :class:`degrade.Site`: its counts, and the shed log's rate limit."""
-
-    _shed_log_due: float
-    _shed_logged: int
-
-    @property
-    def shed_total(self) -> int: ...
-
 
 __all__ = [
     "logger",
@@ -89,165 +53,10 @@ __all__ = [
 logger = structlog.get_logger("degrade")
 
 _sentry: Any = optional("sentry_sdk")
-_prometheus: Any = optional("prometheus_client")
-
-
-class _Inc(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
-
-
-class _Metrics:
-    """The Prometheus metrics (no-ops when prometheus_client is missing), and what OpenTelemetry reads.
-
-    ``sites`` and ``up`` are what both collectors read at collection time:
-    every site declared in this process (with when), and the last state
-    (1 ok, 0 down) of each dependency name.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = _prometheus is not None
-        # Strong references, as prometheus_client keeps its labelled children:
-        # a series never vanishes (which a scraper would read as a counter reset).
-        self.sites: list[tuple[Site, float]] = []
-        self.up: dict[str, int] = {}
-        if not self.enabled:
-            return
-        p = _prometheus
-        self.dependency_up = p.Gauge(
-            "degrade_dependency_up",
-            "1 while the dependency is ok, 0 while degrade treats it as down.",
-            ["dependency"],
-        )
-        self.transitions = p.Counter(
-            "degrade_dependency_transitions_total",
-            "State transitions of a dependency, by target state.",
-            ["dependency", "to"],
-        )
-        self.flaps = p.Counter(
-            "degrade_dependency_flaps_total",
-            "Quick relapses: a dependency down again within its flap window after recovering.",
-            ["dependency"],
-        )
-        # degrade_fallback_total / degrade_fail_loud_total are read from each
-        # Site's own count at scrape time: counting a degraded call, on the hot
-        # path of an outage, is then one integer increment instead of a locked
-        # prometheus_client Counter.inc() (~0.5 us, as much as the rest of the
-        # fallback path; see bench/RESULTS.md).
-        self.site_totals = _SiteTotals(self.sites)
-        p.REGISTRY.register(self.site_totals)
-        p.REGISTRY.register(_AbandonedWork())
-
-    def site_counter(self, site: Site) -> _Inc | None:
-        """Report ``site``'s degraded calls in the metrics; returns nothing to bump per call.
-
-        ``Site.count()`` bumps ``site.degraded_calls``; the per-site series of
-        ``degrade_fallback_total`` (FAIL-SOFT) or ``degrade_fail_loud_total``
-        read it when Prometheus scrapes, and OpenTelemetry's
-        ``degrade.site.degraded_calls`` when its reader collects.
-        """
-        self.sites.append((site, time.time()))
-        _otel_state.ensure()
-        return None
-
-    def state(self, dep: Dependency) -> None:
-        up = 0 if dep.is_down else 1
-        self.up[dep.name] = up
-        _otel_state.ensure()
-        if self.enabled:
-            self.dependency_up.labels(dependency=dep.name).set(up)
-
-    def transition(self, dep: Dependency) -> None:
-        flapped = dep.is_down and bool(dep.flaps)
-        bridge = _otel_state.bridge
-        if bridge is not None:
-            bridge.transition(dep.name, dep.state, flapped)
-        if self.enabled:
-            self.transitions.labels(dependency=dep.name, to=dep.state).inc()
-            if flapped:
-                self.flaps.labels(dependency=dep.name).inc()
-        self.state(dep)
-
-
-class _SiteTotals:
-    """Prometheus collector of the per-site counters, read from ``Site.degraded_calls``."""
-
-    _FAMILIES = (
-        ("degrade_fallback", "Calls of a FAIL-SOFT site answered by its fallback."),
-        ("degrade_fail_loud", "Calls of a FAIL-LOUD site that raised DependencyUnavailable."),
-    )
-
-    def __init__(self, sites: list[tuple[Site, float]]) -> None:
-        self._sites = sites  # _Metrics.sites: every site declared, with when
-
-    def _families(self) -> tuple[Any, Any]:
-        family = _prometheus.metrics_core.CounterMetricFamily
-        labels = ["dependency", "site"]
-        fallback, fail_loud = (family(name, doc, labels=labels) for name, doc in self._FAMILIES)
-        return fallback, fail_loud
-
-    @staticmethod
-    def _shed_family() -> Any:
-        return _prometheus.metrics_core.CounterMetricFamily(
-            "degrade_shed",
-            "Calls shed for lack of local capacity (saturation, not an outage), by reason.",
-            labels=["dependency", "site", "reason"],
-        )
-
-    def describe(self) -> list[Any]:
-        return [*self._families(), self._shed_family()]
-
-    def collect(self) -> list[Any]:
-        # Sites that share labels (the same function decorated twice) add up,
-        # as they shared one labelled Counter child before.
-        totals: dict[tuple[bool, str, str], list[float]] = {}
-        shed: dict[tuple[str, str, str], list[float]] = {}
-        for site, created in list(self._sites):
-            entry = totals.setdefault(
-                (site.mode == "fail_soft", site.dependency_name, site.name), [0.0, created]
-            )
-            entry[0] += site.degraded_calls
-            for reason, count in list(site.shed_calls.items()):
-                shed.setdefault((site.dependency_name, site.name, reason), [0.0, created])[0] += count
-        fallback, fail_loud = self._families()
-        shed_family = self._shed_family()
-        with_created = getattr(_prometheus.metrics, "_use_created", True)
-        for (soft, dependency, name), (value, created) in totals.items():
-            family = fallback if soft else fail_loud
-            family.add_metric([dependency, name], value, created=created if with_created else None)
-        for labels, (value, created) in shed.items():
-            shed_family.add_metric(list(labels), value, created=created if with_created else None)
-        return [fallback, fail_loud, shed_family]
-
-
-class _AbandonedWork:
-    """Prometheus collector of the work :func:`degrade._bounded.hard_timeout` abandoned at its bound."""
-
-    def describe(self) -> list[Any]:
-        return self.collect()
-
-    def collect(self) -> list[Any]:
-        core = _prometheus.metrics_core
-        return [
-            core.GaugeMetricFamily(
-                "degrade_abandoned_in_flight",
-                "Calls abandoned at a hard time bound whose clean-up is still unwinding.",
-                value=_bounded.abandoned_in_flight(),
-            ),
-            core.CounterMetricFamily(
-                "degrade_abandoned",
-                "Calls abandoned at a hard time bound (cancelled, left to unwind in the background).",
-                value=_bounded.Abandoned.total,
-            ),
-            core.CounterMetricFamily(
-                "degrade_abandoned_refused",
-                "Calls answered degraded without an attempt because too many abandoned calls were unwinding.",
-                value=_bounded.Abandoned.refused,
-            ),
-        ]
-
-
-metrics = _Metrics()
-_otel_state = _otel.State(metrics)
+_prometheus: Any = _metrics._prometheus
+# Re-exported for code that read them here before the split (0.x): the
+# protocols and collectors live in degrade._signals, the metric table in degrade._metrics.
+_REEXPORTED = (Dependency, Site, _AbandonedWork, _Metrics, _SiteTotals, _Inc, _Severity)
 
 
 def use_opentelemetry(meter_provider: MeterProvider | None = None, *, enabled: bool = True) -> bool:

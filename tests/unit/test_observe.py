@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import importlib
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +19,7 @@ from degrade import (
     DependencyUnavailable,
     Registry,
     Severity,
+    _metrics,
     fail_loud,
     fail_soft,
     observe,
@@ -332,3 +337,124 @@ class TestFlapping:
             "degrade_dependency_flaps_total", {"dependency": name}
         )
         assert sample == 1.0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Every Prometheus metric degrade exports: name -> (type, labels). Dashboards and alerts
+#: depend on these; a change here is a breaking change.
+PROMETHEUS_METRICS = {
+    "degrade_dependency_up": ("gauge", ("dependency",)),
+    "degrade_dependency_transitions_total": ("counter", ("dependency", "to")),
+    "degrade_dependency_flaps_total": ("counter", ("dependency",)),
+    "degrade_shed_total": ("counter", ("dependency", "site", "reason")),
+    "degrade_fallback_total": ("counter", ("dependency", "site")),
+    "degrade_fail_loud_total": ("counter", ("dependency", "site")),
+    "degrade_eventbus_events_total": ("counter", ("exchange", "outcome")),
+    "degrade_eventbus_dropped_total": ("counter", ("exchange", "reason")),
+    "degrade_eventbus_degraded": ("gauge", ("exchange",)),
+    "degrade_ratelimit_overflow_total": ("counter", ()),
+    "degrade_ratelimit_errors_total": ("counter", ("error",)),
+    "degrade_ratelimit_evictions_total": ("counter", ()),
+    "degrade_abandoned_in_flight": ("gauge", ()),
+    "degrade_abandoned_total": ("counter", ()),
+    "degrade_abandoned_refused_total": ("counter", ()),
+}
+
+#: Every OpenTelemetry instrument degrade exports: name -> (kind, observable, unit).
+OTEL_INSTRUMENTS = {
+    "degrade.dependency.up": ("gauge", True, "1"),
+    "degrade.dependency.transitions": ("counter", False, "{transition}"),
+    "degrade.dependency.flaps": ("counter", False, "{flap}"),
+    "degrade.site.degraded_calls": ("counter", True, "{call}"),
+    "degrade.site.shed": ("counter", True, "{call}"),
+    "degrade.abandoned.in_flight": ("up_down_counter", True, "{call}"),
+    "degrade.abandoned.calls": ("counter", True, "{call}"),
+    "degrade.abandoned.refused": ("counter", True, "{call}"),
+    "degrade.ratelimit.decisions": ("counter", True, "{decision}"),
+    "degrade.eventbus.events": ("counter", True, "{event}"),
+    "degrade.eventbus.dropped": ("counter", True, "{event}"),
+    "degrade.eventbus.degraded": ("gauge", True, "1"),
+}
+
+
+def _exported_prometheus() -> list[tuple[str, str, str]]:
+    """(exposed name, type, help) of every degrade_* family in prometheus_client's default registry."""
+    for module in ("degrade.ratelimit", "degrade.eventbus", "degrade._gcra"):
+        importlib.import_module(module)  # the modules whose import defines metrics
+    found = []
+    for family in REGISTRY.collect():
+        if family.name.startswith("degrade_"):
+            exposed = f"{family.name}_total" if family.type == "counter" else family.name
+            found.append((exposed, family.type, family.documentation))
+    return found
+
+
+class TestMetricRegistry:
+    """One registry of metric names (degrade._metrics), unchanged, each exported once, all documented."""
+
+    def test_prometheus_names_are_unchanged(self) -> None:
+        """The registry holds exactly the metrics listed above, with their types and labels."""
+        table = {m.name: (m.type, m.labels) for m in _metrics.PROMETHEUS}
+        assert table == PROMETHEUS_METRICS
+        assert len(_metrics.PROMETHEUS) == len(PROMETHEUS_METRICS)  # no name twice
+
+    def test_opentelemetry_names_are_unchanged(self) -> None:
+        """The registry holds exactly the instruments listed above."""
+        table = {i.name: (i.kind, i.observable, i.unit) for i in _metrics.OPENTELEMETRY}
+        assert table == OTEL_INSTRUMENTS
+        assert len(_metrics.OPENTELEMETRY) == len(OTEL_INSTRUMENTS)
+
+    def test_every_exported_metric_is_registered_once(self) -> None:
+        """Each degrade_* family prometheus_client exports is a registry row, exported once, same help."""
+        exported = _exported_prometheus()
+        counts = collections.Counter(name for name, _, _ in exported)
+        assert counts == collections.Counter(list(PROMETHEUS_METRICS))
+        for name, kind, doc in exported:
+            row = _metrics.metric(name)
+            assert (kind, doc) == (row.type, row.help), name
+
+    def test_labels_match_the_registry(self, name: str, clock: FakeClock) -> None:
+        """Samples carry exactly the registry's labels."""
+        dep = dependency(name, clock)
+        fail_soft(dep, fallback=None, reason="r")(lambda: None)()
+        fail_loud(dep, reason="r")(lambda: None)
+        dep.add_site("shedder", "fail_soft", "r").shed("queue")
+        dep.record_failure(ConnectionRefusedError())
+        for family in REGISTRY.collect():
+            for sample in family.samples:
+                row = _metrics.METRICS.get(sample.name)
+                if row is not None:
+                    assert tuple(sorted(sample.labels)) == tuple(sorted(row.labels)), sample.name
+
+    def test_documented_in_operations(self) -> None:
+        """docs/operations.md lists every metric and instrument of the registry, with its type."""
+        text = (ROOT / "docs" / "operations.md").read_text()
+        for row in _metrics.PROMETHEUS:
+            assert re.search(rf"^\| `{row.name}` \| {row.type} \|", text, re.MULTILINE), row.name
+        documented = set(re.findall(r"`(degrade\.[a-z_.]+)`", text))
+        assert {i.name for i in _metrics.OPENTELEMETRY} <= documented
+        assert "degrade._metrics" in text
+
+    def test_observe_still_exports_what_it_did(self) -> None:
+        """The split kept every name of degrade.observe importable."""
+        for attr in (
+            "Dependency",
+            "Site",
+            "metrics",
+            "_Metrics",
+            "_SiteTotals",
+            "_AbandonedWork",
+            "_otel_state",
+            "_prometheus",
+            "_sentry",
+            "may_abandon",
+            "shed_reported",
+            "dependency_down",
+            "dependency_recovered",
+            "sentry_active",
+            "ABANDON_LOG_INTERVAL",
+            "SHED_LOG_INTERVAL",
+            "TRANSITION_REPORT_INTERVAL",
+        ):
+            assert hasattr(observe, attr), attr

@@ -363,3 +363,29 @@ class TestComponentSignals:
         assert queued["queued"] == 1
         degraded = otel.points("degrade.eventbus.degraded")
         assert degraded[frozenset({("degrade.eventbus.exchange", name)})] == 0
+
+    async def test_every_instrument_is_a_registry_row(
+        self, otel: Reader, name: str, clock: FakeClock
+    ) -> None:
+        """Each instrument on degrade's meter is a row of degrade._metrics: same unit and description."""
+        from degrade import _metrics
+        from degrade.eventbus import EventPublisher
+        from degrade.ratelimit import RateLimiter
+
+        dep = dependency(name, clock)
+        fail_soft(dep, fallback=None, reason="r")(lambda: None)()
+        dep.add_site("shedder", "fail_soft", "r").shed("queue")
+        dep.record_failure(ConnectionRefusedError())
+        dep.record_success()
+        dep.record_failure(ConnectionRefusedError())  # a flap
+        limiter = RateLimiter(prefix=f"{name}:")
+        await limiter.hit("k", "5/minute")
+        bus = EventPublisher("amqp://guest:guest@127.0.0.1:1/", exchange=name)
+        await bus.publish("k", {"a": 1})
+        collected = {n: m for n, m in otel.collect().items() if not n.startswith("degrade.test.")}
+        # All but degrade.eventbus.dropped (nothing dropped here) report; none outside the registry.
+        assert set(_metrics.INSTRUMENTS) - {"degrade.eventbus.dropped"} <= set(collected)
+        assert set(collected) <= set(_metrics.INSTRUMENTS)
+        for metric_name, metric in collected.items():
+            row = _metrics.instrument(metric_name)
+            assert (metric.unit, metric.description) == (row.unit, row.description), metric_name

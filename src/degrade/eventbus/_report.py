@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .._extras import optional
+from .. import _metrics
 from ..observe import logger, otel_observable, report_to_sentry, sentry_active
 from ._event import Event
 from ._result import PublisherStats
@@ -46,8 +46,6 @@ STATUS = {
 
 #: Sample message ids kept per summary line.
 SAMPLES = 5
-
-_prometheus: Any = optional("prometheus_client")
 
 
 class Counts:
@@ -109,24 +107,14 @@ class _Collector:
     def add(self, counts: Counts) -> None:
         self._counts.append((counts, time.time()))
 
-    def _families(self) -> tuple[Any, Any, Any]:
-        core = _prometheus.metrics_core
-        events = core.CounterMetricFamily(
-            "degrade_eventbus_events",
-            "Events by outcome: queued, confirmed, spooled, replayed (confirmed from the spool), resent.",
-            labels=["exchange", "outcome"],
+    @staticmethod
+    def _families() -> tuple[Any, Any, Any]:
+        # Names, labels and help texts: the metric registry (degrade._metrics).
+        return (
+            _metrics.family("degrade_eventbus_events_total"),
+            _metrics.family("degrade_eventbus_dropped_total"),
+            _metrics.family("degrade_eventbus_degraded"),
         )
-        dropped = core.CounterMetricFamily(
-            "degrade_eventbus_dropped",
-            "Events lost, by reason (degraded, buffer_full, shutdown, spool_full, unroutable, nacked, ...).",
-            labels=["exchange", "reason"],
-        )
-        degraded = core.GaugeMetricFamily(
-            "degrade_eventbus_degraded",
-            "1 while a publisher of this exchange is in degraded mode (drops or spools every event).",
-            labels=["exchange"],
-        )
-        return events, dropped, degraded
 
     def describe(self) -> list[Any]:
         return list(self._families())
@@ -145,11 +133,10 @@ class _Collector:
                 entry[0] += n
             degraded[ex] = max(degraded.get(ex, 0.0), 1.0 if counts.degraded else 0.0)
         events, dropped, gauge = self._families()
-        with_created = getattr(_prometheus.metrics, "_use_created", True)
         for (ex, outcome), (total, created) in outcomes.items():
-            events.add_metric([ex, outcome], total, created=created if with_created else None)
+            events.add_metric([ex, outcome], total, created=_metrics.created(created))
         for (ex, reason), (total, created) in lost.items():
-            dropped.add_metric([ex, reason], total, created=created if with_created else None)
+            dropped.add_metric([ex, reason], total, created=_metrics.created(created))
         for ex, flag in degraded.items():
             gauge.add_metric([ex], flag)
         return [events, dropped, gauge]
@@ -159,35 +146,22 @@ class _Metrics:
     """Registers the collector once, when prometheus_client is installed (extra ``prometheus``)."""
 
     def __init__(self) -> None:
-        self.enabled = _prometheus is not None
         self.collector = _Collector()
         self._otel = False
-        if self.enabled:
-            _prometheus.REGISTRY.register(self.collector)
+        self.enabled = _metrics.register(self.collector)
 
     def track(self, counts: Counts) -> None:
         # Tracked for OpenTelemetry too (plain integers, read at collection).
         self.collector.add(counts)
         if not self._otel:  # at the first publisher: importing degrade.eventbus imports no OTel
             self._otel = True
-            otel_observable(
-                "degrade.eventbus.events",
-                "Events by outcome: queued, confirmed, spooled, replayed, resent.",
-                self._otel_events,
-                unit="{event}",
-            )
-            otel_observable(
-                "degrade.eventbus.dropped",
-                "Events lost, by reason (degraded, buffer_full, shutdown, spool_full, unroutable, ...).",
-                self._otel_dropped,
-                unit="{event}",
-            )
-            otel_observable(
-                "degrade.eventbus.degraded",
-                "1 while a publisher of this exchange is in degraded mode.",
-                self._otel_degraded,
-                kind="gauge",
-            )
+            for name, callback in (
+                ("degrade.eventbus.events", self._otel_events),
+                ("degrade.eventbus.dropped", self._otel_dropped),
+                ("degrade.eventbus.degraded", self._otel_degraded),
+            ):
+                spec = _metrics.instrument(name)  # the registry's row
+                otel_observable(spec.name, spec.description, callback, unit=spec.unit, kind=spec.kind)
 
     def _otel_events(self) -> Iterable[tuple[float, Mapping[str, str]]]:
         totals: dict[tuple[str, str], float] = {}

@@ -12,8 +12,8 @@ Before 0.2.0 ``limiter.stats`` was the live counters themselves.
 ``limiter.stats.redis`` reads (and ``limiter.stats.batches = 0`` sets) the
 live counter with a ``DeprecationWarning`` naming ``limiter.stats().redis``.
 
-Prometheus gets two counters of its own (decisions shed for ``max_pending``,
-unexpected errors by class); OpenTelemetry reads the live counts of every
+Prometheus gets two counters of the metric registry (:mod:`degrade._metrics`):
+decisions shed for ``max_pending``, unexpected errors by class; OpenTelemetry reads the live counts of every
 limiter at collection (``degrade.ratelimit.decisions``), never per decision.
 """
 
@@ -25,28 +25,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .._extras import optional
+from .. import _metrics
 from ..observe import otel_observable
 
 __all__ = ["ERRORS", "OVERFLOW", "Counts", "LimiterStats", "StatsView", "track"]
 
 
-def _counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-    prometheus: Any = optional("prometheus_client")
-    if prometheus is None:
-        return None
-    return prometheus.Counter(name, doc, list(labels))
-
-
-OVERFLOW = _counter(
-    "degrade_ratelimit_overflow_total",
-    "Rate-limit decisions shed (answered from memory, not a failure) because too many waited for Redis.",
-)
-ERRORS = _counter(
-    "degrade_ratelimit_errors_total",
-    "Unexpected (non-outage) errors of the Redis rate limiter, by exception class.",
-    ("error",),
-)
+# Defined in the metric registry (degrade._metrics); None without prometheus_client.
+OVERFLOW = _metrics.prometheus_metric("degrade_ratelimit_overflow_total")
+ERRORS = _metrics.prometheus_metric("degrade_ratelimit_errors_total")
 
 
 @dataclass(frozen=True)
@@ -182,9 +169,5 @@ def track(limiter: _Counted) -> None:
     _LIVE.add(limiter)
     if not _OTEL_REGISTERED:
         _OTEL_REGISTERED = True
-        otel_observable(
-            "degrade.ratelimit.decisions",
-            "Rate-limit decisions by where they were made: redis, fallback (outage policy), shed.",
-            _otel_decisions,
-            unit="{decision}",
-        )
+        spec = _metrics.instrument("degrade.ratelimit.decisions")
+        otel_observable(spec.name, spec.description, _otel_decisions, unit=spec.unit)

@@ -23,7 +23,7 @@ from .modes import fail_loud, fail_soft, site_of
 from .registry import Registry
 from .responses import exception_handlers, unavailable_response
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CheckFailed",

@@ -297,7 +297,7 @@ class RevocationList:
 
 def _check_jti(jti: str) -> None:
     if not isinstance(jti, str) or not jti:
-        raise ValueError(f"jti must be a non-empty str; got {type(jti).__name__}")
+        raise ConfigurationError(f"jti must be a non-empty str; got {type(jti).__name__}")
 
 
 def _name(fn: Callable[..., Any], qualname: str) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import tenacity
 from aiormq.exceptions import ChannelInvalidStateError
 
+from ..exceptions import ConfigurationError
+
 __all__ = ["CONNECTION_ERRORS", "wait_jittered"]
 
 #: OSError covers ConnectionError and with it every aiormq AMQPConnectionError
@@ -34,8 +36,8 @@ class wait_jittered(tenacity.wait.wait_base):  # tenacity's naming: it composes 
     """
 
     def __init__(self, base: tenacity.wait.wait_base, ratio: float, rng: Callable[[], float] = random.random):
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1); got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio < 1.0:
+            raise ConfigurationError(f"ratio must be a number in [0, 1); got {ratio!r}")
         self.base = base
         self.ratio = ratio
         self.rng = rng

@@ -122,3 +122,29 @@ def predicate(
     if callable(on):
         return on
     raise ConfigurationError(f"on= takes an exception type, a tuple of them or a predicate; got {on!r}")
+
+
+def error_chain(error: BaseException | None, *, limit: int = 4) -> str | None:
+    """The failure's class chain, outermost first (``"DBAPIError <- InvalidCatalogNameError"``), or None.
+
+    Follows a driver error wrapped by SQLAlchemy (``.orig``), then ``__cause__``
+    and an unsuppressed ``__context__``; class names only, never a message (a
+    message may hold a DSN). None when there is nothing beyond the outer class
+    (that is ``error`` in the logs already).
+    """
+    if error is None:
+        return None
+    names = [type(error).__name__]
+    seen = {id(error)}
+    current: BaseException = error
+    while len(names) < limit:
+        orig = getattr(current, "orig", None)
+        inner = orig if isinstance(orig, BaseException) else current.__cause__
+        if inner is None and not current.__suppress_context__:
+            inner = current.__context__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        names.append(type(inner).__name__)
+        current = inner
+    return " <- ".join(names) if len(names) > 1 else None

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from . import _validate, observe
+from ._classify import error_chain
 from ._looplag import TimeoutExcuse
 from ._options import DependencyOptions, resolve_policies
 from ._probe import Check as Check  # noqa: PLC0414 - re-exported: importable here as before
@@ -133,6 +134,8 @@ class Dependency(Probing):
         self.components: list[Any] = []
         #: Class name of the last failure seen, never its text (it may hold a DSN).
         self.last_error: str | None = None
+        #: Its class chain when it wraps others (``"DBAPIError <- InvalidCatalogNameError"``), else None.
+        self.last_error_chain: str | None = None
         self._spawn = spawn
         #: The dependency's clock (monotonic by default), for safety nets timing calls.
         self.clock = clock
@@ -344,6 +347,7 @@ class Dependency(Probing):
         self._trial_at = None
         if error is not None:
             self.last_error = type(error).__name__
+            self.last_error_chain = error_chain(error)
         if self._tracker.failure() and not self.is_down:
             self._go_down(error, reason)
 
@@ -368,6 +372,7 @@ class Dependency(Probing):
         self.failures = max(self.failures, self.failure_threshold or 1)
         if error is not None:
             self.last_error = type(error).__name__
+            self.last_error_chain = error_chain(error)
         if not self.is_down:
             self._go_down(error, reason)
 

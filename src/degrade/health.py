@@ -137,6 +137,8 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
             "runbook": dep.runbook,
         }
         out[dep.name]["trip"] = {"rule": dep.trip.describe(), **dep.trip_figures()}
+        if not result.ok and dep.is_down and dep.last_error_chain:
+            out[dep.name]["error_chain"] = dep.last_error_chain  # class names, never text
         if dep.flapping:
             out[dep.name]["flapping"] = True
             out[dep.name]["flaps"] = dep.flaps

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from . import _bounded, _metrics, _otel
+from ._classify import error_chain
 from ._extras import optional, require
 from ._signals import AbandonedWork as _AbandonedWork
 from ._signals import Dependency, Site, _Inc, _Severity, metrics
@@ -304,11 +305,13 @@ def _held_back(summary: dict[str, Any], what: str) -> str:
 def dependency_down(dep: Dependency, error: BaseException | None, reason: str) -> None:
     """One dependency went from ok to down."""
     error_class = type(error).__name__ if error is not None else None
+    chain = error_chain(error)
     logger.warning(
         "dependency.down",
         dependency=dep.name,
         severity=dep.severity.label,
         error=error_class,
+        **({"error_chain": chain} if chain else {}),
         reason=reason,
         failures=dep.failures,
         impact=dep.impact or None,

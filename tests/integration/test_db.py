@@ -921,3 +921,31 @@ class TestReadOnlyFallback:
         finally:
             await _bounded.settle_abandoned(5.0)
             await primary.dispose()
+
+
+class TestErrorChain:
+    async def test_a_wrong_database_name_is_named_by_its_driver_class(
+        self, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """dependency.down and /health/deep details carry the class chain, not just DBAPIError."""
+        from degrade.health import DeepHealth, _details
+
+        url = postgres_dsn.rsplit("/", 1)[0] + "/degrade_no_such_database"
+        engine = create_async_engine(url, **engine_options(acquire_timeout=1.0))
+        db = registry.dependency(
+            "db", severity=Severity.SEV1, check=checks.sqlalchemy(engine), failure_threshold=1
+        )
+        try:
+            with capture_logs() as logs:
+                result = await db.run_check()
+            assert not result.ok
+            assert db.last_error == "DBAPIError"
+            assert db.last_error_chain is not None
+            assert db.last_error_chain.endswith("InvalidCatalogNameError")
+            down = next(e for e in logs if e["event"] == "dependency.down")
+            assert down["error_chain"] == db.last_error_chain
+            assert "degrade_no_such_database" not in str(down)  # class names, never the text
+            report = await DeepHealth(registry).report()
+            assert _details(registry, report)["db"]["error_chain"] == db.last_error_chain
+        finally:
+            await engine.dispose()

@@ -132,3 +132,55 @@ class TestLostTransportWrite:
             assert WRITELINES_UNGUARDED  # older Pythons write() through the guarded path
         elif sys.version_info[:3] in {(3, 12, 1), (3, 13, 0)}:  # the versions this was seen on
             pytest.fail("expected the #136234 error on this Python")
+
+
+class TestErrorChain:
+    """error_chain: the class chain of a failure, for logs and health details (never a message)."""
+
+    def test_driver_error_wrapped_by_sqlalchemy(self) -> None:
+        from degrade._classify import error_chain
+
+        class InvalidCatalogNameError(Exception):
+            pass
+
+        class DBAPIError(Exception):
+            def __init__(self, orig: BaseException) -> None:
+                super().__init__("(InvalidCatalogNameError) database 'x' does not exist: password=secret")
+                self.orig = orig
+
+        chain = error_chain(DBAPIError(InvalidCatalogNameError("database 'x' does not exist")))
+        assert chain == "DBAPIError <- InvalidCatalogNameError"
+        assert "secret" not in chain
+
+    def test_causes_and_context(self) -> None:
+        from degrade._classify import error_chain
+
+        caused = TimeoutError("gave up")
+        caused.__cause__ = ConnectionRefusedError("refused")
+        assert error_chain(caused) == "TimeoutError <- ConnectionRefusedError"
+        during = OSError("while handling")
+        during.__context__ = KeyError("k")
+        assert error_chain(during) == "OSError <- KeyError"
+        suppressed = OSError("no context")
+        suppressed.__context__ = KeyError("k")
+        suppressed.__suppress_context__ = True  # `raise ... from None`
+        assert error_chain(suppressed) is None  # nothing beyond the class itself
+
+    def test_single_class_and_none(self) -> None:
+        from degrade._classify import error_chain
+
+        assert error_chain(TimeoutError()) is None
+        assert error_chain(None) is None
+
+    def test_bounded_and_cycle_safe(self) -> None:
+        from degrade._classify import error_chain
+
+        a, b = ValueError("a"), KeyError("b")
+        a.__cause__, b.__cause__ = b, a  # a loop
+        assert error_chain(a) == "ValueError <- KeyError"
+        deep = OSError("0")
+        for i in range(10):
+            outer = OSError(str(i + 1))
+            outer.__cause__ = deep
+            deep = outer
+        assert error_chain(deep, limit=4) == " <- ".join(["OSError"] * 4)

@@ -22,10 +22,12 @@ __all__ = ["Probe"]
 class Probe:
     """How a dependency that is down comes back: a jittered, bounded background check, damped when it flaps.
 
-    While down, one probe per dependency runs its check every ``interval``
-    seconds (times ``1 +/- jitter``), each run bounded by ``timeout``; after
+    While down, one probe per dependency starts its check every ``interval``
+    seconds (times ``1 +/- jitter``, start to start: a run that took longer is
+    followed by the next at once), each run bounded by ``timeout``; after
     ``successes`` successful probes in a row it moves back to ``ok``, so a
-    single outage recovers about one interval after the service is back. A
+    single outage recovers at most about ``max(interval, timeout)`` plus one
+    check after the service is back (0.8 s + a check by default). A
     dependency without a check (or used where no event loop runs a probe)
     lets one real call through per interval instead (recovery by trial).
 

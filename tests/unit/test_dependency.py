@@ -265,6 +265,49 @@ class TestProbe:
         finally:
             await registry.aclose()
 
+    async def test_probes_start_one_interval_apart_start_to_start(self) -> None:
+        """A check that ran into its timeout is followed by the next one at once, not an interval later."""
+        clock, sleep = FakeClock(), FakeSleep()
+        slow = ScriptedCheck()
+
+        async def hung_check() -> None:
+            clock.advance(0.8)  # the check ran for its whole timeout (a blackholed service)
+            await slow()
+
+        registry, dep = make(None, clock=clock, sleep=sleep, rng=lambda: 0.5, failure_threshold=1)
+        dep.check = hung_check
+        try:
+            dep.record_failure(OSError())
+            await until(lambda: sleep.sleeping == 1)
+            sleep.release()
+            await until(asleep_after(slow, sleep, 1))
+            sleep.release()
+            await until(asleep_after(slow, sleep, 2))
+            # First wait: one interval (0.5 s); after each 0.8 s check: no wait left.
+            assert sleep.requested == [pytest.approx(0.5), 0.0, 0.0]
+        finally:
+            await registry.aclose()
+
+    async def test_a_quick_check_leaves_the_rest_of_the_interval(self) -> None:
+        """A check that took 0.2 s of a 0.5 s interval is followed by a 0.3 s wait."""
+        clock, sleep = FakeClock(), FakeSleep()
+        quick = ScriptedCheck()
+
+        async def check() -> None:
+            clock.advance(0.2)
+            await quick()
+
+        registry, dep = make(None, clock=clock, sleep=sleep, rng=lambda: 0.5, failure_threshold=1)
+        dep.check = check
+        try:
+            dep.record_failure(OSError())
+            await until(lambda: sleep.sleeping == 1)
+            sleep.release()
+            await until(asleep_after(quick, sleep, 1))
+            assert sleep.requested == [pytest.approx(0.5), pytest.approx(0.3)]
+        finally:
+            await registry.aclose()
+
     async def test_probe_recovers_within_about_one_interval(self) -> None:
         """With the real sleep, recovery after the service returns takes about one interval."""
         check = ScriptedCheck()

@@ -7,6 +7,8 @@ the floors pyproject.toml declares (``make compat-lowest``).
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from structlog.testing import capture_logs
 
@@ -118,3 +120,37 @@ class TestRedisConnections:
         assert await redis.get_connection(New()) == "new:None"
         assert redis.writer(object()) is None
         assert not redis.reply_buffered(object())
+
+
+class TestAsyncpg:
+    def test_fix_available_and_installed_once(self) -> None:
+        """asyncpg has the SSL negotiation protocol the fix subclasses; installing twice keeps one."""
+        pytest.importorskip("asyncpg")
+        from asyncpg import connect_utils
+
+        from degrade._compat import asyncpg
+
+        assert asyncpg.problems() == []
+        assert asyncpg.install()
+        installed = connect_utils.TLSUpgradeProto
+        assert asyncpg.install()
+        assert connect_utils.TLSUpgradeProto is installed
+        assert installed.__mro__[1] is asyncpg._BASE
+
+    async def test_an_orphaned_handshake_error_counts_as_retrieved(self) -> None:
+        """connection_lost before the server answered fails the future, already marked retrieved."""
+        pytest.importorskip("asyncpg")
+        import ssl
+
+        from asyncpg import connect_utils
+
+        from degrade._compat import asyncpg
+
+        asyncpg.install()
+        loop = asyncio.get_running_loop()
+        proto = connect_utils.TLSUpgradeProto(loop, "h", 5432, ssl.create_default_context(), False)
+        proto.connection_lost(None)
+        assert isinstance(proto.on_data.exception(), ConnectionError)
+        assert not proto.on_data._log_traceback  # asyncio will not log it as never retrieved
+        with pytest.raises(ConnectionError):  # an awaiter still gets it
+            await proto.on_data

@@ -23,6 +23,10 @@ require("sqlalchemy", "postgres", feature="degrade.db")
 require("asyncpg", "postgres", feature="degrade.db")
 require("greenlet", "postgres", feature="degrade.db (SQLAlchemy's asyncio support)")
 
+from .._compat import asyncpg as _compat_asyncpg  # noqa: E402
+
+_compat_asyncpg.install()  # cancelled connects stop logging "Future exception was never retrieved"
+
 from ._context import connection, current_connection, require_connection  # noqa: E402
 from ._errors import is_database_failure  # noqa: E402
 from ._gate import DBHealthMiddleware  # noqa: E402

@@ -36,9 +36,25 @@ from .observe import logger
 __all__ = ["LoopLag", "TimeoutExcuse", "excuses", "is_timeout", "monitor"]
 
 
+#: Links of an error's cause chain looked at by :func:`is_timeout`.
+MAX_CHAIN = 4
+
+
 def is_timeout(error: BaseException | None) -> bool:
-    """True for a timeout of any driver (builtin/asyncio, redis-py, SQLAlchemy's pool): by class name."""
-    return error is not None and any(cls.__name__ == "TimeoutError" for cls in type(error).__mro__)
+    """True for a timeout of any driver (builtin/asyncio, redis-py, SQLAlchemy's pool): by class name.
+
+    The error's causes count too (at most :data:`MAX_CHAIN` links): a driver
+    that reports a connect which timed out as its ``ConnectionError``, raised
+    from the ``TimeoutError`` (redis-py's connect under a connection storm),
+    timed out all the same.
+    """
+    for _ in range(MAX_CHAIN + 1):
+        if error is None:
+            return False
+        if any(cls.__name__ == "TimeoutError" for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False
 
 
 class LoopLag:

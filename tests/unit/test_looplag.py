@@ -26,6 +26,33 @@ class TestIsTimeout:
         assert not is_timeout(ConnectionRefusedError())
         assert not is_timeout(None)
 
+    def test_a_timeout_among_the_causes_counts(self) -> None:
+        """A connection error raised from a timeout (a connect that timed out) is one; other chains not."""
+
+        def raised(outer: BaseException, inner: BaseException, *, suppress: bool = False) -> BaseException:
+            try:
+                try:
+                    raise inner
+                except BaseException:
+                    if suppress:
+                        raise outer from None
+                    raise outer  # noqa: B904 - the implicit context is the point
+            except BaseException as final:
+                return final
+
+        assert is_timeout(raised(ConnectionError("connecting"), TimeoutError()))
+        cause = ConnectionError("connecting")
+        cause.__cause__ = TimeoutError()
+        assert is_timeout(cause)
+        assert not is_timeout(raised(ConnectionError("connecting"), TimeoutError(), suppress=True))
+        assert not is_timeout(raised(ConnectionError("reset"), ConnectionRefusedError()))
+        deep: BaseException = TimeoutError()
+        for _ in range(6):  # deeper than the chain looked at
+            outer = ConnectionError()
+            outer.__cause__ = deep
+            deep = outer
+        assert not is_timeout(deep)
+
 
 class TestLoopLag:
     async def test_an_idle_loop_runs_on_time(self) -> None:

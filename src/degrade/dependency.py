@@ -149,6 +149,8 @@ class Dependency(Probing):
         self.failures = 0
         #: Successes recorded so far (vouches for timeouts on a late event loop).
         self.answered = 0
+        #: Failures not counted because their call started before the last recovery.
+        self.stale_failures = 0
         self._excuse = TimeoutExcuse(name, clock)
         self._since = clock()
         #: Wall-clock time (``time.time()``) of the last transition, for health details.
@@ -334,13 +336,25 @@ class Dependency(Probing):
 
     # -- feeding the state ---------------------------------------------------
 
-    def record_failure(self, error: BaseException | None = None, *, reason: str = "traffic") -> None:
+    def record_failure(
+        self, error: BaseException | None = None, *, reason: str = "traffic", started: float | None = None
+    ) -> None:
         """Count one failure; the ``failure_threshold``-th in a row opens it.
 
         A timeout of traffic while this worker's event loop ran late (and the
         service still answered recently) is not counted: the worker was
         saturated, the service was not shown to fail (:attr:`timeouts_excused`).
+
+        A call that ``started`` (on :attr:`clock`) before the last recovery
+        was in flight during the outage: its failure is old news, not counted
+        (:attr:`stale_failures`), so it cannot knock a dependency that just
+        recovered straight back down.
         """
+        if started is not None and not self.is_down:
+            recovered = self._recovered_at
+            if recovered is not None and started < recovered:
+                self.stale_failures += 1
+                return
         if reason == "traffic" and error is not None and self._excuse(error, self.answered):
             return
         self.failures += 1

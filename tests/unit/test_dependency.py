@@ -175,6 +175,35 @@ class TestThreshold:
         assert dep.since == 60.0
 
 
+class TestStaleFailures:
+    def test_a_call_started_before_the_recovery_is_not_counted(self) -> None:
+        """A failure of a call that was in flight during the outage does not knock it down again."""
+        clock = FakeClock()
+        _registry, dep = make(ScriptedCheck(), clock=clock, failure_threshold=1)
+        started_during_outage = dep.clock()
+        dep.record_failure(OSError())
+        assert dep.is_down
+        clock.advance(1.0)
+        dep.record_success()
+        assert not dep.is_down
+        dep.record_failure(ConnectionResetError(), started=started_during_outage)
+        assert (dep.state, dep.failures, dep.stale_failures) == ("ok", 0, 1)
+        dep.record_failure(ConnectionResetError(), started=dep.clock())  # started after: counts
+        assert dep.is_down
+        assert dep.stale_failures == 1
+
+    def test_while_down_and_before_any_recovery_every_failure_counts(self) -> None:
+        """``started`` only matters after a recovery: the first outage counts as ever."""
+        clock = FakeClock()
+        _registry, dep = make(ScriptedCheck(), clock=clock, failure_threshold=2)
+        early = dep.clock()
+        clock.advance(5.0)
+        dep.record_failure(OSError(), started=early)
+        dep.record_failure(OSError(), started=early)
+        assert dep.is_down
+        assert dep.stale_failures == 0
+
+
 class TestJitter:
     @given(
         r=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),

@@ -548,7 +548,7 @@ class TestLagDecision:
     def _conn(**row: Any) -> Any:
         class Result:
             def one(self) -> Any:
-                return SimpleNamespace(**row)
+                return SimpleNamespace(**{"replay_lsn": None, **row})  # LAG_SQL's position column
 
         class Conn:
             async def execute(self, statement: Any) -> Result:

@@ -29,6 +29,7 @@ _compat_asyncpg.install()  # cancelled connects stop logging "Future exception w
 
 from ._context import connection, current_connection, require_connection  # noqa: E402
 from ._errors import is_database_failure  # noqa: E402
+from ._freshness import ReadYourWritesMiddleware  # noqa: E402
 from ._gate import DBHealthMiddleware  # noqa: E402
 from ._lag import LAG_SQL, NotAStandby, replica_check, replica_lag  # noqa: E402
 from ._router import ReadReplicaRouter  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "DBHealthMiddleware",
     "NotAStandby",
     "ReadReplicaRouter",
+    "ReadYourWritesMiddleware",
     "connection",
     "current_connection",
     "engine_options",

@@ -13,8 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import checks
+from .._bounded import hard_timeout
 from ..exceptions import CheckFailed
 from ..observe import logger
+from ._freshness import parse_lsn
 
 if TYPE_CHECKING:
     from ..dependency import Dependency
@@ -24,6 +26,7 @@ __all__ = [
     "NOT_A_STANDBY",
     "LagMonitor",
     "NotAStandby",
+    "position_check",
     "replica_check",
     "replica_lag",
     "standby_lag",
@@ -36,10 +39,13 @@ NOT_A_STANDBY = "not a standby: the replica URL points at a primary (pg_is_in_re
 #: (then it is as fresh as the primary lets it be, however long the primary
 #: has been idle). ``since_replay``: seconds since the commit of the last
 #: transaction replayed; NULL before the first one and on a primary.
+#: ``replay_lsn``: the WAL position replayed so far (``"16/B374D848"``; NULL on
+#: a primary), what read-your-writes compares a client's last write with.
 LAG_SQL = text(
     "SELECT pg_is_in_recovery() AS standby, "
     "coalesce(pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), false) AS caught_up, "
-    "extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8 AS since_replay"
+    "extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8 AS since_replay, "
+    "pg_last_wal_replay_lsn()::text AS replay_lsn"
 )
 
 
@@ -59,14 +65,31 @@ async def standby_lag(conn: AsyncConnection) -> float | None:
     false, and whatever the query raises (the caller bounds it). None means
     a standby that has WAL to replay but has replayed no transaction yet.
     """
+    lag, _ = await standby_position(conn)
+    return lag
+
+
+async def standby_position(conn: AsyncConnection) -> tuple[float | None, int | None]:
+    """:func:`standby_lag` and the replayed WAL position (None when unknown), in the same round trip.
+
+    Failure mode: as :func:`standby_lag`.
+    """
     row = (await conn.execute(LAG_SQL)).one()
     if not row.standby:
         raise NotAStandby(NOT_A_STANDBY)
+    position = _position(row.replay_lsn)
     if row.caught_up:
-        return 0.0
+        return 0.0, position
     if row.since_replay is None:
+        return None, position
+    return max(0.0, float(row.since_replay)), position
+
+
+def _position(text: object) -> int | None:
+    try:
+        return parse_lsn(text) if isinstance(text, str) else None
+    except ValueError:  # pragma: no cover - the server's own format
         return None
-    return max(0.0, float(row.since_replay))
 
 
 async def replica_lag(conn: AsyncConnection) -> float | None:
@@ -102,6 +125,47 @@ def replica_check(
     return checks.replica(engine, max_lag=max_lag, timeout=timeout)
 
 
+def position_check(
+    engine: AsyncEngine, *, max_lag: float | None, timeout: float
+) -> Callable[[], Awaitable[int | None]]:
+    """The lag monitor's check: :func:`degrade.checks.replica`, returning the replayed WAL position.
+
+    One round trip on a connection of the check's own (a private copy of the
+    engine's pool, as the health check): lag over ``max_lag`` raises
+    :class:`~degrade.CheckFailed`, a server not in recovery
+    :class:`NotAStandby` (both only with ``max_lag``). Returns the position
+    the standby has replayed (None when unknown: a primary behind the URL).
+
+    Failure mode: raises on a connection failure, ``TimeoutError`` after ``timeout``.
+    """
+    private = checks._private_engine(engine)
+
+    async def run() -> int | None:
+        own_engine = private()
+        try:
+            async with own_engine.connect() as conn:
+                try:
+                    lag, position = await standby_position(conn)
+                except NotAStandby:
+                    if max_lag is not None:
+                        raise
+                    return None  # without max_lag a primary passes, as in checks.replica
+        finally:
+            if own_engine is not engine:
+                await own_engine.dispose()
+        if max_lag is not None:
+            if lag is None:
+                raise CheckFailed("replication lag is unknown (the standby has replayed nothing yet)")
+            if lag > max_lag:
+                raise CheckFailed(f"replication lag {lag:.1f}s is over max_lag={max_lag:g}s")
+        return position
+
+    async def check() -> int | None:
+        return await hard_timeout(run(), timeout)
+
+    return check
+
+
 class LagMonitor:
     """The replica router's lag monitor: a degrade Component its registry's lifespan runs.
 
@@ -113,6 +177,11 @@ class LagMonitor:
     replica counts an ordinary failure. (A base class of
     :class:`~degrade.db.ReadReplicaRouter`, kept here beside the lag query.)
 
+    With ``read_your_writes`` it runs without ``max_lag`` too, and keeps
+    ``replay_lsn``: the WAL position the replica had replayed at the last
+    measurement (the same round trip), which reads compare with a client's
+    last write, so a request costs no query of its own.
+
     Failure mode: none of its own; a failing check feeds the dependency.
     """
 
@@ -120,12 +189,15 @@ class LagMonitor:
     replica: AsyncEngine | None
     max_lag: float | None
     lag_interval: float
-    _lag_check: Callable[[], Awaitable[object]]
+    read_your_writes: bool
+    #: The replica's replayed WAL position at the last measurement (None: unknown).
+    replay_lsn: int | None
+    _lag_check: Callable[[], Awaitable[int | None]]
     _monitor: asyncio.Task[None] | None
 
     async def start(self) -> None:
-        """Start the lag monitor (only with a replica and ``max_lag``); idempotent."""
-        if self.max_lag is None or self.replica is None:
+        """Start the lag monitor (with a replica, and ``max_lag`` or ``read_your_writes``); idempotent."""
+        if (self.max_lag is None and not self.read_your_writes) or self.replica is None:
             return
         if self._monitor is not None and not self._monitor.done():
             return
@@ -156,7 +228,7 @@ class LagMonitor:
             if dep.is_down:
                 continue  # the dependency's probe runs the check meanwhile
             try:
-                await self._lag_check()
+                self.replay_lsn = await self._lag_check()
             except NotAStandby as exc:
                 logger.warning(
                     "db.replica.not_a_standby",

@@ -13,21 +13,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from .. import _validate, checks, observe
 from ..dependency import Dependency
-from ..exceptions import ConfigurationError, DependencyUnavailable, Overloaded, scrubbed
+from ..exceptions import ConfigurationError, DependencyUnavailable, scrubbed
 from ..observe import logger
 from ._conn import _driver, _killing_after, acquire, discard, pool_capacity, pool_full, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
-from ._lag import LagMonitor
+from ._lag import LagMonitor, position_check
+from ._routing import ReadPolicy
 from ._settings import warn_problems
-from ._slots import GRANTED, Slots
+from ._slots import Slots
 
 __all__ = ["ReadReplicaRouter"]
 
 SessionFactory = Callable[..., AsyncSession]
 
 
-class ReadReplicaRouter(LagMonitor):
+class ReadReplicaRouter(LagMonitor, ReadPolicy):
     """Route ``AsyncSession``s: writes to the primary, reads to a replica that can serve them.
 
     ``async with router.for_write() as session`` runs on the primary;
@@ -39,7 +40,13 @@ class ReadReplicaRouter(LagMonitor):
       seconds after a commit on the primary in the same request (the same
       task, or the request gated by :class:`~degrade.db.DBHealthMiddleware`),
       the primary;
-    * the replica is known down: the primary at once, no connect attempt;
+    * read-your-writes across requests (``read_your_writes=True`` with
+      :class:`~degrade.db.ReadYourWritesMiddleware`): the primary while the
+      replica has not replayed the client's last write (its position at the
+      lag monitor's last measurement; counted in ``fresh_on_primary``);
+    * the replica is known down: the primary at once, no connect attempt,
+      within the primary guard: at most ``primary_read_cap`` such reads at
+      once, the excess shed (:class:`~degrade.Overloaded`, 503);
     * the replica gives no connection within ``connect_timeout`` (refused,
       silent, reset, auth failure): the primary, and one failure counted on
       ``dependency``.
@@ -81,6 +88,12 @@ class ReadReplicaRouter(LagMonitor):
             same request stay on the primary (0 turns it off).
         close_timeout: Hard bound on returning a session's connection.
         lag_interval: Seconds between lag measurements while the replica is up.
+        read_your_writes: Record the primary's WAL position after each commit
+            (one round trip) and measure the replica's every ``lag_interval``,
+            so reads of clients that wrote wait for the replica to replay it.
+        primary_read_share: Share of the primary's pool (``pool_size +
+            max_overflow``) that reads falling back to it may use at once while
+            the replica is unavailable, in (0, 1] (default 0.5).
         session_factory: Called as ``session_factory(bind=connection_or_engine)``;
             defaults to ``async_sessionmaker(expire_on_commit=False)``.
     """
@@ -98,6 +111,8 @@ class ReadReplicaRouter(LagMonitor):
         close_timeout: float = 1.0,
         lag_interval: float = 1.0,
         session_factory: SessionFactory | None = None,
+        read_your_writes: bool = False,
+        primary_read_share: float = 0.5,
     ) -> None:
         if not isinstance(primary, AsyncEngine):
             raise ConfigurationError(
@@ -129,6 +144,7 @@ class ReadReplicaRouter(LagMonitor):
         self.sticky_after_write = _validate.seconds("sticky_after_write", sticky_after_write, allow_zero=True)
         self.close_timeout = _validate.seconds("close_timeout", close_timeout)
         self.lag_interval = _validate.seconds("lag_interval", lag_interval)
+        self._init_read_policy(read_your_writes, primary_read_share)
         if primary_dependency is not None:
             self._declare_primary(primary_dependency)
         self._factory: SessionFactory = session_factory or async_sessionmaker(expire_on_commit=False)
@@ -149,14 +165,14 @@ class ReadReplicaRouter(LagMonitor):
                 dependency.check = checks.replica(
                     replica, max_lag=self.max_lag, timeout=dependency.check_timeout
                 )
-            self._lag_check = checks.replica(replica, max_lag=self.max_lag, timeout=dependency.check_timeout)
+            self._lag_check = position_check(replica, max_lag=self.max_lag, timeout=dependency.check_timeout)
             self._site = dependency.add_site(
                 "degrade.db.ReadReplicaRouter.for_read",
                 "fail_soft",
                 "reads run on the primary instead (slower primary, no user-visible error)",
                 fallback="the primary",
             )
-            if self.max_lag is not None:
+            if self.max_lag is not None or self.read_your_writes:
                 dependency.manage(self)  # the owning registry's lifespan runs the lag monitor
             warn_problems(replica, acquire_timeout=self.connect_timeout, component="ReadReplicaRouter")
         # Read-your-writes: remember commits on the primary in the request's context.
@@ -188,6 +204,7 @@ class ReadReplicaRouter(LagMonitor):
         ctx = REQUEST.get()
         if ctx is not None:
             ctx.last_write = time.monotonic()
+        self._note_commit()
 
     @contextlib.asynccontextmanager
     async def for_write(self) -> AsyncIterator[AsyncSession]:
@@ -217,7 +234,10 @@ class ReadReplicaRouter(LagMonitor):
             raise
         finally:
             ACTIVE_WRITE.reset(token)
-            await self._finish(session, None, lease, self.primary_dependency)
+            try:
+                await self._record_position(lease)
+            finally:
+                await self._finish(session, None, lease, self.primary_dependency)
 
     @contextlib.asynccontextmanager
     async def for_read(self) -> AsyncIterator[AsyncSession]:
@@ -228,20 +248,30 @@ class ReadReplicaRouter(LagMonitor):
         :class:`~degrade.DependencyUnavailable` for the primary; with the
         primary down and the replica's line too long for the request's budget,
         :class:`~degrade.Overloaded` (a 503 with ``Retry-After: 1``, shed, not
-        an outage).
+        an outage); with the replica unavailable and the primary guard's share
+        in use for longer than ``connect_timeout``, ``Overloaded`` too
+        (reason ``"primary-guard"``).
         """
         active = ACTIVE_WRITE.get()
         if active is not None:
             yield active  # a read inside a write transaction sees its writes
             return
         conn = None
+        guard: float | None = None  # a place among the fallback reads on the primary
         if self.replica is not None:
             ctx = REQUEST.get()
             if ctx is None or not ctx.wrote_within(self.sticky_after_write):
-                conn = await self._replica_connection()
+                if not self._needs_primary():
+                    conn = await self._replica_connection()
+                if conn is None and self._replica_unavailable():
+                    guard = await self._guard_enter()
         lease: Lease | None = None
         if conn is None:
-            session, lease = await self._primary_session()
+            try:
+                session, lease = await self._primary_session()
+            except BaseException:
+                self._guard_exit(guard)
+                raise
             dep = self.primary_dependency
             detail = "the primary database failed"
         else:
@@ -254,7 +284,10 @@ class ReadReplicaRouter(LagMonitor):
             self._raise_unavailable(exc, dep, detail)
             raise
         finally:
-            await self._finish(session, conn, lease, dep)
+            try:
+                await self._finish(session, conn, lease, dep)
+            finally:
+                self._guard_exit(guard)
 
     async def _replica_connection(self) -> AsyncConnection | None:
         """A proven replica connection, or None when this read must go to the primary."""
@@ -299,48 +332,6 @@ class ReadReplicaRouter(LagMonitor):
         if self.dependency is not None:
             self.dependency.record_failure(exc)
         self._fell_back(type(exc).__name__)
-
-    async def _replica_slot(self, budget: float, started: float) -> float | None:
-        """A slot in the replica's fair line (when it was handed over), or None: shed, read elsewhere.
-
-        Raises :class:`~degrade.Overloaded` instead of None when the primary is
-        known down: there is nowhere else to read.
-        """
-        slots = self._replica_slots
-        if slots is None:  # pragma: no cover - set with the replica
-            return None
-        if slots.try_take():
-            return started
-        outcome, slot_at = await slots.take_at(budget)
-        if outcome == GRANTED:
-            return slot_at
-        if self._site is not None:  # the line is too long for the budget: saturation, not a down replica
-            self._site.shed(outcome)
-        primary = self.primary_dependency
-        if primary is not None and primary.is_down and self.dependency is not None:
-            # Nowhere else to read: say it is saturation (503, Retry-After: 1), not the
-            # primary's outage (under make chaos these read "db is unavailable").
-            raise Overloaded(
-                self.dependency.name,
-                outcome,
-                "the read replica is busy and the primary is down: retry shortly",
-                retry_after=1,
-            )
-        return None
-
-    def _replica_budget(self) -> float:
-        """How long a read may wait for the replica: ``connect_timeout``, or more when it is the only way.
-
-        With the primary known down, falling back is a 503; such a read waits
-        in the replica's line for what is left of the request's budget (the
-        gate's ``acquire_timeout``), so a replica saturated by the reads the
-        primary can no longer take still serves them.
-        """
-        primary = self.primary_dependency
-        lease = LEASE.get()
-        if primary is None or not primary.is_down or lease is None:
-            return self.connect_timeout
-        return max(self.connect_timeout, lease.source.acquire_timeout - lease.waited)
 
     def _on_replica_transition(self, dep: Dependency) -> None:
         """The replica went down: end the reads in flight on it now (they answer as a replica failure)."""

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from structlog.testing import capture_logs
 
-from degrade import CheckFailed, Dependency, Registry, Severity, _bounded, checks
+from degrade import CheckFailed, Dependency, DependencyUnavailable, Registry, Severity, _bounded, checks
 from degrade.db import (
     DBHealthMiddleware,
     NotAStandby,
@@ -593,6 +593,33 @@ class TestSameServerReplica:
             async with router.for_read() as session:
                 assert (await session.execute(text("SELECT 1"))).scalar() == 1
             assert not dep.is_down
+        finally:
+            await router.aclose()
+            await primary.dispose()
+            await replica.dispose()
+
+    async def test_a_read_cut_by_an_outage_that_ended_does_not_trip_it_again(
+        self, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """A read in flight through the replica's outage and recovery fails as stale news, not a failure."""
+        primary = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
+        replica = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
+        dep = replica_dep(registry, failure_threshold=1)
+        router = ReadReplicaRouter(primary=primary, replica=replica, dependency=dep)
+        try:
+
+            async def cut_read() -> None:
+                async with router.for_read() as session:
+                    assert (await session.execute(text("SELECT 1"))).scalar() == 1
+                    dep.mark_down()  # ends the reads in flight on the replica (their connections cut)
+                    dep.record_success()  # ...and it is back before this one notices
+                    await session.execute(text("SELECT 1"))
+
+            with pytest.raises(DependencyUnavailable):
+                await cut_read()
+            assert (dep.state, dep.stale_failures) == ("ok", 1)
+            async with router.for_read() as session:  # a fresh read counts as ever
+                assert (await session.execute(text("SELECT 1"))).scalar() == 1
         finally:
             await router.aclose()
             await primary.dispose()

@@ -225,19 +225,21 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             yield active  # nested: one transaction
             return
         request_context()  # so the commit listener has somewhere to record
+        primary = self.primary_dependency
+        started = primary.clock() if primary is not None else None
         session, lease = await self._primary_session()
         token = ACTIVE_WRITE.set(session)
         try:
             yield session
         except Exception as exc:
-            self._raise_unavailable(exc, self.primary_dependency, "the primary database failed")
+            self._raise_unavailable(exc, primary, "the primary database failed", started)
             raise
         finally:
             ACTIVE_WRITE.reset(token)
             try:
                 await self._record_position(lease)
             finally:
-                await self._finish(session, None, lease, self.primary_dependency)
+                await self._finish(session, None, lease, primary, started)
 
     @contextlib.asynccontextmanager
     async def for_read(self) -> AsyncIterator[AsyncSession]:
@@ -258,11 +260,16 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             return
         conn = None
         guard: float | None = None  # a place among the fallback reads on the primary
+        # When this read began, on each dependency's clock: a failure of a read that was
+        # in flight through an outage and its recovery is stale (Dependency.record_failure).
+        replica_dep, primary_dep = self.dependency, self.primary_dependency
+        replica_started = replica_dep.clock() if replica_dep is not None else None
+        primary_started = primary_dep.clock() if primary_dep is not None else None
         if self.replica is not None:
             ctx = REQUEST.get()
             if ctx is None or not ctx.wrote_within(self.sticky_after_write):
                 if not self._needs_primary():
-                    conn = await self._replica_connection()
+                    conn = await self._replica_connection(replica_started)
                 if conn is None and self._replica_unavailable():
                     guard = await self._guard_enter()
         lease: Lease | None = None
@@ -272,24 +279,24 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             except BaseException:
                 self._guard_exit(guard)
                 raise
-            dep = self.primary_dependency
+            dep, started = primary_dep, primary_started
             detail = "the primary database failed"
         else:
             session = self._factory(bind=conn)
-            dep = self.dependency
+            dep, started = replica_dep, replica_started
             detail = "the read replica failed mid-read"
         try:
             yield session
         except Exception as exc:
-            self._raise_unavailable(exc, dep, detail)
+            self._raise_unavailable(exc, dep, detail, started)
             raise
         finally:
             try:
-                await self._finish(session, conn, lease, dep)
+                await self._finish(session, conn, lease, dep, started)
             finally:
                 self._guard_exit(guard)
 
-    async def _replica_connection(self) -> AsyncConnection | None:
+    async def _replica_connection(self, started: float | None = None) -> AsyncConnection | None:
         """A proven replica connection, or None when this read must go to the primary."""
         dep = self.dependency
         replica = self.replica
@@ -313,7 +320,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             slots.release(None)
             if not isinstance(exc, Exception):
                 raise
-            self._replica_refused(exc, replica)
+            self._replica_refused(exc, replica, started)
             return None
         dep.record_success()
         if self._on_primary:
@@ -322,7 +329,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
         self._replica_active[conn] = slot_at
         return conn
 
-    def _replica_refused(self, exc: Exception, replica: AsyncEngine) -> None:
+    def _replica_refused(self, exc: Exception, replica: AsyncEngine, started: float | None = None) -> None:
         """A replica checkout failed: shed when its pool is saturated, else a failure of the replica."""
         if isinstance(exc, TimeoutError) and pool_full(replica.sync_engine):
             # Every replica connection is out (to users outside the router too): saturation.
@@ -330,7 +337,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
                 self._site.shed("pool-saturated")
             return
         if self.dependency is not None:
-            self.dependency.record_failure(exc)
+            self.dependency.record_failure(exc, started=started)
         self._fell_back(type(exc).__name__)
 
     def _on_replica_transition(self, dep: Dependency) -> None:
@@ -375,14 +382,21 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
         return self._factory(bind=self.primary), None
 
     @staticmethod
-    def _raise_unavailable(exc: Exception, dep: Dependency | None, detail: str) -> None:
+    def _raise_unavailable(
+        exc: Exception, dep: Dependency | None, detail: str, started: float | None
+    ) -> None:
         if dep is None or isinstance(exc, DependencyUnavailable) or not is_database_failure(exc):
             return
-        dep.record_failure(exc)
+        dep.record_failure(exc, started=started)
         raise DependencyUnavailable(dep.name, detail, retry_after=dep.retry_after) from scrubbed(exc)
 
     async def _finish(
-        self, session: AsyncSession, conn: AsyncConnection | None, lease: Lease | None, dep: Dependency | None
+        self,
+        session: AsyncSession,
+        conn: AsyncConnection | None,
+        lease: Lease | None,
+        dep: Dependency | None,
+        started: float | None = None,
     ) -> None:
         """Close the session (and the replica connection ``conn``), bounded; failures only count.
 
@@ -403,7 +417,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
                 raise
             if dep is not None:
-                dep.record_failure(exc)
+                dep.record_failure(exc, started=started)
         finally:
             if conn is not None:
                 slot_at = self._replica_active.pop(conn, None)

@@ -174,9 +174,14 @@ class Example:
         prefix = self.prefix = settings.key_prefix
 
         # -- Postgres: primary behind the gate, reads on the replica ------------------------
-        self.primary = create_async_engine(settings.database_url, **engine_options(acquire_timeout=1.0))
-        self.replica = create_async_engine(
-            settings.read_database_url or settings.database_url, **engine_options(acquire_timeout=0.5)
+        # owns(): disposed at shutdown, after the components that use them stopped.
+        self.primary = registry.owns(
+            create_async_engine(settings.database_url, **engine_options(acquire_timeout=1.0))
+        )
+        self.replica = registry.owns(
+            create_async_engine(
+                settings.read_database_url or settings.database_url, **engine_options(acquire_timeout=0.5)
+            )
         )
         self.db = registry.dependency(
             "db",
@@ -197,7 +202,7 @@ class Example:
         self.schema = _Schema(self.primary)
 
         # -- Redis: sessions (fail-loud), cache and rate limits (fail-soft), revocations ----
-        self.redis = dredis.client(settings.redis_url, timeout=0.25)
+        self.redis = registry.owns(dredis.client(settings.redis_url, timeout=0.25))
         redis_dep = registry.dependency(
             "redis",
             severity=Severity.SEV1,
@@ -406,14 +411,13 @@ class Example:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
-        """Create the table (bounded: the app starts with Postgres down); close clients at exit."""
+        """Create the table (bounded: the app starts with Postgres down).
+
+        The registry closes the clients and engines it owns after this returns
+        and after its components (the publisher, the limiter) stopped.
+        """
         await self.schema.ready(wait=2.0)
-        try:
-            yield
-        finally:
-            await self.redis.aclose()
-            await self.primary.dispose()
-            await self.replica.dispose()
+        yield
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

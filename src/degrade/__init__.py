@@ -7,7 +7,10 @@ sees. See ``docs/`` for the guide.
 
 from __future__ import annotations
 
+import typing as _typing
+
 from . import checks
+from ._guard import DegradeMiddleware
 from .dependency import CheckResult, Dependency, Severity, Site
 from .exceptions import (
     CheckFailed,
@@ -30,6 +33,7 @@ __all__ = [
     "CheckResult",
     "ConfigurationError",
     "DegradeError",
+    "DegradeMiddleware",
     "Dependency",
     "DependencyUnavailable",
     "EscapeHatch",

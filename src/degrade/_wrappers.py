@@ -8,7 +8,9 @@ call, feeds the dependency and answers a degraded call by its policy
 (fallback, ``DependencyUnavailable`` or the escape hatch). The wrappers read
 what is fixed per site (the dependency's trip rule, the fallback) once, when
 they are built, and keep it in closure locals: this is the hot path of every
-call.
+call. A site declared with a dependency's *name* is wrapped by
+:func:`degrade._binding.late`, which builds one of these per registry at its
+first call there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from . import observe
+from . import _binding, observe
 from ._bounded import Interrupted, hard_timeout
 from ._classify import ErrorPredicate
 from .dependency import Dependency, Site
@@ -55,7 +57,12 @@ class FailSoft(Generic[T]):
     """What :func:`degrade.fail_soft` returns: applied to a function, the FAIL-SOFT wrapper of it."""
 
     def __init__(
-        self, dep: Dependency, fallback: Any, is_failure: ErrorPredicate, timeout: float | None, reason: str
+        self,
+        dep: Dependency | str,
+        fallback: Any,
+        is_failure: ErrorPredicate,
+        timeout: float | None,
+        reason: str,
     ):
         self.dep = dep
         self.fallback = fallback
@@ -70,6 +77,8 @@ class FailSoft(Generic[T]):
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R | T]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        if isinstance(self.dep, str):
+            return self._late(self.dep, fn)
         dep, is_failure, timeout = self.dep, self.is_failure, self.timeout
         # Fixed with the dependency's trip rule: read once, not per call.
         counts, timed, clock = dep.counts_calls, dep.times_calls, dep.clock
@@ -133,15 +142,7 @@ class FailSoft(Generic[T]):
             soft_async.__degrade_site__ = site  # type: ignore[attr-defined]
             return soft_async
 
-        if timeout is not None:
-            raise ConfigurationError(
-                f"timeout= needs an async function; {site.name} is sync. "
-                "Bound a sync call with its driver's own timeout instead."
-            )
-        if call_fallback and inspect.iscoroutinefunction(fallback):
-            raise ConfigurationError(
-                f"{site.name} is sync, so its fallback must be a value or a sync callable"
-            )
+        _check_sync(site.name, timeout, fallback, "its fallback")
 
         @functools.wraps(fn)
         def soft_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -167,19 +168,32 @@ class FailSoft(Generic[T]):
         soft_sync.__degrade_site__ = site  # type: ignore[attr-defined]
         return soft_sync
 
+    def _late(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        spec = _binding.Declared(
+            name, _site_name(fn), "fail_soft", self.reason, fallback=_describe_fallback(self.fallback)
+        )
+        if not inspect.iscoroutinefunction(fn):
+            _check_sync(spec.site, self.timeout, self.fallback, "its fallback")
+        fallback, is_failure, timeout, reason = self.fallback, self.is_failure, self.timeout, self.reason
+
+        def build(dep: Dependency, registry: _binding.Binder) -> Callable[..., Any]:
+            return FailSoft(dep, fallback, is_failure, timeout, reason)(fn)
+
+        return _binding.late(spec, fn, build)
+
 
 class FailLoud:
     """What :func:`degrade.fail_loud` returns: applied to a function, the FAIL-LOUD wrapper of it."""
 
     def __init__(
         self,
-        dep: Dependency,
+        dep: Dependency | str,
         *,
         is_failure: ErrorPredicate,
         timeout: float | None,
         reason: str,
-        retry_after: int,
-        hatch: EscapeHatch | None = None,
+        retry_after: int | None,
+        hatch: EscapeHatch | str | None = None,
     ):
         self.dep = dep
         self.is_failure = is_failure
@@ -193,10 +207,15 @@ class FailLoud:
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        dep, is_failure, timeout, retry_after = self.dep, self.is_failure, self.timeout, self.retry_after
+        if isinstance(self.dep, str):
+            return self._late(self.dep, fn)
+        dep, is_failure, timeout = self.dep, self.is_failure, self.timeout
+        retry_after = dep.retry_after if self.retry_after is None else self.retry_after
         counts, timed, clock = dep.counts_calls, dep.times_calls, dep.clock
         name = dep.name
         hatch = self.hatch
+        if isinstance(hatch, str):
+            raise ConfigurationError("hatch= by name needs the dependency by name too; pass the EscapeHatch")
         site = _register(dep, fn, "fail_loud", self.reason, None)
         if hatch is not None:
             site.hatch = hatch.name
@@ -270,16 +289,7 @@ class FailLoud:
             loud_async.__degrade_site__ = site  # type: ignore[attr-defined]
             return loud_async
 
-        if timeout is not None:
-            raise ConfigurationError(
-                f"timeout= needs an async function; {site.name} is sync. "
-                "Bound a sync call with its driver's own timeout instead."
-            )
-
-        if hatch is not None and inspect.iscoroutinefunction(hatch.fallback):
-            raise ConfigurationError(
-                f"{site.name} is sync, so its hatch's fallback must be a value or a sync callable"
-            )
+        _check_sync(site.name, timeout, None if hatch is None else hatch.fallback, "its hatch's fallback")
 
         @functools.wraps(fn)
         def loud_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -303,3 +313,48 @@ class FailLoud:
 
         loud_sync.__degrade_site__ = site  # type: ignore[attr-defined]
         return loud_sync
+
+    def _late(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        hatch = self.hatch
+        hatch_name = hatch if isinstance(hatch, str) or hatch is None else hatch.name
+        spec = _binding.Declared(name, _site_name(fn), "fail_loud", self.reason, hatch=hatch_name)
+        if not inspect.iscoroutinefunction(fn):
+            fallback = hatch.fallback if isinstance(hatch, EscapeHatch) else None
+            _check_sync(spec.site, self.timeout, fallback, "its hatch's fallback")
+        is_failure, timeout, reason = self.is_failure, self.timeout, self.reason
+        retry_after = self.retry_after
+
+        def build(dep: Dependency, registry: _binding.Binder) -> Callable[..., Any]:
+            bound = hatch
+            if isinstance(bound, str):
+                bound = registry._hatches.get(bound)
+                if bound is None:
+                    raise ConfigurationError(
+                        f"{spec.site}: the app's Registry has no escape hatch named {hatch_name!r}; "
+                        f"declare it with registry.escape_hatch({hatch_name!r}, dependency=..., ...)"
+                    )
+            if bound is not None and bound.dependency is not dep:
+                raise ConfigurationError(
+                    f"{spec.site}: hatch {hatch_name!r} is not on the app's dependency {name!r}; "
+                    "declare the hatch on the registry the app uses"
+                )
+            if bound is not None and not inspect.iscoroutinefunction(fn):
+                _check_sync(spec.site, None, bound.fallback, "its hatch's fallback")
+            loud = FailLoud(
+                dep, is_failure=is_failure, timeout=timeout, reason=reason, retry_after=retry_after
+            )
+            loud.hatch = bound
+            return loud(fn)
+
+        return _binding.late(spec, fn, build)
+
+
+def _check_sync(site: str, timeout: float | None, fallback: object, what: str) -> None:
+    """The checks of a sync site: no ``timeout=``, no async fallback."""
+    if timeout is not None:
+        raise ConfigurationError(
+            f"timeout= needs an async function; {site} is sync. "
+            "Bound a sync call with its driver's own timeout instead."
+        )
+    if callable(fallback) and inspect.iscoroutinefunction(fallback):
+        raise ConfigurationError(f"{site} is sync, so {what} must be a value or a sync callable")

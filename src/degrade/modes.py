@@ -8,6 +8,12 @@ both feed it with what they see. Each decorated function registers a
 :class:`~degrade.dependency.Site` on its dependency, which the generated runbook
 lists.
 
+The dependency may be given by *name* (``@fail_soft("redis", ...)``): nothing
+needs to exist at import time. The site is then bound at its first call to the
+dependency of that name in the app's :class:`~degrade.Registry` (the request's,
+or the one ``registry.bind()`` / the lifespan set; see :mod:`degrade._binding`),
+once per registry, so app factories and tests that build several apps work.
+
 Only dependency errors count (connection, timeout, driver availability; see
 ``on=``); any other exception propagates unchanged and is not a failure.
 ``asyncio.CancelledError`` is never caught.
@@ -28,8 +34,9 @@ does (consult, bound, race, feed, answer) is in ``_wrappers``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import _binding
 from ._classify import ErrorPredicate, predicate
 from ._validate import optional_seconds, whole_seconds
 from ._wrappers import SHED_ABANDONED as SHED_ABANDONED  # noqa: PLC0414 - importable here as before
@@ -38,6 +45,9 @@ from .dependency import Dependency, Site
 from .exceptions import ConfigurationError
 from .hatch import EscapeHatch
 
+if TYPE_CHECKING:
+    from .registry import Registry
+
 __all__ = ["fail_loud", "fail_soft", "site_of"]
 
 T = TypeVar("T")
@@ -45,11 +55,15 @@ T = TypeVar("T")
 OnErrors = type[Exception] | tuple[type[Exception], ...] | ErrorPredicate | None
 
 
-def _check_args(dep: Dependency, timeout: float | None, reason: str) -> float | None:
+def _check_args(dep: Dependency | str, timeout: float | None, reason: str) -> float | None:
     """Check a site's common arguments; returns ``timeout`` as seconds (``float``) or None."""
-    if not isinstance(dep, Dependency):
+    if isinstance(dep, str):
+        if not dep.strip():
+            raise ConfigurationError("the dependency's name is empty: pass e.g. 'redis' or the Dependency")
+    elif not isinstance(dep, Dependency):
         raise ConfigurationError(
-            f"the first argument must be a Dependency (from registry.dependency()); got {dep!r}"
+            "the first argument must be a Dependency (from registry.dependency()) or its name "
+            f"(e.g. 'redis'); got {dep!r}"
         )
     if not isinstance(reason, str) or not reason.strip():
         raise ConfigurationError("reason= is required: say what the user sees when this site degrades")
@@ -67,8 +81,15 @@ def _with_timeouts(is_failure: ErrorPredicate, timeout: float | None) -> ErrorPr
     return failure
 
 
-def site_of(fn: Callable[..., Any]) -> Site:
-    """The :class:`Site` a decorated function registered (raises if it has none)."""
+def site_of(fn: Callable[..., Any], registry: Registry | None = None) -> Site:
+    """The :class:`Site` a decorated function registered (raises if it has none).
+
+    A site declared by dependency name has one :class:`Site` per registry:
+    ``registry`` picks it (default: the registry a call would use now).
+    """
+    declared = getattr(fn, "__degrade_late__", None)
+    if isinstance(declared, _binding.Declared):
+        return _binding.site_for(declared, registry)
     site = getattr(fn, "__degrade_site__", None)
     if not isinstance(site, Site):
         raise ConfigurationError(f"{fn!r} is not decorated with @fail_soft or @fail_loud")
@@ -77,7 +98,7 @@ def site_of(fn: Callable[..., Any]) -> Site:
 
 @overload
 def fail_soft(
-    dep: Dependency,
+    dep: Dependency | str,
     *,
     fallback: Callable[..., Awaitable[T]],
     on: OnErrors = None,
@@ -86,7 +107,7 @@ def fail_soft(
 ) -> FailSoft[T]: ...
 @overload
 def fail_soft(
-    dep: Dependency,
+    dep: Dependency | str,
     *,
     fallback: Callable[..., T],
     on: OnErrors = None,
@@ -95,7 +116,7 @@ def fail_soft(
 ) -> FailSoft[T]: ...
 @overload
 def fail_soft(
-    dep: Dependency,
+    dep: Dependency | str,
     *,
     fallback: T,
     on: OnErrors = None,
@@ -103,7 +124,7 @@ def fail_soft(
     reason: str,
 ) -> FailSoft[T]: ...
 def fail_soft(
-    dep: Dependency,
+    dep: Dependency | str,
     *,
     fallback: Any,
     on: OnErrors = None,
@@ -120,7 +141,8 @@ def fail_soft(
     answers. Other exceptions propagate unchanged and do not count.
 
     Args:
-        dep: The dependency this call uses.
+        dep: The dependency this call uses, or its name (bound at the first
+            call to the app's dependency of that name; see the module docstring).
         fallback: A value, or a callable (sync, or async for async functions)
             called with the same arguments. To return a callable as the value,
             wrap it: ``fallback=lambda *a, **k: my_callable``.
@@ -139,13 +161,13 @@ def fail_soft(
 
 
 def fail_loud(
-    dep: Dependency,
+    dep: Dependency | str,
     *,
     on: OnErrors = None,
     timeout: float | None = None,
     reason: str,
     retry_after: int | None = None,
-    hatch: EscapeHatch | None = None,
+    hatch: EscapeHatch | str | None = None,
 ) -> FailLoud:
     """Declare a FAIL-LOUD site: when ``dep`` fails or is down, raise ``DependencyUnavailable``.
 
@@ -157,7 +179,7 @@ def fail_loud(
     propagate unchanged and do not count.
 
     Args:
-        dep: The dependency this call needs.
+        dep: The dependency this call needs, or its name (bound at the first call).
         on: What counts as a failure; as for :func:`fail_soft`.
         timeout: Seconds the call may take (async functions only); a hard bound.
             A call outliving it is cancelled and left to unwind in the background;
@@ -168,13 +190,24 @@ def fail_loud(
             refused at once.
         reason: What breaks for the user, for the runbook.
         retry_after: ``Retry-After`` seconds; defaults to the dependency's.
-        hatch: An :class:`~degrade.hatch.EscapeHatch` on the same dependency.
+        hatch: An :class:`~degrade.hatch.EscapeHatch` on the same dependency
+            (when ``dep`` is a name, the hatch's name may be given instead).
             While an operator holds it open, the site answers with the hatch's
             fallback instead of raising, and each use is a security warning.
     """
     timeout = _check_args(dep, timeout, reason)
-    retry_after = dep.retry_after if retry_after is None else whole_seconds("retry_after", retry_after)
-    if hatch is not None and (not isinstance(hatch, EscapeHatch) or hatch.dependency is not dep):
+    if retry_after is not None:
+        retry_after = whole_seconds("retry_after", retry_after)
+    if isinstance(dep, str):
+        # Bound at the first call: the hatch is then checked against the app's dependency.
+        if hatch is not None and not (
+            (isinstance(hatch, str) and hatch.strip())
+            or (isinstance(hatch, EscapeHatch) and hatch.dependency.name == dep)
+        ):
+            raise ConfigurationError(
+                f"hatch= takes the name of an escape hatch, or an EscapeHatch on {dep!r}; got {hatch!r}"
+            )
+    elif hatch is not None and (not isinstance(hatch, EscapeHatch) or hatch.dependency is not dep):
         raise ConfigurationError(
             f"hatch= takes an EscapeHatch declared on the same dependency ({dep.name!r}); got {hatch!r}"
         )

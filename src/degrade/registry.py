@@ -1,15 +1,27 @@
-"""The registry: every dependency of an app, their probes and managed components."""
+"""The registry: every dependency of an app, their probes, managed components and owned resources.
+
+Shutdown runs in the order that keeps each part's resources alive while it
+stops: the probes and the managed components (an event publisher flushing its
+buffer, a limiter, a lag monitor) first; then, with :meth:`Registry.wrap`, the
+host's own teardown; then the clients and engines handed over with
+:meth:`Registry.owns`, last, in reverse order of registration. A component
+never finds its Redis client closed under it. With :meth:`Registry.wrap` the
+host's lifespan is the outer one: it starts first (it may create what the
+components use) and ends last.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import inspect
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping
-from typing import Any, Protocol, Unpack, runtime_checkable
+from typing import Any, Protocol, TypeVar, Unpack, runtime_checkable
 
-from . import _looplag
+from . import _binding, _guard, _looplag
 from ._bounded import settle_abandoned
 from .dependency import Clock, Dependency, DependencyOptions, Severity, Sleep
 from .exceptions import ConfigurationError
@@ -19,6 +31,10 @@ from .observe import logger
 __all__ = ["Component", "Registry"]
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+R = TypeVar("R")
+
+#: How :meth:`Registry.owns` closes a resource: the first of these async methods it has.
+CLOSERS = ("aclose", "dispose", "close")
 
 
 @runtime_checkable
@@ -40,8 +56,15 @@ class Registry:
     """All dependencies of one app, and the lifespan that runs their probes.
 
     Failure mode: start-up never raises or blocks on a dependency; an app starts
-    with every dependency down. Shutdown cancels probes and stops managed
-    components, each within ``shutdown_timeout``.
+    with every dependency down. Shutdown cancels probes, stops managed
+    components, then closes owned clients and engines (:meth:`owns`), each
+    within ``shutdown_timeout``; one that fails or overruns is logged by class
+    name and the others still close.
+
+    Its lifespan also registers it on the app: each request is bound to it
+    (sites declared by dependency *name* resolve here) and an uncaught
+    :class:`~degrade.DependencyUnavailable` answers 503 even without
+    :func:`~degrade.exception_handlers` (see :class:`~degrade.DegradeMiddleware`).
 
     Args:
         version: The app's version, shown by ``/health/deep``.
@@ -70,8 +93,12 @@ class Registry:
         self._deps: dict[str, Dependency] = {}
         self._hatches: dict[str, EscapeHatch] = {}
         self._components: list[Component] = []
+        self._owned: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Sites declared by dependency name, bound to this registry (see degrade._binding).
+        self._late: dict[Any, Callable[..., Any]] = {}
         self._started_at = time.monotonic()
+        _binding.registered(self)
 
     # -- dependencies --------------------------------------------------------
 
@@ -112,6 +139,7 @@ class Registry:
             **options,
         )
         self._deps[name] = dep
+        _binding.adopt(self, dep)
         return dep
 
     def escape_hatch(
@@ -189,6 +217,47 @@ class Registry:
         self._components.append(component)
         return component
 
+    def owns(self, resource: R) -> R:
+        """Have shutdown close ``resource`` (a client, an engine) after the components that use it.
+
+        ``redis = registry.owns(degrade.redis.client(url))``,
+        ``engine = registry.owns(create_async_engine(url))``. Closed by the first
+        async method it has of ``aclose()`` (redis, httpx), ``dispose()``
+        (SQLAlchemy's ``AsyncEngine``) and ``close()`` (aio-pika), in reverse
+        order of registration, after every managed component stopped and after
+        the host's teardown when the lifespan is :meth:`wrap`'s. Returns ``resource``.
+
+        Failure mode: a close that raises or outlives ``shutdown_timeout`` is
+        logged (``resource.close_failed``, class names only) and the others
+        still close.
+
+        Raises:
+            ConfigurationError: ``resource`` has no async ``aclose``, ``dispose`` or ``close``
+                (a sync engine, say: use ``create_async_engine``).
+        """
+        if _closer(resource) is None:
+            raise ConfigurationError(
+                f"registry.owns() takes an async client or engine; {type(resource).__name__} has no "
+                "async aclose(), dispose() or close() (a sync engine? use create_async_engine)"
+            )
+        if not any(r is resource for r in self._owned):
+            self._owned.append(resource)
+        return resource
+
+    @contextlib.contextmanager
+    def bind(self) -> Iterator[Registry]:
+        """Run a block against this registry: sites declared by dependency name resolve here.
+
+        ``with registry.bind(): await load_session(token)``, in a script, a
+        worker or a test; tasks created in the block inherit it. Requests of an
+        app whose lifespan is this registry's are bound already.
+        """
+        token = _binding.current.set(self)
+        try:
+            yield self
+        finally:
+            _reset(token)
+
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -206,10 +275,27 @@ class Registry:
         return found
 
     async def aclose(self) -> None:
-        """Stop every probe and managed component (idempotent)."""
+        """Stop every probe and managed component, then close owned resources (idempotent)."""
+        await self._stop_running()
+        await self._close_owned()
+
+    async def _close_owned(self) -> None:
+        for resource in reversed(self._owned):
+            close = _closer(resource)
+            try:
+                async with asyncio.timeout(self.shutdown_timeout):
+                    await close()  # type: ignore[misc]
+            except Exception as exc:  # one client's failure must not keep the others open
+                logger.error(
+                    "resource.close_failed", resource=type(resource).__name__, error=type(exc).__name__
+                )
+
+    async def _stop_running(self, *, components: bool = True) -> None:
+        """Stop every probe and (``components``) managed component; owned resources stay open."""
+        _binding.started(self, False)
         for dep in self._deps.values():
             await dep.stop_probe()
-        for component in reversed(self._all_components()):
+        for component in reversed(self._all_components() if components else []):
             await self._stop(component)
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
@@ -240,6 +326,7 @@ class Registry:
         keeps timeouts on an overloaded worker from marking services down.
         """
         _looplag.monitor()
+        _binding.started(self, True)
         for component in self._all_components():
             try:
                 async with asyncio.timeout(self.shutdown_timeout):
@@ -255,32 +342,90 @@ class Registry:
                     asyncio.get_running_loop().create_task(dep.watch(), name=f"degrade.watch[{dep.name}]")
                 )
 
+    def _enter(self, app: object) -> contextvars.Token[Any]:
+        """Register on the app (the request guard) and bind the lifespan's own code to us."""
+        _guard.install(app, self)
+        return _binding.current.set(self)
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        """A Starlette lifespan: ``Starlette(lifespan=registry.lifespan)``.
+        """A Starlette lifespan: ``Starlette(lifespan=registry.lifespan)`` (FastAPI: the same).
 
-        To combine it with a lifespan of your own, use :meth:`wrap`.
+        At start-up it registers the registry on the app: each request is bound
+        to it (late binding) and answered 503 on an uncaught
+        :class:`~degrade.DependencyUnavailable` (see
+        :class:`~degrade.DegradeMiddleware`); then it starts probes and
+        components. At shutdown it stops them, then closes what it
+        :meth:`owns`. To combine it with a lifespan of your own, use :meth:`wrap`.
         """
-        await self.start()
+        token = self._enter(app)
         try:
+            await self.start()
             yield
         finally:
-            await self.aclose()
+            try:
+                await self.aclose()
+            finally:
+                _reset(token)
 
     def wrap(self, host_lifespan: Lifespan) -> Lifespan:
-        """Compose with the host's lifespan: ours starts first and stops last.
+        """Compose with the host's lifespan: the host's is the outer one.
 
         ``Starlette(lifespan=registry.wrap(my_lifespan))``; the state that
-        ``my_lifespan`` yields is passed through to Starlette.
+        ``my_lifespan`` yields is passed through to Starlette. Order:
+
+        1. the registry registers on the app (requests bound, 503 guard) and
+           binds the host's lifespan code to itself;
+        2. the host's start-up (it may create the clients the components use);
+        3. probes and managed components start;
+        4. ... the app serves ...
+        5. probes and managed components stop (a publisher flushes through a
+           client that is still open);
+        6. the host's teardown (it may close its clients);
+        7. what the registry :meth:`owns` is closed, last.
+
+        If the host's start-up raises, the registry still stops whatever ran.
         """
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Any) -> AsyncIterator[Any]:
-            async with self.lifespan(app), host_lifespan(app) as state:
-                yield state
+            token = self._enter(app)
+            stopped = False
+            try:
+                async with host_lifespan(app) as state:
+                    await self.start()
+                    try:
+                        yield state
+                    finally:
+                        await self._stop_running()
+                        stopped = True
+            finally:
+                try:
+                    # Again for probes the host's teardown may have woken (not the components
+                    # twice), or for everything when the host's start-up raised.
+                    await self._stop_running(components=not stopped)
+                    await self._close_owned()
+                finally:
+                    _reset(token)
 
         return lifespan
 
     def __repr__(self) -> str:
         states = ", ".join(f"{d.name}={d.state}" for d in self._deps.values())
         return f"<Registry version={self.version!r} {states}>"
+
+
+def _closer(resource: object) -> Callable[[], Any] | None:
+    """The async method that closes ``resource`` (see :data:`CLOSERS`), or None."""
+    for name in CLOSERS:
+        method = getattr(resource, name, None)
+        if method is not None and inspect.iscoroutinefunction(method):
+            return method  # type: ignore[no-any-return]
+    return None
+
+
+def _reset(token: contextvars.Token[Any]) -> None:
+    # A lifespan entered in one task and left in another (some test fixtures do)
+    # cannot reset its token there; that context ends with its task anyway.
+    with contextlib.suppress(ValueError):
+        _binding.current.reset(token)

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
-from . import _validate
+from . import _binding, _validate
 from .dependency import Dependency
 from .exceptions import ConfigurationError
 from .modes import fail_loud, fail_soft
@@ -60,7 +60,9 @@ class RevocationList:
 
     Args:
         client: A ``redis.asyncio.Redis`` (see :func:`degrade.redis.client`).
-        dependency: The Redis dependency this list consults and feeds.
+        dependency: The Redis dependency this list consults and feeds, or its
+            name (``"redis"``): bound at the first call to the app's dependency
+            of that name, as ``@fail_soft("redis", ...)`` is.
         on_outage: ``"deny"``, ``"raise"`` or ``"allow"``; required.
         token_ttl: Lifetime of your access tokens in seconds: how long a
             revocation is kept when :meth:`revoke` is not told the token's
@@ -78,7 +80,7 @@ class RevocationList:
     def __init__(
         self,
         client: Any,
-        dependency: Dependency,
+        dependency: Dependency | str,
         *,
         on_outage: OnOutage,
         token_ttl: float = 900.0,
@@ -93,15 +95,17 @@ class RevocationList:
                 f"on_outage must be 'deny' (treat tokens as revoked), 'raise' (503) or "
                 f"'allow' (fail open, accepting revoked tokens); got {on_outage!r}"
             )
-        if not isinstance(dependency, Dependency):
+        if not (isinstance(dependency, Dependency) or (isinstance(dependency, str) and dependency.strip())):
             raise ConfigurationError(
-                f"dependency must be a Dependency (from registry.dependency()); got {dependency!r}"
+                "dependency must be a Dependency (from registry.dependency()) or its name "
+                f"(e.g. 'redis'); got {dependency!r}"
             )
         _validate.seconds("token_ttl", token_ttl)
         _validate.count("max_local", max_local)
         warn_problems(client, component=f"RevocationList[{name}]")
         self.client = client
-        self.dependency = dependency
+        self._dependency = dependency
+        self._dependency_name = dependency if isinstance(dependency, str) else dependency.name
         self.on_outage: OnOutage = on_outage
         self.token_ttl = float(token_ttl)
         self.prefix = prefix
@@ -170,12 +174,21 @@ class RevocationList:
             logger.warning(
                 "revocation.fail_open_configured",
                 revocation_list=name,
-                dependency=dependency.name,
+                dependency=self._dependency_name,
                 security=SECURITY_TAG[1],
                 detail="while Redis is down, revoked tokens are accepted until they expire",
             )
 
     # -- public API ----------------------------------------------------------
+
+    @property
+    def dependency(self) -> Dependency:
+        """The Redis dependency; given by name, the one a call would use now (see :mod:`degrade._binding`)."""
+        dep = self._dependency
+        if isinstance(dep, Dependency):
+            return dep
+        where = f"RevocationList[{self.name}]"
+        return _binding.dependency_in(_binding.resolve(dep, where), dep, where)
 
     async def revoke(self, jti: str, *, ttl: float | None = None) -> None:
         """Revoke ``jti`` for ``ttl`` seconds (the token's remaining lifetime; default ``token_ttl``).
@@ -263,7 +276,7 @@ class RevocationList:
         security_event(
             "revocation.fail_open",
             kind=SECURITY_TAG[1],
-            dependency=self.dependency.name,
+            dependency=self._dependency_name,
             transition="started",
             message=f"degrade: revocation list {self.name} is failing open",
             fingerprint=["degrade", "revocation", self.name, "fail_open", "started"],
@@ -279,7 +292,7 @@ class RevocationList:
         security_event(
             "revocation.fail_open",
             kind=SECURITY_TAG[1],
-            dependency=self.dependency.name,
+            dependency=self._dependency_name,
             transition="ended",
             message=f"degrade: revocation list {self.name} stopped failing open",
             fingerprint=["degrade", "revocation", self.name, "fail_open", "ended"],
@@ -290,9 +303,8 @@ class RevocationList:
         )
 
     def __repr__(self) -> str:
-        return (
-            f"<RevocationList {self.name!r} on_outage={self.on_outage!r} dependency={self.dependency.name!r}>"
-        )
+        policy, dependency = self.on_outage, self._dependency_name
+        return f"<RevocationList {self.name!r} on_outage={policy!r} dependency={dependency!r}>"
 
 
 def _check_jti(jti: str) -> None:

@@ -554,9 +554,9 @@ class TestFailLoudSync:
 
 class TestValidation:
     def test_first_argument_must_be_a_dependency(self) -> None:
-        """Passing something else than a Dependency is refused with a hint."""
+        """Passing something else than a Dependency or its name is refused with a hint."""
         with pytest.raises(ConfigurationError, match=r"registry\.dependency\(\)"):
-            fail_soft("cache", fallback=None, reason="x")  # type: ignore[call-overload]
+            fail_soft(42, fallback=None, reason="x")  # type: ignore[call-overload]
 
     @pytest.mark.parametrize("reason", ["", "   "])
     def test_reason_is_required(self, dep: Dependency, reason: str) -> None:

@@ -355,7 +355,7 @@ class TestLifespan:
 
 class TestWrap:
     async def test_composes_with_host_lifespan_and_passes_state(self) -> None:
-        """wrap() runs the host's lifespan inside ours and passes its state to requests."""
+        """wrap(): our start-up inside the host's lifespan, our stop before its teardown; state passed."""
         events: list[str] = []
 
         @contextlib.asynccontextmanager
@@ -378,7 +378,7 @@ class TestWrap:
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 response = await client.get("/")
             assert response.text == "hello"
-        assert events == ["degrade start", "host start", "host stop", "degrade stop"]
+        assert events == ["host start", "degrade start", "degrade stop", "host stop"]
         assert probe_tasks() == []
 
     async def test_host_lifespan_without_state(self) -> None:

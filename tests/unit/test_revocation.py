@@ -64,7 +64,7 @@ class TestPolicyIsRequired:
         with pytest.raises(ConfigurationError, match="max_local"):
             RevocationList(fake, dep, on_outage="deny", max_local=0)
         with pytest.raises(ConfigurationError, match="Dependency"):
-            RevocationList(fake, "redis", on_outage="deny")  # type: ignore[arg-type]
+            RevocationList(fake, 42, on_outage="deny")  # type: ignore[arg-type]
 
 
 NOT_A_NUMBER = [math.inf, -math.inf, math.nan, True]

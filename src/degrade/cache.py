@@ -16,6 +16,8 @@ returns it. Redis is an optimisation here, never a requirement:
   are saturation, not an outage: counted as shed on the read site
   (``Site.shed_calls``), never a failure of the dependency.
 * The loader's own errors propagate unchanged and are never cached.
+* ``stale=StaleTier(...)`` (``_stale.py``): keys recently seen in Redis answer from
+  memory while it cannot, marked stale by :meth:`FailSoftCache.get_entry`.
 
 ``cache.stats()`` is a frozen :class:`CacheStats` snapshot of its counters.
 
@@ -34,14 +36,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
-from . import _validate
-from .dependency import Dependency
+from . import _binding, _validate
+from ._stale import Answer, CacheEntry, StaleStore, StaleTier
+from .dependency import Dependency, Site
 from .exceptions import ConfigurationError
 from .modes import fail_soft, site_of
 from .observe import logger
 from .redis import warn_problems
 
-__all__ = ["CacheStats", "FailSoftCache", "JSONSerializer", "Serializer"]
+__all__ = ["CacheEntry", "CacheStats", "FailSoftCache", "JSONSerializer", "Serializer", "StaleTier"]
 
 T = TypeVar("T")
 
@@ -127,6 +130,14 @@ class CacheStats:
     uncoalesced: int = 0
     #: Entries that could not be decoded and were treated as misses.
     decode_errors: int = 0
+    #: Stale tier (``stale=``): reads it answered; copies dropped as older than ``stale_for``,
+    #: evicted at ``max_bytes``, removed by invalidate() (or a newer value Redis did not take); its size.
+    stale: int = 0
+    stale_expired: int = 0
+    stale_evicted: int = 0
+    stale_invalidated: int = 0
+    stale_entries: int = 0
+    stale_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -142,7 +153,7 @@ class _Counts:
     decode_errors: int = 0
 
 
-_COUNTERS = frozenset(f.name for f in dataclasses.fields(CacheStats))
+_COUNTERS = frozenset(f.name for f in dataclasses.fields(_Counts))  # the names stats had before 0.2.0
 
 
 class _Stats:
@@ -153,11 +164,13 @@ class _Stats:
     It still works, with a ``DeprecationWarning``, for one minor version.
     """
 
-    __slots__ = ("_counts",)
+    __slots__ = ("_counts", "_tier")
     _counts: _Counts
+    _tier: StaleStore | None
 
-    def __init__(self, counts: _Counts) -> None:
+    def __init__(self, counts: _Counts, tier: StaleStore | None = None) -> None:
         object.__setattr__(self, "_counts", counts)
+        object.__setattr__(self, "_tier", tier)
 
     def __call__(self) -> CacheStats:
         c = self._counts
@@ -169,6 +182,7 @@ class _Stats:
             coalesced=c.coalesced,
             uncoalesced=c.uncoalesced,
             decode_errors=c.decode_errors,
+            **(self._tier.counts() if self._tier is not None else {}),
         )
 
     def __getattr__(self, name: str) -> int:
@@ -202,12 +216,14 @@ class FailSoftCache:
     a Redis error or a call slower than ``timeout`` counts as a failure on
     ``dependency``; in both cases the loader answers and nothing is written.
     Loader errors propagate unchanged (and are not cached). ``CancelledError``
-    always propagates.
+    always propagates. With ``stale=``, a key seen in Redis within ``stale_for``
+    answers from memory instead of the loader, marked stale (:meth:`get_entry`).
 
     Args:
         client: A ``redis.asyncio.Redis`` (build it with :func:`degrade.redis.client`;
             a client with slow-to-fail settings is warned about once).
-        dependency: The Redis dependency this cache consults and feeds.
+        dependency: The Redis dependency this cache consults and feeds, or its
+            name (``"redis"``), bound at the first call as ``@fail_soft("redis")`` is.
         ttl: Seconds an entry lives. It also bounds how stale an entry can
             be when an :meth:`invalidate` could not reach Redis.
         prefix: Prepended to every key.
@@ -220,24 +236,29 @@ class FailSoftCache:
             miss beyond it loads on its own, counted in ``stats().uncoalesced``
             and shed on the read site (reason ``"singleflight-full"``): local
             saturation, never a failure of ``dependency``.
+        stale: A :class:`StaleTier`: keep values seen in Redis in memory (LRU,
+            ``max_bytes``) and serve them, for at most ``stale_for`` seconds,
+            while Redis cannot answer. None (the default): no tier.
         name: Shown in the runbook and logs.
     """
 
     def __init__(
         self,
         client: Any,
-        dependency: Dependency,
+        dependency: Dependency | str,
         ttl: float,
         *,
         prefix: str = "degrade:cache:",
         serializer: Serializer | None = None,
         timeout: float | None = 0.25,
         max_inflight: int = 1024,
+        stale: StaleTier | None = None,
         name: str = "cache",
     ) -> None:
-        if not isinstance(dependency, Dependency):
+        if not (isinstance(dependency, Dependency) or (isinstance(dependency, str) and dependency.strip())):
             raise ConfigurationError(
-                f"dependency must be a Dependency (from registry.dependency()); got {dependency!r}"
+                "dependency must be a Dependency (from registry.dependency()) or its name "
+                f"(e.g. 'redis'); got {dependency!r}"
             )
         ttl = _validate.seconds("ttl", ttl)
         max_inflight = _validate.count("max_inflight", max_inflight)
@@ -256,7 +277,8 @@ class FailSoftCache:
         self.max_inflight = max_inflight
         self.name = name
         self._counts = _Counts()
-        self._stats = _Stats(self._counts)
+        self._stale = StaleStore.of(stale)  # None without a tier; refuses anything but a StaleTier
+        self._stats = _Stats(self._counts, self._stale)
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._warned_decode = False
 
@@ -277,7 +299,8 @@ class FailSoftCache:
             dependency,
             fallback=_Read.UNAVAILABLE,
             timeout=timeout,
-            reason="cache read fails soft: every read is a miss and the loader (e.g. Postgres) answers",
+            reason="cache read fails soft: every read is a miss and the loader (e.g. Postgres) answers"
+            + ("" if stale is None else stale.runbook_note()),
         )(read)
         self._write = fail_soft(
             dependency,
@@ -292,7 +315,9 @@ class FailSoftCache:
             reason=f"invalidate cannot reach Redis: the old entry may be served until its ttl ({ttl:g}s)",
         )(invalidate)
         #: The read site: where reads answered without Redis and shed misses are counted.
-        self._read_site = site_of(self._read)
+        self._read_site: Site | _binding.LateSite = (
+            site_of(self._read) if isinstance(dependency, Dependency) else _binding.LateSite(self._read)
+        )
 
     @property
     def stats(self) -> _Stats:
@@ -319,6 +344,20 @@ class FailSoftCache:
             loader: Async callable taking no arguments that loads the value.
             ttl: Overrides the cache's ttl for this entry.
         """
+        return (await self._get(key, loader, ttl))[0]
+
+    async def get_entry(
+        self, key: str, loader: Callable[[], Awaitable[T]], *, ttl: float | None = None
+    ) -> CacheEntry[T]:
+        """Like :meth:`get_or_load`, but a :class:`CacheEntry`: the value and where it came from.
+
+        Failure mode: FAIL-SOFT, as :meth:`get_or_load`. ``entry.stale`` is True
+        when Redis could not answer and the stale tier did (``entry.age``
+        seconds old); ``entry.source`` tells a hit, a miss and an unavailable read apart.
+        """
+        return CacheEntry(*await self._get(key, loader, ttl))
+
+    async def _get(self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None) -> Answer[T]:
         if ttl is not None:
             ttl = _validate.seconds("ttl", ttl)
         while True:
@@ -328,7 +367,7 @@ class FailSoftCache:
             self._counts.coalesced += 1
             try:
                 # shield: a waiter that goes away must not cancel the shared result
-                return cast(T, await asyncio.shield(shared))
+                return cast("Answer[T]", await asyncio.shield(shared))
             except _LeaderGone:
                 continue  # the caller that was loading was cancelled: load (or join) anew
         if len(self._inflight) >= self.max_inflight:
@@ -357,13 +396,16 @@ class FailSoftCache:
             if self._inflight.get(key) is shared:
                 del self._inflight[key]
 
-    async def _fill(self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None) -> T:
+    async def _fill(self, key: str, loader: Callable[[], Awaitable[T]], ttl: float | None) -> Answer[T]:
         full_key = self.prefix + key
         cached = await self._read(full_key)
+        tier = self._stale
         if cached is _Read.UNAVAILABLE:
             self._counts.unavailable += 1
+            if tier is not None and (found := tier.serve(key, self.serializer.loads, self._decode_error)):
+                return found[0], "stale", found[1]
             self._counts.loads += 1
-            return await loader()
+            return await loader(), "unavailable", None
         if cached is not _Read.MISS:
             try:
                 value = self.serializer.loads(cached)
@@ -371,14 +413,18 @@ class FailSoftCache:
                 self._decode_error(exc)
             else:
                 self._counts.hits += 1
-                return cast(T, value)
+                if tier is not None:
+                    tier.remember(key, cached)
+                return cast(T, value), "hit", None
         self._counts.misses += 1
         self._counts.loads += 1
         value = await loader()
         data = self.serializer.dumps(value)
         ttl_ms = max(1, round((self.ttl if ttl is None else ttl) * 1000))
-        await self._write(full_key, data, ttl_ms)
-        return value
+        written = await self._write(full_key, data, ttl_ms) is not _Skipped.WRITE
+        if tier is not None:  # keep what Redis now holds; an older copy is superseded either way
+            tier.remember(key, data) if written else tier.forget(key)
+        return value, "miss", None
 
     def _decode_error(self, exc: Exception) -> None:
         self._counts.decode_errors += 1
@@ -395,12 +441,16 @@ class FailSoftCache:
         """Delete ``key``; True when Redis confirmed it.
 
         Failure mode: FAIL-SOFT. False while Redis is down or failing: the old
-        entry (if any) may then be served until its ttl runs out.
+        entry (if any) may then be served until its ttl runs out. The stale
+        tier's copy (``stale=``) is dropped either way.
         """
+        if self._stale is not None:
+            self._stale.forget(key)
         return await self._invalidate(self.prefix + key) is not _Skipped.INVALIDATE
 
     def __repr__(self) -> str:
-        return f"<FailSoftCache {self.name!r} ttl={self.ttl:g}s dependency={self.dependency.name!r}>"
+        dependency = getattr(self.dependency, "name", self.dependency)
+        return f"<FailSoftCache {self.name!r} ttl={self.ttl:g}s dependency={dependency!r}>"
 
 
 def _name(fn: Callable[..., Any], qualname: str) -> None:

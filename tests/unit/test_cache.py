@@ -399,9 +399,9 @@ class TestConfiguration:
             FailSoftCache(fake, dep, ttl)
 
     def test_bad_dependency(self, fake: FakeRedis) -> None:
-        """The dependency must be a Dependency."""
+        """The dependency must be a Dependency or its name."""
         with pytest.raises(ConfigurationError, match="Dependency"):
-            FailSoftCache(fake, "redis", 60)  # type: ignore[arg-type]
+            FailSoftCache(fake, 42, 60)  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("max_inflight", [0, True, 1.5, math.inf])
     def test_bad_max_inflight(self, fake: FakeRedis, dep: Any, max_inflight: Any) -> None:

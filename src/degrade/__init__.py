@@ -26,6 +26,22 @@ from .modes import fail_loud, fail_soft, site_of
 from .registry import Registry
 from .responses import exception_handlers, unavailable_response
 
+if _typing.TYPE_CHECKING:
+    from ._fastapi import health_router
+else:
+
+    def __getattr__(name: str) -> object:
+        # health_router needs FastAPI (an optional extra): imported on first use, so
+        # `import degrade` stays light and `from degrade import health_router` without
+        # FastAPI raises the ImportError that names the extra.
+        if name == "health_router":
+            from ._fastapi import health_router
+
+            globals()[name] = health_router
+            return health_router
+        raise AttributeError(f"module 'degrade' has no attribute {name!r}")
+
+
 __version__ = "0.2.0"
 
 __all__ = [
@@ -47,6 +63,7 @@ __all__ = [
     "exception_handlers",
     "fail_loud",
     "fail_soft",
+    "health_router",
     "health_routes",
     "site_of",
     "unavailable_response",

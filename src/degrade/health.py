@@ -213,35 +213,26 @@ def _render(registry: Registry, report: HealthReport, *, ietf: bool, details: bo
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def health_routes(
-    registry: Registry,
-    prefix: str = "",
-    *,
-    details: bool | Authorize = False,
-    cache_ttl: float = 1.0,
-) -> list[Route]:
-    """``GET {prefix}/health`` and ``GET {prefix}/health/deep`` for a Starlette app.
-
-    Args:
-        registry: The app's dependencies.
-        prefix: e.g. ``"/api/v1"``; no trailing slash.
-        details: Add per-dependency details (severity, latency, since, error
-            class, impact, runbook, escape hatches and whether they are open)
-            to ``/health/deep``: ``True``, or a callable given the request that
-            says whether this caller may see them.
-            Raw exception text and credentials are never shown.
-        cache_ttl: Seconds a deep result (failures too) is reused.
-
-    ``Accept: application/health+json`` gets the IETF draft format
-    (``pass``/``warn``/``fail``).
-
-    Failure mode: ``/health`` cannot fail on a dependency's account; ``/health/deep``
-    answers within the largest ``check_timeout`` and never raises.
-    """
+def _check_prefix(prefix: str) -> None:
     if prefix.endswith("/"):
         raise ConfigurationError(f"prefix must not end with '/': {prefix!r}")
     if prefix and not prefix.startswith("/"):
         raise ConfigurationError(f"prefix must start with '/': {prefix!r}")
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _endpoints(
+    registry: Registry, *, details: bool | Authorize = False, cache_ttl: float = 1.0
+) -> tuple[Endpoint, Endpoint]:
+    """The ``/health`` and ``/health/deep`` endpoints (request -> response) that every router mounts.
+
+    :func:`health_routes` mounts them as Starlette routes and
+    :func:`degrade.health_router` as FastAPI routes: one behaviour, two shapes.
+
+    Failure mode: as :func:`health_routes`.
+    """
     deep = DeepHealth(registry, cache_ttl=cache_ttl)
     shallow_body = json.dumps({"status": "ok", "version": registry.version}, separators=(",", ":")).encode()
     no_store = {"Cache-Control": "no-store"}
@@ -291,6 +282,37 @@ def health_routes(
             headers=no_store,
         )
 
+    return health, health_deep
+
+
+def health_routes(
+    registry: Registry,
+    prefix: str = "",
+    *,
+    details: bool | Authorize = False,
+    cache_ttl: float = 1.0,
+) -> list[Route]:
+    """``GET {prefix}/health`` and ``GET {prefix}/health/deep`` for a Starlette app.
+
+    Args:
+        registry: The app's dependencies.
+        prefix: e.g. ``"/api/v1"``; no trailing slash.
+        details: Add per-dependency details (severity, latency, since, error
+            class, impact, runbook, escape hatches and whether they are open)
+            to ``/health/deep``: ``True``, or a callable given the request that
+            says whether this caller may see them.
+            Raw exception text and credentials are never shown.
+        cache_ttl: Seconds a deep result (failures too) is reused.
+
+    ``Accept: application/health+json`` gets the IETF draft format
+    (``pass``/``warn``/``fail``). With FastAPI, :func:`degrade.health_router`
+    gives the same two routes as an ``APIRouter`` (``include_router``, OpenAPI).
+
+    Failure mode: ``/health`` cannot fail on a dependency's account; ``/health/deep``
+    answers within the largest ``check_timeout`` and never raises.
+    """
+    _check_prefix(prefix)
+    health, health_deep = _endpoints(registry, details=details, cache_ttl=cache_ttl)
     return [
         Route(f"{prefix}/health", health, methods=["GET"], name="degrade_health"),
         Route(f"{prefix}/health/deep", health_deep, methods=["GET"], name="degrade_health_deep"),

@@ -51,12 +51,175 @@ def _site_table(sites: list[Site]) -> list[str]:
     return lines
 
 
-def _detection(dep: Dependency) -> str:
-    recovery = dep.recovery.describe(has_check=dep.check is not None)
+# The kind of a site, from the name its safety net registers it under (``Site``
+# records no kind of its own): each kind fails, answers and recovers its own way.
+_KIND_PREFIXES = (
+    ("degrade.eventbus.EventPublisher[", "publisher"),
+    ("degrade.eventbus.OutboxRelay[", "relay"),
+    ("degrade.eventbus.Outbox[", "outbox"),
+    ("degrade.db.DBHealthMiddleware", "gate"),
+    ("degrade.db.db_gate", "gate"),
+    ("degrade.db.ReadReplicaRouter.", "router"),
+    ("degrade.ratelimit.RateLimiter[", "limiter"),
+    ("degrade.cache.FailSoftCache[", "cache"),
+    ("degrade.revocation.RevocationList[", "revocation"),
+)
+#: The order kinds are described in, under a dependency.
+_KINDS = ("gate", "router", "outbox", "limiter", "cache", "revocation", "publisher", "relay", "decorator")
+
+
+def _site_kind(site: Site) -> str:
+    """``gate``, ``router``, ``limiter``, ``cache``, ``revocation``, ``publisher`` or ``decorator``."""
+    for prefix, kind in _KIND_PREFIXES:
+        if site.name.startswith(prefix):
+            return kind
+    return "decorator"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _loud(sites: list[Site]) -> list[Site]:
+    return [s for s in sites if s.mode == "fail_loud"]
+
+
+def _soft(sites: list[Site]) -> list[Site]:
+    return [s for s in sites if s.mode != "fail_loud"]
+
+
+def _gate_text(dep: Dependency, sites: list[Site]) -> str:
     return (
-        f"down after {dep.trip.describe()}; recovery by {recovery}; "
-        f"503s carry `Retry-After: {dep.retry_after}`"
+        "gated requests answer 503 at once, without touching the pool; "
+        "the connections of gated requests in flight are terminated"
     )
+
+
+def _router_text(dep: Dependency, sites: list[Site]) -> str:
+    parts = []
+    if any(s.name.endswith(".for_write") for s in sites):
+        parts.append("routed writes answer 503")
+    if any(s.name.endswith(".for_read") for s in sites):
+        parts.append("routed reads run on the primary")
+    return "; ".join(parts) or "the router does without it"
+
+
+def _limiter_text(dep: Dependency, sites: list[Site]) -> str:
+    if _loud(sites):
+        return "rate-limited requests answer 503"
+    fallbacks = sorted({s.fallback for s in sites if s.fallback})
+    return "requests are limited without it: " + (", ".join(fallbacks) or "by the outage policy")
+
+
+def _cache_text(dep: Dependency, sites: list[Site]) -> str:
+    return "reads are misses (the loader answers); writes and invalidations are skipped"
+
+
+def _revocation_text(dep: Dependency, sites: list[Site]) -> str:
+    parts = [f"{_short(s)} answers 503" for s in _loud(sites)]
+    parts += [f"{_short(s)} falls back to `{s.fallback}`" for s in _soft(sites)]
+    return "; ".join(parts)
+
+
+def _publisher_text(dep: Dependency, sites: list[Site]) -> str:
+    outcome = "spooled to disk" if any((s.fallback or "").endswith("spool") for s in sites) else "dropped"
+    return (
+        f"never a 503: `publish()` returns at once and the request succeeds; events are "
+        f"buffered, then {outcome} (counted and reported) once the broker has been unreachable "
+        "for `degrade_after` (see the table)"
+    )
+
+
+def _relay_text(dep: Dependency, sites: list[Site]) -> str:
+    return (
+        "never a 503: rows wait in the outbox table (nothing is dropped) and are published, "
+        "oldest first, once the broker is back"
+    )
+
+
+def _outbox_text(dep: Dependency, sites: list[Site]) -> str:
+    return "`Outbox.add()` fails with the caller's transaction: the write and its event are one decision"
+
+
+def _decorator_text(dep: Dependency, sites: list[Site]) -> str:
+    parts = []
+    soft, loud = len(_soft(sites)), len(_loud(sites))
+    if soft:
+        verb = "returns its" if soft == 1 else "return their"
+        parts.append(f"{_plural(soft, 'call site')} {verb} fallback without calling it")
+    if loud:
+        verb = "raises" if loud == 1 else "raise"
+        raised = "`DependencyUnavailable` (503 through `exception_handlers()`)"
+        parts.append(f"{_plural(loud, 'call site')} {verb} {raised}")
+    return "; ".join(parts)
+
+
+#: What the sites of each kind do while their dependency is down, in one sentence.
+_WHILE_DOWN = {
+    "gate": ("DB gate", _gate_text),
+    "router": ("replica router", _router_text),
+    "limiter": ("rate limiter", _limiter_text),
+    "cache": ("cache", _cache_text),
+    "revocation": ("revocation list", _revocation_text),
+    "publisher": ("event publisher", _publisher_text),
+    "relay": ("outbox relay", _relay_text),
+    "outbox": ("outbox", _outbox_text),
+    "decorator": ("decorated calls", _decorator_text),
+}
+
+
+def _short(site: Site) -> str:
+    return f"`{site.name.rsplit('.', 1)[-1]}`"
+
+
+def _by_kind(dep: Dependency) -> dict[str, list[Site]]:
+    kinds: dict[str, list[Site]] = {}
+    for site in dep.sites:
+        kinds.setdefault(_site_kind(site), []).append(site)
+    return {kind: kinds[kind] for kind in _KINDS if kind in kinds}
+
+
+#: Kinds whose own reconnect loop feeds their dependency (each connection is a success).
+_SELF_PROBING = {"publisher": "publisher", "relay": "outbox relay"}
+
+
+def _recovery(dep: Dependency, kinds: dict[str, list[Site]]) -> str:
+    has_check = dep.check is not None
+    loops = [label for kind, label in _SELF_PROBING.items() if kind in kinds]
+    if not loops:
+        return dep.recovery.describe(has_check=has_check)
+    who = " and the ".join(loops)
+    if has_check:
+        return (
+            dep.recovery.describe(has_check=True) + "; while it is down only that check touches the "
+            f"broker, and the {who} reconnect{'s' if len(loops) == 1 else ''} once it recovers"
+        )
+    if all(kind in _SELF_PROBING for kind in kinds):
+        return (
+            f"the {who}'s own reconnect loop (no check configured): the next successful "
+            "connection to the broker closes it, with backoff and jitter between attempts"
+        )
+    return dep.recovery.describe(has_check=False) + f"; the {who}'s next connection closes it too"
+
+
+def _detection(dep: Dependency) -> list[str]:
+    """The dependency's Detection, Recovery and While-down lines."""
+    kinds = _by_kind(dep)
+    lines = [
+        f"- Detection: down after {dep.trip.describe()}",
+        f"- Recovery: by {_recovery(dep, kinds)}",
+    ]
+    answers_503 = any(s.mode == "fail_loud" for s in dep.sites)
+    if answers_503:
+        lines.append(f"- Responses: its 503s carry `Retry-After: {dep.retry_after}`")
+    else:
+        lines.append(f"- Responses: no request answers 503 because {dep.name} is down (no FAIL-LOUD site)")
+    if kinds:
+        lines.append("- While down:")
+        for kind, sites in kinds.items():
+            label, describe = _WHILE_DOWN[kind]
+            lines.append(f"    - {label}: {describe(dep, sites)}")
+    return lines
 
 
 def render_runbook(registry: Registry, *, title: str = "Runbook: graceful degradation") -> str:
@@ -82,7 +245,7 @@ def render_runbook(registry: Registry, *, title: str = "Runbook: graceful degrad
         lines.append(f"| {dep.name} | {_cell(dep.impact)} | {dep.severity.label} | {health} | {sub} |")
     for dep in deps:
         lines += ["", f"## {dep.name} ({dep.severity.label}{', critical' if dep.critical else ''})", ""]
-        lines += [f"- Impact: {_cell(dep.impact)}", f"- Detection: {_detection(dep)}"]
+        lines += [f"- Impact: {_cell(dep.impact)}", *_detection(dep)]
         if dep.runbook:
             lines.append(f"- Sub-runbook: `{dep.runbook}`")
         sites = sorted(dep.sites, key=lambda s: (s.mode, s.name))
@@ -200,6 +363,21 @@ def render_alerts(registry: Registry, *, runbook_base: str = "", down_for: str =
             "        annotations:",
             f"          summary: {_q(dropped_summary)}",
             f"          description: {_q('Side effects were lost; Sentry: tag:eventbus.status=degraded')}",
+            f"          runbook_url: {_q(runbook_url)}",
+        ]
+    relays = [d for d in registry if any(s.name.startswith("degrade.eventbus.OutboxRelay[") for s in d.sites)]
+    for dep in relays[:1]:  # one rule covers every outbox table: the metric is labelled by table
+        runbook_url = f"{runbook_base}{dep.runbook}" if dep.runbook else f"{runbook_base}docs/runbook.md"
+        waiting = "max by (table) (degrade_outbox_oldest_seconds) > 300"
+        lines += [
+            "      - alert: DegradeOutboxBacklog",
+            f"        expr: {_q(waiting)}",
+            "        for: 1m",
+            "        labels:",
+            "          severity: warning",
+            "        annotations:",
+            f"          summary: {_q('outbox {{ $labels.table }}: events wait for more than 5 minutes')}",
+            f"          description: {_q('No relay publishes: RabbitMQ or Postgres down, or none running')}",
             f"          runbook_url: {_q(runbook_url)}",
         ]
     return "\n".join(lines) + "\n"

@@ -500,6 +500,26 @@ class TestMidRequest:
         assert db.failures == 1
         await settle(engine)
 
+    async def test_work_cut_by_an_ended_outage_is_stale(self, engine: AsyncEngine, db: Dependency) -> None:
+        """A query cut when the database went down fails after it recovered: 503, but no new failure."""
+
+        async def cut(request: Request) -> Response:
+            conn = await connection()
+            await conn.execute(text("SELECT 1"))
+            db.mark_down()  # the gate ends the work in flight (terminates its connections)...
+            db.record_success()  # ...and the database is back before this request notices
+            await conn.execute(text("SELECT 1"))
+            return JSONResponse({})
+
+        app = build_app(engine, db)
+        app.router.routes.append(Route("/api/cut", cut))
+        async with client(app) as c:
+            response = await c.get("/api/cut")
+            assert response.status_code == 503
+            assert (db.state, db.failures, db.stale_failures) == ("ok", 0, 1)
+            assert (await c.get("/api/ping")).status_code == 200
+        await settle(engine)
+
     async def test_bugs_propagate(self, engine: AsyncEngine, db: Dependency, table: str) -> None:
         """A constraint violation is a bug, not an outage: it propagates and counts nothing."""
         async with client(build_app(engine, db, table)) as c:

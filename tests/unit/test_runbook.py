@@ -203,3 +203,88 @@ class TestCli:
         assert message in err
         assert len(err.strip().splitlines()) == 1
         assert "Traceback" not in err
+
+
+def _publisher_registry(*, check: bool, spool: bool = False) -> Registry:
+    """A registry whose broker dependency has only an EventPublisher site (as the publisher declares it)."""
+    registry = Registry()
+    mq = registry.dependency(
+        "rabbitmq", severity=Severity.SEV2, check=checks.tcp("127.0.0.1", 1) if check else None
+    )
+    mq.add_site(
+        "degrade.eventbus.EventPublisher[events].publish",
+        "fail_soft",
+        "publish never waits: events are buffered (up to 10) ... after 30s",
+        fallback="buffer, then " + ("spool" if spool else "drop"),
+    )
+    return registry
+
+
+def _section(text: str, name: str) -> str:
+    return text.split(f"## {name} (")[1].split("\n## ", maxsplit=1)[0]
+
+
+class TestSiteKinds:
+    def test_publisher_without_check_recovers_by_its_reconnect_loop_and_never_503s(self) -> None:
+        """A publisher's broker: recovery by its reconnect loop, no 503, buffered then dropped."""
+        section = _section(render_runbook(_publisher_registry(check=False)), "rabbitmq")
+        assert "- Recovery: by the publisher's own reconnect loop (no check configured)" in section
+        assert "trial call" not in section
+        assert "Retry-After" not in section
+        assert "no request answers 503 because rabbitmq is down" in section
+        assert "events are buffered, then dropped" in section
+
+    def test_publisher_with_spool_and_check(self) -> None:
+        """With a check the probe owns recovery and the publisher reconnects after; a spool is named."""
+        section = _section(render_runbook(_publisher_registry(check=True, spool=True)), "rabbitmq")
+        assert "a background check every 0.5 s" in section
+        assert "the publisher reconnects once it recovers" in section
+        assert "events are buffered, then spooled to disk" in section
+        assert "Retry-After" not in section
+
+    def test_each_kind_says_what_it_does_while_down(self) -> None:
+        """Gate, router, limiter, cache, revocation and decorator sites each get their own line."""
+        registry = Registry()
+        db = registry.dependency("db", severity=Severity.SEV1, retry_after=7)
+        db.add_site("degrade.db.DBHealthMiddleware", "fail_loud", "503")
+        db.add_site("degrade.db.ReadReplicaRouter.for_write", "fail_loud", "writes 503")
+        redis = registry.dependency("redis", severity=Severity.SEV2)
+        redis.add_site("degrade.ratelimit.RateLimiter[rl:]", "fail_soft", "memory", fallback="in-memory GCRA")
+        redis.add_site("degrade.cache.FailSoftCache[c].read", "fail_soft", "miss", fallback="miss")
+        redis.add_site("degrade.revocation.RevocationList[r].revoke", "fail_loud", "503")
+        redis.add_site("degrade.revocation.RevocationList[r].is_revoked", "fail_soft", "x", fallback="deny")
+        redis.add_site("app.views.profile", "fail_soft", "default profile", fallback="None")
+        text = render_runbook(registry)
+        db_section, redis_section = _section(text, "db"), _section(text, "redis")
+        assert "- Responses: its 503s carry `Retry-After: 7`" in db_section
+        assert "    - DB gate: gated requests answer 503 at once, without touching the pool" in db_section
+        assert "    - replica router: routed writes answer 503" in db_section
+        assert "    - rate limiter: requests are limited without it: in-memory GCRA" in redis_section
+        assert "    - cache: reads are misses" in redis_section
+        assert (
+            "    - revocation list: `revoke` answers 503; `is_revoked` falls back to `deny`" in redis_section
+        )
+        assert "    - decorated calls: 1 call site returns its fallback" in redis_section
+        assert redis_section.index("rate limiter") < redis_section.index("decorated calls")
+
+    def test_a_dependency_without_sites_has_no_while_down_list(self) -> None:
+        """No sites: no 'While down' list, and no 503 claimed."""
+        registry = Registry()
+        registry.dependency("turn", severity=Severity.SEV3)
+        section = _section(render_runbook(registry), "turn")
+        assert "While down" not in section
+        assert "no request answers 503" in section
+
+    def test_outbox_relay_and_outbox_sites(self) -> None:
+        """An outbox relay's broker: rows wait, no 503, its reconnect loop; the outbox's add() on the db."""
+        registry = Registry()
+        mq = registry.dependency("rabbitmq", severity=Severity.SEV2)
+        db = registry.dependency("db", severity=Severity.SEV1)
+        mq.add_site("degrade.eventbus.OutboxRelay[outbox]", "fail_soft", "rows wait", fallback="rows wait")
+        db.add_site("degrade.eventbus.Outbox[outbox].add", "fail_loud", "add() fails with the transaction")
+        text = render_runbook(registry)
+        broker = _section(text, "rabbitmq")
+        assert "by the outbox relay's own reconnect loop" in broker
+        assert "    - outbox relay: never a 503: rows wait in the outbox table" in broker
+        assert "Retry-After" not in broker
+        assert "    - outbox: `Outbox.add()` fails with the caller's transaction" in _section(text, "db")

@@ -28,6 +28,7 @@ from .._compat import asyncpg as _compat_asyncpg  # noqa: E402
 _compat_asyncpg.install()  # cancelled connects stop logging "Future exception was never retrieved"
 
 from ._context import connection, current_connection, require_connection  # noqa: E402
+from ._depends import DBGate, db_gate  # noqa: E402
 from ._errors import is_database_failure  # noqa: E402
 from ._freshness import ReadYourWritesMiddleware  # noqa: E402
 from ._gate import DBHealthMiddleware  # noqa: E402
@@ -37,12 +38,14 @@ from ._settings import engine_options, engine_problems, problems, warn_problems 
 
 __all__ = [
     "LAG_SQL",
+    "DBGate",
     "DBHealthMiddleware",
     "NotAStandby",
     "ReadReplicaRouter",
     "ReadYourWritesMiddleware",
     "connection",
     "current_connection",
+    "db_gate",
     "engine_options",
     "engine_problems",
     "is_database_failure",

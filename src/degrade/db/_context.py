@@ -54,6 +54,7 @@ class Lease:
     """
 
     __slots__ = (
+        "began",
         "busy",
         "closed",
         "conn",
@@ -78,6 +79,9 @@ class Lease:
         self.waited = 0.0
         #: When the gate's line handed this request its slot (the start of the slot's hold).
         self.slot_at = 0.0
+        #: When its first checkout began, on the dependency's clock: a failure of work that
+        #: was in flight through an outage and its recovery is stale (``record_failure(started=)``).
+        self.began: float | None = None
 
     def available_for(self, sync_engine: Engine) -> bool:
         """May a session of ``sync_engine`` use this lease now?"""

@@ -26,13 +26,228 @@ from ._slots import GRANTED, Slots
 if TYPE_CHECKING:
     from ._router import ReadReplicaRouter
 
-__all__ = ["DBHealthMiddleware"]
+__all__ = ["DBHealthMiddleware", "GateCore"]
 
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _OVERLOADED_DETAIL = "the database is busy: no pooled connection free in time, retry shortly"
 
 
-class DBHealthMiddleware:
+def _validate_core(
+    engine: AsyncEngine,
+    dependency: Dependency,
+    acquire_timeout: float,
+    retry_after: int | None,
+    component: str,
+) -> int:
+    """Check a gate's arguments; returns ``retry_after`` (the dependency's when None)."""
+    if not isinstance(engine, AsyncEngine):
+        raise ConfigurationError(
+            f"engine must be a SQLAlchemy AsyncEngine (create_async_engine(...)); got {type(engine).__name__}"
+        )
+    if engine.dialect.driver != "asyncpg":
+        raise ConfigurationError(
+            f"{component} supports the asyncpg driver (postgresql+asyncpg://...); "
+            f"got {engine.dialect.driver!r}"
+        )
+    if not isinstance(dependency, Dependency):
+        raise ConfigurationError(
+            f"dependency must be a degrade Dependency (registry.dependency(...)); got {dependency!r}"
+        )
+    _validate.seconds("acquire_timeout", acquire_timeout)
+    if retry_after is None:
+        retry_after = dependency.retry_after
+    _validate.whole_seconds("retry_after", retry_after)
+    return retry_after
+
+
+class GateCore:
+    """What every DB gate shares: the fair line, the bounded checkout, the end of work on an outage.
+
+    :class:`DBHealthMiddleware` gates by path; ``degrade.db.db_gate`` gates one
+    route as a FastAPI dependency. Both are a :class:`~degrade.db._context.LeaseSource`:
+    the request's :class:`Lease` checks out through :meth:`checkout`.
+
+    Failure mode: see :meth:`checkout`; a gate never raises on its own account.
+    """
+
+    read_only_fallback = False
+
+    def _init_core(
+        self,
+        engine: AsyncEngine,
+        dependency: Dependency,
+        acquire_timeout: float,
+        retry_after: int,
+        *,
+        replica_dep: Dependency | None,
+        site_name: str,
+        site_reason: str,
+        component: str,
+    ) -> None:
+        self.engine = engine
+        self.dependency = dependency
+        self.acquire_timeout = acquire_timeout
+        #: No slot given back for this long while all are held: the gate asks the server directly.
+        self._stall_window = self.acquire_timeout / 2
+        self.retry_after = retry_after
+        self._replica_dep = replica_dep
+        self._names = frozenset(
+            {dependency.name} | ({replica_dep.name} if replica_dep is not None else set())
+        )
+        self._body = unavailable_body(dependency.name, f"{dependency.name} is unavailable")
+        self._headers = {"Retry-After": str(retry_after), "Cache-Control": "no-store"}
+        self._site = dependency.add_site(site_name, "fail_loud", site_reason)
+        self.engine_problems = warn_problems(
+            engine, acquire_timeout=self.acquire_timeout, component=component
+        )
+        self._sync_engine = engine.sync_engine
+        compat.report("sqlalchemy", compat_sqlalchemy.problems())
+        self._clock = time.monotonic
+        self._slots = Slots(pool_capacity(self._sync_engine))
+        self._overloaded_body = unavailable_body(dependency.name, _OVERLOADED_DETAIL)
+        self._active: set[Lease] = set()
+        self._stall_check: asyncio.Task[None] | None = None
+        #: Connections of requests in flight terminated because the database went down.
+        self.terminated = 0
+        dependency.subscribe(self._on_transition)
+
+    # -- the lease's source: fair checkout, check-in ----------------------------
+
+    async def checkout(self, lease: Lease) -> AsyncConnection:
+        """A proven primary connection for ``lease``, in arrival order, within its remaining budget.
+
+        Failure mode: ``DependencyUnavailable`` when the database is down or
+        failed (counted as a failure), ``Overloaded`` when local capacity ran
+        out (counted as shed, never a failure).
+        """
+        dep = self.dependency
+        if lease.primary_refused or (dep.is_down and not dep.admit()):
+            raise self._unavailable()
+        clock = self._clock
+        started = clock()
+        began = dep.clock()
+        if lease.began is None:
+            lease.began = began
+        budget = self.acquire_timeout - lease.waited
+        slots = self._slots
+        if budget <= 0:
+            raise self._shed("budget")
+        if not observe.may_abandon("db.gate"):
+            raise self._shed("abandoned-cap")  # too many abandoned clean-ups unwind: add none
+        if slots.try_take():
+            lease.slot_at = started
+        else:
+            await self._wait_in_line(lease, budget, started)
+        remaining = budget - (clock() - started)
+        # Opening a connection is a one-off cost of a cold (or recycled) pool; counted in the
+        # hold it made the first holds of a burst look slow and the line shed healthy work.
+        opens = not compat_sqlalchemy.idle_checkout_is_free(self._sync_engine)
+        try:
+            conn = await acquire(self.engine, remaining)
+        except Exception as exc:
+            lease.waited += clock() - started
+            slots.release(None)
+            if isinstance(exc, TimeoutError):
+                if pool_full(self._sync_engine):
+                    # Every pooled connection is out (to users outside the gate too): saturation.
+                    raise self._shed("pool-saturated") from scrubbed(exc)
+                if remaining < self.acquire_timeout / 2:
+                    # Most of the budget went waiting in line: a connect or BEGIN that could
+                    # not finish in what was left says nothing about the server.
+                    raise self._shed("budget") from scrubbed(exc)
+            dep.record_failure(exc, started=began)
+            raise self._unavailable() from scrubbed(exc)
+        except BaseException:
+            lease.waited += clock() - started
+            slots.release(None)
+            raise
+        now = clock()
+        lease.waited += now - started
+        if opens:
+            lease.slot_at = now
+        dep.record_success()
+        self._active.add(lease)
+        return conn
+
+    async def _wait_in_line(self, lease: Lease, budget: float, started: float) -> None:
+        """Wait for a slot (sets ``lease.slot_at``); raises the refusal when none comes."""
+        slots = self._slots
+        outcome, lease.slot_at = await slots.take_at(budget)
+        if outcome == GRANTED:
+            return
+        lease.waited += self._clock() - started
+        if outcome == "down":
+            raise self._unavailable()
+        raise self._shed(outcome)
+
+    async def checkin(self, lease: Lease) -> None:
+        """Return ``lease``'s connection to the pool (bounded) and its slot to the line."""
+        conn, lease.conn = lease.conn, None
+        if conn is None:
+            return
+        self._active.discard(lease)
+        try:
+            await release(conn, self.acquire_timeout)
+        except Exception as exc:
+            # The work is done; a failed return to the pool only counts as a failure.
+            if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
+                raise
+            self.dependency.record_failure(exc, started=lease.began)
+        finally:
+            # The hold runs from the hand-over to the return: waking the request, its
+            # BEGIN and ROLLBACK occupy the slot as much as its queries do.
+            self._slots.release(self._clock() - lease.slot_at)
+
+    def _unavailable(self) -> DependencyUnavailable:
+        dep = self.dependency
+        return DependencyUnavailable(dep.name, f"{dep.name} is unavailable", retry_after=self.retry_after)
+
+    def _shed(self, reason: str) -> Overloaded:
+        self._site.shed(reason)
+        if self._slots.stalled(self._stall_window):
+            self._suspect_stall()
+        return Overloaded(self.dependency.name, reason, _OVERLOADED_DETAIL, retry_after=1)
+
+    # -- outages: end the work in flight, confirm a stall ------------------------
+
+    def _on_transition(self, dep: Dependency) -> None:
+        """The database went down: end what waits on it now instead of at its own timeout."""
+        if not dep.is_down:
+            return
+        self._slots.refuse_all("down")
+        for lease in list(self._active):
+            conn = lease.conn
+            driver = _driver(conn) if conn is not None else None
+            if driver is not None:
+                driver.terminate()  # its pending query fails at once; the handler answers 503
+                self.terminated += 1
+
+    def _suspect_stall(self) -> None:
+        """Every slot is held and none came back for half the bound: ask the server directly, once.
+
+        Checked wherever the line refuses someone, at admission too: with every
+        slot held by queries on a silent server, the line's rate falls and
+        newcomers are shed at once, so none waited long enough to notice
+        (``make chaos``: ``db`` went down only at +4.96 s, by the health check,
+        and the requests in flight waited for ``command_timeout``). Half the
+        bound: a legitimately slow pool just costs one check.
+        """
+        task = self._stall_check
+        if task is not None and not task.done():
+            return
+        self._stall_check = asyncio.get_running_loop().create_task(
+            self._confirm_stall(), name=f"degrade.db.stall-check[{self.dependency.name}]"
+        )
+
+    async def _confirm_stall(self) -> None:
+        dep = self.dependency
+        result = await dep.run_check(reason="stalled")
+        if not result.ok and not dep.is_down and self._slots.stalled(self._stall_window):
+            # The held connections make no progress and a fresh one fails too: the server is gone.
+            dep.mark_down(reason="stalled")
+
+
+class DBHealthMiddleware(GateCore):
     """Gate HTTP requests on Postgres: 503 at once while it is down, within a hard bound otherwise.
 
     For each gated request (HTTP, path under ``include`` and not under
@@ -107,65 +322,29 @@ class DBHealthMiddleware:
         read_only_fallback: bool = False,
         router: ReadReplicaRouter | None = None,
     ) -> None:
-        if not isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                "engine must be a SQLAlchemy AsyncEngine (create_async_engine(...)); "
-                f"got {type(engine).__name__}"
-            )
-        if engine.dialect.driver != "asyncpg":
-            raise ConfigurationError(
-                f"DBHealthMiddleware supports the asyncpg driver (postgresql+asyncpg://...); "
-                f"got {engine.dialect.driver!r}"
-            )
-        if not isinstance(dependency, Dependency):
-            raise ConfigurationError(
-                f"dependency must be a degrade Dependency (registry.dependency(...)); got {dependency!r}"
-            )
-        _validate.seconds("acquire_timeout", acquire_timeout)
-        if retry_after is None:
-            retry_after = dependency.retry_after
-        _validate.whole_seconds("retry_after", retry_after)
-        self._replica_dep: Dependency | None = None
+        retry_after = _validate_core(engine, dependency, acquire_timeout, retry_after, "DBHealthMiddleware")
+        replica_dep: Dependency | None = None
         if router is not None:
             router._attach_primary_dependency(dependency)
-            self._replica_dep = router.dependency
-        if read_only_fallback and (router is None or router.replica is None or self._replica_dep is None):
+            replica_dep = router.dependency
+        if read_only_fallback and (router is None or router.replica is None or replica_dep is None):
             raise ConfigurationError(
                 "read_only_fallback=True needs router=ReadReplicaRouter(..., replica=..., dependency=...)"
             )
         self.app = app
-        self.engine = engine
-        self.dependency = dependency
-        self.acquire_timeout = float(acquire_timeout)
-        #: No slot given back for this long while all are held: the gate asks the server directly.
-        self._stall_window = self.acquire_timeout / 2
-        self.retry_after = retry_after
         self.read_only_fallback = bool(read_only_fallback)
         self._gated = _matcher(include, exclude)
-        self._names = frozenset(
-            {dependency.name} | ({self._replica_dep.name} if self._replica_dep is not None else set())
-        )
-        self._body = unavailable_body(dependency.name, f"{dependency.name} is unavailable")
-        self._headers = {"Retry-After": str(retry_after), "Cache-Control": "no-store"}
-        self._site = dependency.add_site(
-            "degrade.db.DBHealthMiddleware",
-            "fail_loud",
-            f"requests under the gated paths answer 503 (Retry-After: {retry_after}) while the "
+        self._init_core(
+            engine,
+            dependency,
+            float(acquire_timeout),
+            retry_after,
+            replica_dep=replica_dep,
+            site_name="degrade.db.DBHealthMiddleware",
+            site_reason=f"requests under the gated paths answer 503 (Retry-After: {retry_after}) while the "
             f"database is down or gives no connection within {acquire_timeout:g}s",
+            component="DBHealthMiddleware",
         )
-        self.engine_problems = warn_problems(
-            engine, acquire_timeout=self.acquire_timeout, component="DBHealthMiddleware"
-        )
-        self._sync_engine = engine.sync_engine
-        compat.report("sqlalchemy", compat_sqlalchemy.problems())
-        self._clock = time.monotonic
-        self._slots = Slots(pool_capacity(self._sync_engine))
-        self._overloaded_body = unavailable_body(dependency.name, _OVERLOADED_DETAIL)
-        self._active: set[Lease] = set()
-        self._stall_check: asyncio.Task[None] | None = None
-        #: Connections of requests in flight terminated because the database went down.
-        self.terminated = 0
-        dependency.subscribe(self._on_transition)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._gated(scope["method"], scope["path"]):
@@ -197,138 +376,6 @@ class DBHealthMiddleware:
             return
         await self._serve(scope, receive, send, lease)
 
-    # -- the lease's source: fair checkout, check-in ----------------------------
-
-    async def checkout(self, lease: Lease) -> AsyncConnection:
-        """A proven primary connection for ``lease``, in arrival order, within its remaining budget.
-
-        Failure mode: ``DependencyUnavailable`` when the database is down or
-        failed (counted as a failure), ``Overloaded`` when local capacity ran
-        out (counted as shed, never a failure).
-        """
-        dep = self.dependency
-        if lease.primary_refused or (dep.is_down and not dep.admit()):
-            raise self._unavailable()
-        clock = self._clock
-        started = clock()
-        budget = self.acquire_timeout - lease.waited
-        slots = self._slots
-        if budget <= 0:
-            raise self._shed("budget")
-        if not observe.may_abandon("db.gate"):
-            raise self._shed("abandoned-cap")  # too many abandoned clean-ups unwind: add none
-        if slots.try_take():
-            lease.slot_at = started
-        else:
-            await self._wait_in_line(lease, budget, started)
-        remaining = budget - (clock() - started)
-        # Opening a connection is a one-off cost of a cold (or recycled) pool; counted in the
-        # hold it made the first holds of a burst look slow and the line shed healthy work.
-        opens = not compat_sqlalchemy.idle_checkout_is_free(self._sync_engine)
-        try:
-            conn = await acquire(self.engine, remaining)
-        except Exception as exc:
-            lease.waited += clock() - started
-            slots.release(None)
-            if isinstance(exc, TimeoutError):
-                if pool_full(self._sync_engine):
-                    # Every pooled connection is out (to users outside the gate too): saturation.
-                    raise self._shed("pool-saturated") from scrubbed(exc)
-                if remaining < self.acquire_timeout / 2:
-                    # Most of the budget went waiting in line: a connect or BEGIN that could
-                    # not finish in what was left says nothing about the server.
-                    raise self._shed("budget") from scrubbed(exc)
-            dep.record_failure(exc)
-            raise self._unavailable() from scrubbed(exc)
-        except BaseException:
-            lease.waited += clock() - started
-            slots.release(None)
-            raise
-        now = clock()
-        lease.waited += now - started
-        if opens:
-            lease.slot_at = now
-        dep.record_success()
-        self._active.add(lease)
-        return conn
-
-    async def _wait_in_line(self, lease: Lease, budget: float, started: float) -> None:
-        """Wait for a slot (sets ``lease.slot_at``); raises the refusal when none comes."""
-        slots = self._slots
-        outcome, lease.slot_at = await slots.take_at(budget)
-        if outcome == GRANTED:
-            return
-        lease.waited += self._clock() - started
-        if outcome == "down":
-            raise self._unavailable()
-        raise self._shed(outcome)
-
-    async def checkin(self, lease: Lease) -> None:
-        """Return ``lease``'s connection to the pool (bounded) and its slot to the line."""
-        conn, lease.conn = lease.conn, None
-        if conn is None:
-            return
-        self._active.discard(lease)
-        try:
-            await release(conn, self.acquire_timeout)
-        except Exception as exc:
-            # The work is done; a failed return to the pool only counts as a failure.
-            if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
-                raise
-            self.dependency.record_failure(exc)
-        finally:
-            # The hold runs from the hand-over to the return: waking the request, its
-            # BEGIN and ROLLBACK occupy the slot as much as its queries do.
-            self._slots.release(self._clock() - lease.slot_at)
-
-    def _unavailable(self) -> DependencyUnavailable:
-        dep = self.dependency
-        return DependencyUnavailable(dep.name, f"{dep.name} is unavailable", retry_after=self.retry_after)
-
-    def _shed(self, reason: str) -> Overloaded:
-        self._site.shed(reason)
-        if self._slots.stalled(self._stall_window):
-            self._suspect_stall()
-        return Overloaded(self.dependency.name, reason, _OVERLOADED_DETAIL, retry_after=1)
-
-    # -- outages: end the work in flight, confirm a stall ------------------------
-
-    def _on_transition(self, dep: Dependency) -> None:
-        """The database went down: end what waits on it now instead of at its own timeout."""
-        if not dep.is_down:
-            return
-        self._slots.refuse_all("down")
-        for lease in list(self._active):
-            conn = lease.conn
-            driver = _driver(conn) if conn is not None else None
-            if driver is not None:
-                driver.terminate()  # its pending query fails at once; the handler answers 503
-                self.terminated += 1
-
-    def _suspect_stall(self) -> None:
-        """Every slot is held and none came back for half the bound: ask the server directly, once.
-
-        Checked wherever the line refuses someone, at admission too: with every
-        slot held by queries on a silent server, the line's rate falls and
-        newcomers are shed at once, so none waited long enough to notice
-        (``make chaos``: ``db`` went down only at +4.96 s, by the health check,
-        and the requests in flight waited for ``command_timeout``). Half the
-        bound: a legitimately slow pool just costs one check.
-        """
-        task = self._stall_check
-        if task is not None and not task.done():
-            return
-        self._stall_check = asyncio.get_running_loop().create_task(
-            self._confirm_stall(), name=f"degrade.db.stall-check[{self.dependency.name}]"
-        )
-
-    async def _confirm_stall(self) -> None:
-        dep = self.dependency
-        result = await dep.run_check(reason="stalled")
-        if not result.ok and not dep.is_down and self._slots.stalled(self._stall_window):
-            # The held connections make no progress and a fresh one fails too: the server is gone.
-            dep.mark_down(reason="stalled")
-
     # -- serving -----------------------------------------------------------------
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, lease: Lease) -> None:
@@ -345,7 +392,7 @@ class DBHealthMiddleware:
         try:
             await self.app(scope, receive, send_tracking_start)
         except Exception as exc:
-            answer = self._answer_for(exc)
+            answer = self._answer_for(exc, lease.began)
             if answer is None or started:
                 raise
             body, retry_after, outage = answer
@@ -357,7 +404,7 @@ class DBHealthMiddleware:
             if lease.conn is not None:
                 await self.checkin(lease)
 
-    def _answer_for(self, exc: Exception) -> tuple[bytes, int, bool] | None:
+    def _answer_for(self, exc: Exception, began: float | None = None) -> tuple[bytes, int, bool] | None:
         """The 503 for a handler's exception (body, Retry-After, is it an outage), or None."""
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]  # a task group's wrapping (Starlette's streaming, anyio)
@@ -372,7 +419,7 @@ class DBHealthMiddleware:
             return unavailable_body(exc.dependency_name, exc.detail), exc.retry_after, True
         if not is_database_failure(exc):
             return None
-        self.dependency.record_failure(exc)
+        self.dependency.record_failure(exc, started=began)
         return self._body, self.retry_after, True
 
     async def _refuse(

@@ -19,7 +19,8 @@ from .._extras import require
 require("aio_pika", "rabbitmq", feature="degrade.eventbus")
 require("tenacity", "rabbitmq", feature="degrade.eventbus")
 
+from .._compat.aiormq import quiet_amqp_logs  # noqa: E402 - after the extras check
 from .publisher import EventPublisher, PublisherStats, PublishResult  # noqa: E402 - after the extras check
 from .spool import DiskSpool  # noqa: E402 - after the extras check
 
-__all__ = ["DiskSpool", "EventPublisher", "PublishResult", "PublisherStats"]
+__all__ = ["DiskSpool", "EventPublisher", "PublishResult", "PublisherStats", "quiet_amqp_logs"]

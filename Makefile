@@ -106,6 +106,11 @@ bench: $(STAMP)
 bench-e2e: $(STAMP)
 	$(BIN)/python bench/bench_e2e.py
 
+# The transactional outbox bench alone (relay vs raw aio-pika, add() statements; `make bench` runs it too).
+.PHONY: bench-outbox
+bench-outbox: $(STAMP)
+	$(BIN)/python bench/bench_outbox.py
+
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache .site .alerts.yml
 

@@ -2,6 +2,8 @@
 
 ``python -m degrade proxy --pair NAME=LISTEN,UPSTREAM``: fault proxies outside pytest,
 switched over HTTP or stdin (see :mod:`degrade.testing._cli`).
+
+``python -m degrade outbox-ddl [--table NAME]``: the SQL of a transactional outbox table.
 """
 
 from __future__ import annotations
@@ -77,10 +79,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     proxy_cli.add_arguments(px)
+    ob = commands.add_parser("outbox-ddl", help="print the SQL that creates a transactional outbox table")
+    ob.add_argument("--table", default="degrade_outbox", help="name or schema.name (default degrade_outbox)")
     args = parser.parse_args(argv)
     if args.command == "proxy":
         return proxy_cli.run(args)
+    if args.command == "outbox-ddl":
+        return _outbox_ddl(args.table)
     return _registry_command(args)
+
+
+def _outbox_ddl(table: str) -> int:
+    """``outbox-ddl``: the statements of ``Outbox.create_table()``, for a migration (Alembic)."""
+    from .eventbus._outbox import check_table, ddl_statements
+    from .exceptions import ConfigurationError
+
+    try:
+        statements = ddl_statements(check_table(table))
+    except ConfigurationError as exc:
+        print(f"python -m degrade: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write("".join(f"{statement};\n\n" for statement in statements))
+    return 0
 
 
 def _registry_command(args: argparse.Namespace) -> int:

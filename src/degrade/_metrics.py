@@ -118,6 +118,24 @@ PROMETHEUS: tuple[Metric, ...] = (
         "1 while a publisher of this exchange is in degraded mode (drops or spools every event).",
     ),
     Metric(
+        "degrade_outbox_events_total",
+        "counter",
+        ("table", "outcome"),
+        "Outbox rows relayed, by outcome: published, dropped (unroutable, unencodable), retried (nacked).",
+    ),
+    Metric(
+        "degrade_outbox_backlog",
+        "gauge",
+        ("table",),
+        "Rows waiting in an outbox table at the relay's last count (capped at its backlog_cap).",
+    ),
+    Metric(
+        "degrade_outbox_oldest_seconds",
+        "gauge",
+        ("table",),
+        "Age of the oldest row waiting in an outbox table at the relay's last count (0: none).",
+    ),
+    Metric(
         "degrade_ratelimit_overflow_total",
         "counter",
         (),

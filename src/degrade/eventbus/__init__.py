@@ -20,7 +20,19 @@ require("aio_pika", "rabbitmq", feature="degrade.eventbus")
 require("tenacity", "rabbitmq", feature="degrade.eventbus")
 
 from .._compat.aiormq import quiet_amqp_logs  # noqa: E402 - after the extras check
+from ._outbox import Outbox  # noqa: E402 - after the extras check
+from ._outbox_relay import OutboxRelay  # noqa: E402 - after the extras check
+from ._outbox_stats import RelayStats  # noqa: E402 - after the extras check
 from .publisher import EventPublisher, PublisherStats, PublishResult  # noqa: E402 - after the extras check
 from .spool import DiskSpool  # noqa: E402 - after the extras check
 
-__all__ = ["DiskSpool", "EventPublisher", "PublishResult", "PublisherStats", "quiet_amqp_logs"]
+__all__ = [
+    "DiskSpool",
+    "EventPublisher",
+    "Outbox",
+    "OutboxRelay",
+    "PublishResult",
+    "PublisherStats",
+    "RelayStats",
+    "quiet_amqp_logs",
+]

@@ -111,6 +111,7 @@ class FailSoft(Generic[T]):
                     return await fallback_async(args, kwargs)
                 down = None
                 started = clock() if timed else 0.0
+                since = dep._since  # a failure of a call older than the last recovery is stale
                 try:
                     if timeout is None:
                         # Not raced against dep.went_down(): that needs a task per call
@@ -130,7 +131,7 @@ class FailSoft(Generic[T]):
                     if isinstance(exc, DependencyUnavailable) and exc.dependency_name == name:
                         pass  # a nested fail-loud site already counted this failure
                     elif is_failure(exc):
-                        dep.record_failure(exc)
+                        dep.record_failure(exc, started=since)
                     else:
                         raise
                     site.count()
@@ -150,13 +151,14 @@ class FailSoft(Generic[T]):
                 site.count()
                 return fallback(*args, **kwargs) if call_fallback else fallback
             started = clock() if timed else 0.0
+            since = dep._since
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
                 if isinstance(exc, DependencyUnavailable) and exc.dependency_name == name:
                     pass
                 elif is_failure(exc):
-                    dep.record_failure(exc)
+                    dep.record_failure(exc, started=since)
                 else:
                     raise
                 site.count()
@@ -261,6 +263,7 @@ class FailLoud:
                     return await shed_async(args, kwargs)
                 down = None
                 started = clock() if timed else 0.0
+                since = dep._since  # a failure of a call older than the last recovery is stale
                 try:
                     if timeout is None:
                         # Not raced against dep.went_down(): see fail_soft and docs/modes.md.
@@ -278,7 +281,7 @@ class FailLoud:
                 except Exception as exc:
                     if isinstance(exc, DependencyUnavailable) or not is_failure(exc):
                         raise
-                    dep.record_failure(exc)
+                    dep.record_failure(exc, started=since)
                     if hatch is not None and hatch.is_open:
                         return await hatch_async(args, kwargs)
                     raise refuse() from scrubbed(exc)
@@ -298,12 +301,13 @@ class FailLoud:
                     return through_hatch(args, kwargs)
                 raise refuse()
             started = clock() if timed else 0.0
+            since = dep._since
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
                 if isinstance(exc, DependencyUnavailable) or not is_failure(exc):
                     raise
-                dep.record_failure(exc)
+                dep.record_failure(exc, started=since)
                 if hatch is not None and hatch.is_open:
                     return through_hatch(args, kwargs)
                 raise refuse() from scrubbed(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import time
@@ -948,6 +949,44 @@ class TestInFlightWhenItGoesDown:
 
         assert await asyncio.gather(*(get(i) for i in range(100))) == list(range(100))
         assert not dep.went_down()._callbacks  # type: ignore[attr-defined]
+
+
+class TestStaleFailures:
+    """A call in flight through an outage and its recovery fails as old news: not a new failure."""
+
+    @pytest.mark.parametrize("mode", ["soft", "loud"])
+    async def test_a_call_older_than_the_recovery_does_not_count(
+        self, dep: Dependency, clock: FakeClock, mode: str
+    ) -> None:
+        """The dependency went down and recovered while the call ran: its failure counts nothing."""
+        release = asyncio.Event()
+
+        async def slow_then_reset() -> str:
+            await release.wait()
+            raise ConnectionResetError("cut when it went down")
+
+        wrapped = (
+            fail_soft(dep, fallback="fallback", reason="x")(slow_then_reset)
+            if mode == "soft"
+            else fail_loud(dep, reason="x")(slow_then_reset)
+        )
+        call = asyncio.ensure_future(wrapped())
+        await asyncio.sleep(0)
+        dep.mark_down()
+        clock.advance(1.0)
+        dep.record_success()  # back before the call in flight answers
+        release.set()
+        if mode == "soft":
+            assert await call == "fallback"
+        else:
+            with pytest.raises(DependencyUnavailable):
+                await call
+        assert (dep.state, dep.failures, dep.stale_failures) == ("ok", 0, 1)
+        fresh = asyncio.ensure_future(wrapped())  # started after the recovery: counts as ever
+        release.set()
+        with contextlib.suppress(DependencyUnavailable):
+            await fresh
+        assert dep.failures == 1
 
 
 class TestHardTimeoutCancelOn:

@@ -15,108 +15,26 @@ requests, however it times them.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections import OrderedDict
 from typing import Any, Literal, NamedTuple
 
 from . import _metrics, _validate
-from .exceptions import ConfigurationError
+from ._rates import ACCEPTED_FORMS, MAX_CAPACITY_US, MAX_LIMITS, Rate, Rates, parse_rate, parse_rates
 
-__all__ = ["Decision", "MemoryStore", "Rate", "Source", "parse_rate"]
+__all__ = [
+    "ACCEPTED_FORMS",
+    "MAX_CAPACITY_US",
+    "MAX_LIMITS",
+    "Decision",
+    "MemoryStore",
+    "Rate",
+    "Rates",
+    "Source",
+    "parse_rate",
+    "parse_rates",
+]
 
 Source = Literal["redis", "memory", "deny", "allow"]
-
-#: Accepted rate forms, quoted by every parse error.
-ACCEPTED_FORMS = (
-    "'N/second', 'N/minute', 'N/hour' or 'N/day', optionally followed by ';burst=B' "
-    "(N and B whole numbers >= 1), e.g. '100/minute' or '100/minute;burst=20'"
-)
-
-_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-_RATE_RE = re.compile(
-    r"\s*(\d{1,10})\s*/\s*(second|minute|hour|day)\s*(?:;\s*burst\s*=\s*(\d{1,10})\s*)?",
-    re.IGNORECASE,
-)
-_US = 1_000_000
-#: Largest bucket, in microseconds: keeps ``now + T * burst`` exact in a Lua double (< 2**53).
-MAX_CAPACITY_US = 10**15
-
-
-class Rate(NamedTuple):
-    """A parsed rate: ``limit`` requests per ``period`` seconds, bucket of ``burst``.
-
-    Build one with :func:`parse_rate` or :meth:`Rate.of` (or pass the string
-    wherever a rate is taken). ``burst`` defaults to ``limit``: a fresh client
-    may send ``limit`` requests at once, then one every ``period / limit`` seconds.
-
-    Failure mode: out-of-range numbers raise ``ValueError`` when the rate is
-    built, never when it is used.
-    """
-
-    limit: int
-    period: int
-    burst: int
-    #: Emission interval ``T`` in microseconds (rounded up, so never faster than the rate).
-    emission_us: int
-    #: ``T * burst``: how far ahead of now the theoretical arrival time may run.
-    capacity_us: int
-    #: The canonical text, e.g. ``"100/minute;burst=20"``.
-    text: str
-
-    @classmethod
-    def of(cls, limit: int, period: int, burst: int | None = None) -> Rate:
-        """Build a rate from numbers; raises ``ValueError`` when out of range."""
-        for label, value in (("limit", limit), ("period", period), ("burst", burst)):
-            if value is None:
-                continue
-            _validate.count(f"rate {label}", value)
-        burst = limit if burst is None else burst
-        emission = -(-period * _US // limit)  # ceil
-        capacity = emission * burst
-        if capacity > MAX_CAPACITY_US:
-            raise ConfigurationError(
-                f"rate {limit}/{period}s with burst {burst} holds a client back for more than "
-                f"{MAX_CAPACITY_US // _US // 86400} days; use a smaller burst or a shorter period"
-            )
-        unit = {v: k for k, v in _PERIODS.items()}.get(period)
-        base = f"{limit}/{unit}" if unit else f"{limit}/{period}s"
-        text = base if burst == limit else f"{base};burst={burst}"
-        return cls(limit, period, burst, emission, capacity, text)
-
-    def per_pod(self, pods: int) -> Rate:
-        """This rate split across ``pods`` processes (each gets ``limit // pods``, at least 1)."""
-        if pods == 1:
-            return self
-        return Rate.of(max(1, self.limit // pods), self.period, max(1, self.burst // pods))
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@functools.lru_cache(maxsize=512)
-def _parse(text: str) -> Rate:
-    match = _RATE_RE.fullmatch(text)
-    if match is None:
-        raise ConfigurationError(f"invalid rate {text[:80]!r}: expected {ACCEPTED_FORMS}")
-    limit, unit, burst = match.groups()
-    try:
-        return Rate.of(int(limit), _PERIODS[unit.lower()], None if burst is None else int(burst))
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"invalid rate {text[:80]!r} ({exc}): expected {ACCEPTED_FORMS}") from None
-
-
-def parse_rate(rate: str | Rate) -> Rate:
-    """Parse ``"N/second|minute|hour|day[;burst=B]"`` (cached); a :class:`Rate` passes through.
-
-    Raises:
-        ValueError: (a :class:`~degrade.ConfigurationError`) naming the accepted forms.
-    """
-    if isinstance(rate, Rate):
-        return rate
-    if not isinstance(rate, str):
-        raise ConfigurationError(f"a rate is a string ({ACCEPTED_FORMS}); got {type(rate).__name__}")
-    return _parse(rate)
 
 
 class Decision(NamedTuple):
@@ -131,6 +49,12 @@ class Decision(NamedTuple):
         retry_after: Seconds until the next request would be allowed (0 when allowed).
         source: ``"redis"``, ``"memory"``, or the outage policy that answered
             (``"deny"`` or ``"allow"``).
+        per_limit: For several limits (``"5/minute;100/hour"``): the decision of
+            each, in the order written (each limit's own answer; none is
+            consumed unless all allow). The fields above are then those of the
+            most restrictive limit: the one that denied with the longest
+            ``retry_after``, else the one with the fewest ``remaining``.
+            Empty for a single limit.
     """
 
     allowed: bool
@@ -139,6 +63,7 @@ class Decision(NamedTuple):
     reset_after: float
     retry_after: float
     source: Source
+    per_limit: tuple[Decision, ...] = ()
 
 
 class _Inc:
@@ -200,6 +125,48 @@ class MemoryStore:
             tats[key] = tat  # unchanged (an expired key denied by cost > burst is simply dropped)
         remaining = (capacity - (tat - now)) // emission
         return False, remaining if remaining > 0 else 0, tat - now, allow_at - now
+
+    def hit_all(
+        self, keys: list[str], now: int, limits: list[tuple[int, int]], cost: int = 1
+    ) -> list[tuple[bool, int, int, int]]:
+        """One GCRA step of several limits at once: all consume, or none does.
+
+        ``limits`` holds ``(emission, capacity)`` for each key. Returns one
+        ``(allowed, remaining, reset_after_us, retry_after_us)`` per key, each
+        limit's own answer, exactly what the Lua script returns for a group.
+        """
+        tats = self._tats
+        steps = []
+        ok = True
+        for key, (emission, capacity) in zip(keys, limits, strict=True):
+            tat = tats.get(key)
+            held = now if tat is None or tat < now else tat
+            new_tat = held + emission * cost
+            ok = ok and new_tat - capacity <= now
+            steps.append((held, new_tat))
+        out = []
+        for key, (emission, capacity), (held, new_tat) in zip(keys, limits, steps, strict=True):
+            if ok:
+                if tats.pop(key, None) is None:  # pop and set again: LRU order
+                    self._make_room(now)
+                tats[key] = new_tat
+                out.append((True, (capacity - (new_tat - now)) // emission, new_tat - now, 0))
+                continue
+            remaining = max(0, (capacity - (held - now)) // emission)
+            allow_at = new_tat - capacity
+            if allow_at <= now:
+                out.append((True, remaining, held - now, 0))
+            else:
+                out.append((False, remaining, held - now, allow_at - now))
+        return out
+
+    def delete(self, key: str) -> bool:
+        """Forget ``key``; True when it was kept."""
+        return self._tats.pop(key, None) is not None
+
+    def kept(self) -> list[str]:
+        """The keys kept now (a copy, least recently updated first)."""
+        return list(self._tats)
 
     def warm(self, key: str, now: int, ahead: int) -> None:
         """Set a key's time to ``now + ahead`` (keeps the store close to Redis while it is up)."""

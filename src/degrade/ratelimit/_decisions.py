@@ -73,7 +73,7 @@ class Decider:
         m = rate if self.pods == 1 else _per_pod(rate, self.pods)
         now = int(self._clock() * US)
         allowed, remaining, reset, retry = self.store.hit(key, now, m.emission_us, m.capacity_us, cost)
-        return _new(Decision, (allowed, m.limit, remaining, reset / US, retry / US, "memory"))
+        return _new(Decision, (allowed, m.limit, remaining, reset / US, retry / US, "memory", ()))
 
     def _fallback(self, key: str, rate: Rate, cost: int, *, unexpected: bool = False) -> Decision:
         self._counts.fallback += 1
@@ -115,7 +115,7 @@ class Decider:
             m = rate if self.pods == 1 else _per_pod(rate, self.pods)
             self.store.warm(key, now, reset * m.capacity_us // rate.capacity_us)
         self._counts.redis += 1
-        return _new(Decision, (allowed == 1, rate.limit, remaining, reset / US, retry / US, "redis"))
+        return _new(Decision, (allowed == 1, rate.limit, remaining, reset / US, retry / US, "redis", ()))
 
     def _values(self, reply: Any, n: int) -> list[Any] | None:
         """The 4 * n integers (bytes or str) of the script's reply; None (reported) when it is not that."""

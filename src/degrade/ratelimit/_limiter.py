@@ -11,6 +11,8 @@ in ``__init__`` here, declared at the top of each base):
   trip on a kept connection, and what its errors mean;
 * :mod:`degrade.ratelimit._decisions`: the answers without Redis (memory, the
   outage policy, shed) and the signals (errors, fail-open events);
+* :mod:`degrade.ratelimit._groups`: several limits of one request, all or nothing;
+* :mod:`degrade.ratelimit._keys`: storage keys and ``reset()``;
 * :mod:`degrade.ratelimit._stats`: the counters, ``stats()`` and its frozen
   :class:`LimiterStats`, the Prometheus and OpenTelemetry exports.
 
@@ -21,7 +23,6 @@ on the limiter, with the same attribute reads as when it was one module.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -30,35 +31,37 @@ from typing import Any, Literal
 from .. import _compat as compat
 from .. import _validate
 from .._compat import redis as compat_redis
-from .._gcra import Decision, MemoryStore, Rate, parse_rate
+from .._gcra import Decision, MemoryStore, Rate, Rates, parse_rates
 from ..dependency import Dependency, Site
 from ..exceptions import ConfigurationError
 from ..observe import logger
 from ._decisions import ERROR_LOG_INTERVAL, Clock, Fallback
+from ._keys import MAX_KEY_LENGTH, Resets
+from ._keys import hashed as _hashed
 from ._pipeline import Pipeline
 from ._stats import Counts, LimiterStats, StatsView, track
-from ._wire import LUA_GCRA, MAX_CACHED_RATES, Call, Pending
+from ._wire import LUA_GCRA, MAX_CACHED_RATES, Call, Group, Pending
 
-__all__ = ["Fallback", "LimiterStats", "RateLimiter"]
-
-#: Longest key kept as given; longer keys are replaced by a hash (bounded Redis and memory keys).
-MAX_KEY_LENGTH = 128
+__all__ = ["MAX_KEY_LENGTH", "Fallback", "LimiterStats", "RateLimiter"]
 
 _FALLBACKS = ("memory", "deny", "allow")
 _ONE = 1
 
 #: Parsed rates by their text (and each Rate by itself): one dict lookup on the hot path.
 _RATES: dict[object, Rate] = {}
+#: Parsed strings of several limits (off the single-limit hot path).
+_GROUPS: dict[object, Rates] = {}
 
 
-def _hashed(key: str) -> str:
-    return "h:" + hashlib.blake2b(key.encode("utf-8", "backslashreplace"), digest_size=16).hexdigest()
-
-
-def _rate_slow(rate: object) -> Rate:
-    r = parse_rate(rate)  # type: ignore[arg-type]  # parse_rate re-checks the type
-    if len(_RATES) < MAX_CACHED_RATES:
-        _RATES[rate] = r
+def _rate_slow(rate: object) -> Rate | Rates:
+    try:
+        return _GROUPS[rate]
+    except (KeyError, TypeError):
+        pass
+    r = parse_rates(rate)  # type: ignore[arg-type]  # parse_rates re-checks the type
+    cache: dict[object, Any] = _RATES if type(r) is Rate else _GROUPS
+    if len(cache) < MAX_CACHED_RATES:
+        cache[rate] = r
     return r
 
 
@@ -91,10 +94,11 @@ def _check_client(redis: Any) -> None:
         )
 
 
-class RateLimiter(Pipeline):
+class RateLimiter(Pipeline, Resets):
     """GCRA rate limiting shared through Redis, with a written-down outage policy.
 
-    ``decision = await limiter.hit(key, "100/minute")``. Each decision is one
+    ``decision = await limiter.hit(key, "100/minute")`` (or several limits that
+    must all allow: ``"5/minute;100/hour"``). Each decision is one
     atomic Lua step in Redis; decisions issued in the same event-loop tick go
     out together as one ``EVALSHA`` (auto-pipelining), so under concurrency
     the limiter costs less than one round trip per decision.
@@ -139,6 +143,8 @@ class RateLimiter(Pipeline):
         warm: Mirror Redis decisions into the memory store, so a failover does not
             hand every client a fresh bucket.
         clock: Wall-clock seconds (shared by pods through Redis), injectable for tests.
+        name: Its name, for :func:`rate_limit` declared before the limiter exists
+            (``rate_limit("auth", "5/minute")`` finds the managed limiter of that name).
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class RateLimiter(Pipeline):
         warm: bool = True,
         clock: Clock = time.time,
         fallback: Fallback | None = None,
+        name: str | None = None,
     ) -> None:
         on_outage = _outage_policy(on_outage, fallback)
         _check_client(redis)
@@ -177,6 +184,10 @@ class RateLimiter(Pipeline):
         timeout = _validate.seconds("timeout", timeout)
         if not isinstance(prefix, str):
             raise ConfigurationError(f"prefix must be a string; got {prefix!r}")
+        if name is not None and not isinstance(name, str):
+            raise ConfigurationError(f"name must be a string or None; got {name!r}")
+        #: Its name for late binding (``rate_limit("auth", ...)``), or None.
+        self.name = name
         self.redis = redis
         self.dependency = dependency
         #: The outage policy: ``"memory"``, ``"deny"`` or ``"allow"``.
@@ -268,17 +279,22 @@ class RateLimiter(Pipeline):
 
     # -- the request path ----------------------------------------------------
 
-    async def hit(self, key: str, rate: str | Rate, *, cost: int = 1) -> Decision:
+    async def hit(self, key: str, rate: str | Rate | Rates, *, cost: int = 1) -> Decision:
         """Count one request of ``key`` against ``rate`` and decide.
 
         Args:
-            key: Who is limited (an IP, a user id); keys longer than 128
-                characters are hashed.
-            rate: ``"N/second|minute|hour|day"`` with optional ``";burst=B"``, or a :class:`Rate`.
+            key: Who is limited (an IP, a user id, a user name from the request
+                body); keys longer than 128 characters are hashed.
+            rate: ``"100/minute"``, ``"5 per minute;burst=2"`` (the grammar of
+                :mod:`degrade._rates`, ``limits``' own plus ``;burst=B``), several
+                limits that must all allow (``"5/minute;100/hour"``), a :class:`Rate`
+                or :class:`Rates`.
             cost: Requests this hit counts for.
 
         Returns:
-            A :class:`Decision`; never raises on a Redis failure (see the class docstring).
+            A :class:`Decision`; never raises on a Redis failure (see the class
+            docstring). For several limits its fields are the most restrictive
+            limit's, ``per_limit`` holds each, and none is consumed unless all allow.
 
         Raises:
             ValueError: an invalid rate or cost (a bug in the caller, not an outage).
@@ -286,7 +302,10 @@ class RateLimiter(Pipeline):
         try:
             r = _RATES[rate]
         except (KeyError, TypeError):
-            r = _rate_slow(rate)
+            found = _rate_slow(rate)
+            if isinstance(found, Rates):
+                return await self._hit_group(key, found, cost)
+            r = found
         if cost is not _ONE:  # the int 1 is one object: True, 1.0 or any other cost is checked
             cost = _validate.count("cost", cost)
         if len(key) > MAX_KEY_LENGTH:
@@ -299,6 +318,23 @@ class RateLimiter(Pipeline):
         if dep.is_down and not dep.admit():
             return self._fallback(k, r, cost)
         return await self._decide_remotely(k, r, cost)
+
+    async def _hit_group(self, key: str, rates: Rates, cost: int) -> Decision:
+        if cost is not _ONE:
+            cost = _validate.count("cost", cost)
+        if len(key) > MAX_KEY_LENGTH:
+            key = _hashed(key)
+        prefix = self.prefix
+        return await self._decide_group(Group(tuple(f"{prefix}{r.text}:{key}" for r in rates), rates), cost)
+
+    async def _decide_group(self, group: Group, cost: int = 1) -> Decision:
+        """Several limits of one request: all must allow, none is consumed unless all do."""
+        dep = self.dependency
+        if dep is None or self.redis is None:
+            return self._memory_group(group, cost)
+        if dep.is_down and not dep.admit():
+            return self._fallback_group(group, cost)
+        return await self._decide_remotely(group.buckets[0], group, cost)
 
     def _bucket(self, key: str, rate: Rate) -> str:
         """The storage key of ``key`` under ``rate`` (bounded in length)."""

@@ -1,33 +1,27 @@
-"""RateLimitMiddleware (pure ASGI), the FastAPI dependency and the rate-limit headers.
+"""RateLimitMiddleware: rate-limit every HTTP request before it reaches the app (pure ASGI).
 
-Headers follow draft-ietf-httpapi-ratelimit-headers-11 (May 2026; the field
-syntax is unchanged since -08): ``RateLimit-Policy: "default";q=100;w=60`` names
-the policy, its quota ``q`` and window ``w`` in seconds; ``RateLimit:
-"default";r=42;t=12`` gives the quota remaining ``r`` and the seconds ``t``
-until it is fully restored. Parameters of our own carry the vendor prefix the
-draft asks for: ``degrade-burst`` (the bucket, when it differs from ``q``) and
-``degrade-fallback`` (the outage policy that answered while Redis is down).
+The headers it sends are built by :mod:`degrade.ratelimit._headers`; the
+per-route FastAPI dependency is :mod:`degrade.ratelimit._dependency`. A policy
+of several limits (``rate="5/second;100/hour"``) takes its own branch, so a
+request under one limit pays a single attribute test for them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._gcra import Decision, Rate, parse_rate
-from ..exceptions import ConfigurationError, DegradeError, DependencyUnavailable
+from .._gcra import Decision, Rate, Rates
+from ..exceptions import ConfigurationError
 from ..responses import unavailable_body
 from ._client_ip import KeyFunc, client_ip
+from ._dependency import RateLimitExceeded, rate_limit, rate_limited_response, ratelimit_exception_handlers
+from ._headers import DENY_DETAIL, Headers, Policy, rate_limited_body, retry_seconds
+from ._keys import hashed
 from ._limiter import MAX_KEY_LENGTH, RateLimiter
+from ._wire import Group
 
 __all__ = [
     "Policy",
@@ -38,92 +32,11 @@ __all__ = [
     "ratelimit_exception_handlers",
 ]
 
-Headers = list[tuple[bytes, bytes]]
-
-_NAME_RE = re.compile(r"[\x20-\x7e]{1,100}")
-_DENY_DETAIL = "rate limiting is unavailable while its store is down"
-_MAX_CACHED_HEADERS = 4096
-
-
-def _sf_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class Policy:
-    """One named rate and its precomputed header values.
-
-    Failure mode: a bad name or rate raises ``ValueError`` at construction;
-    building headers never raises.
-    """
-
-    __slots__ = ("_cache", "_policy", "_quoted", "bucket_prefix", "name", "prefix", "rate")
-
-    def __init__(self, name: str, rate: str | Rate) -> None:
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise ConfigurationError(
-                f"a policy name is 1..100 printable ASCII characters (it goes into a header); got {name!r}"
-            )
-        self.name = name
-        self.rate = parse_rate(rate)
-        #: Prepended to the client key: each policy counts in its own buckets.
-        self.prefix = f"{name}|"
-        #: The limiter's storage-key prefix of this policy (set by the middleware).
-        self.bucket_prefix = ""
-        self._quoted = _sf_string(name)
-        self._policy = self._policy_value(self.rate.limit, self.rate.burst)
-        # Header lists repeat (remaining and reset take few values): build each once.
-        self._cache: dict[tuple[int, int, int, str, bool, bool], Headers] = {}
-
-    def _policy_value(self, limit: int, burst: int) -> bytes:
-        value = f"{self._quoted};q={limit};w={self.rate.period}"
-        if burst != limit:
-            value += f";degrade-burst={burst}"
-        return value.encode()
-
-    def headers(self, decision: Decision, *, fallback: bool, legacy: bool) -> Headers:
-        """The rate-limit headers of one decision (a shared list: copy it before changing it)."""
-        reset = math.ceil(decision.reset_after)
-        cache_key = (decision.limit, decision.remaining, reset, decision.source, fallback, legacy)
-        cached = self._cache.get(cache_key)
-        if cached is not None:
-            return cached
-        if len(self._cache) >= _MAX_CACHED_HEADERS:
-            self._cache.clear()
-        headers = self._build(decision, reset, fallback=fallback, legacy=legacy)
-        self._cache[cache_key] = headers
-        return headers
-
-    def _build(self, decision: Decision, reset: int, *, fallback: bool, legacy: bool) -> Headers:
-        value = f"{self._quoted};r={decision.remaining};t={reset}"
-        if decision.limit == self.rate.limit:
-            policy = self._policy
-        else:  # the per-pod share while Redis is down
-            burst = max(1, self.rate.burst * decision.limit // self.rate.limit)
-            policy = self._policy_value(decision.limit, burst)
-        if fallback:
-            value += f";degrade-fallback={decision.source}"
-        headers = [(b"ratelimit-policy", policy), (b"ratelimit", value.encode())]
-        if legacy:
-            headers += [
-                (b"x-ratelimit-limit", str(decision.limit).encode()),
-                (b"x-ratelimit-remaining", str(decision.remaining).encode()),
-                (b"x-ratelimit-reset", str(reset).encode()),
-            ]
-        return headers
-
-
-def _retry_seconds(decision: Decision) -> int:
-    return max(1, math.ceil(decision.retry_after))
-
-
-def _rate_limited_body(retry_after: int) -> bytes:
-    return json.dumps({"error": "rate_limited", "retry_after": retry_after}, separators=(",", ":")).encode()
-
 
 class _Route:
     __slots__ = ("methods", "policy", "regex")
 
-    def __init__(self, spec: str, rate: str | Rate) -> None:
+    def __init__(self, spec: str, rate: str | Rate | Rates) -> None:
         method, sep, path = spec.strip().partition(" ")
         if not sep:
             method, path = "", spec.strip()
@@ -159,7 +72,10 @@ class RateLimitMiddleware:
     Args:
         app: The ASGI app.
         limiter: The :class:`RateLimiter`.
-        rate: The default rate, e.g. ``"100/minute"`` or ``"100/minute;burst=20"``.
+        rate: The default rate, e.g. ``"100/minute"``, ``"100 per minute;burst=20"``,
+            or several limits that must all allow, ``"10/second;1000/hour"``
+            (none is consumed unless all allow; ``RateLimit-Policy`` lists them
+            all, ``RateLimit`` the most restrictive).
         key: Key function of the ASGI scope; returning None leaves a request unlimited.
         exclude: Path prefixes never limited and given no headers (health checks).
         routes: Per-route rates, first match wins, e.g. ``{"POST /api/v1/login":
@@ -176,10 +92,10 @@ class RateLimitMiddleware:
         /,
         *,
         limiter: RateLimiter,
-        rate: str | Rate,
+        rate: str | Rate | Rates,
         key: KeyFunc | None = None,
         exclude: Iterable[str] = (),
-        routes: Mapping[str, str | Rate] | None = None,
+        routes: Mapping[str, str | Rate | Rates] | None = None,
         name: str = "default",
         legacy_headers: bool = False,
     ) -> None:
@@ -216,6 +132,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self._policy(scope) if self.routes else self.default
+        if policy.group:
+            await self._call_group(policy, client, scope, receive, send)
+            return
         limiter = self.limiter
         rate = policy.rate
         if len(client) <= MAX_KEY_LENGTH - len(policy.prefix):
@@ -241,14 +160,39 @@ class RateLimitMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
+    async def _call_group(
+        self, policy: Policy, client: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A request under several limits: all must allow, none is consumed unless all do."""
+        limiter = self.limiter
+        rates: Rates = policy.rates  # type: ignore[attr-defined]  # a _GroupPolicy
+        key = policy.prefix + client
+        if len(key) > MAX_KEY_LENGTH:
+            key = hashed(key)
+        prefix = limiter.prefix
+        decision = await limiter._decide_group(Group(tuple(f"{prefix}{r.text}:{key}" for r in rates), rates))
+        extra = policy.headers(
+            decision, fallback=self._distributed and decision.source != "redis", legacy=self.legacy
+        )
+        if not decision.allowed:
+            await self._refuse(send, decision, extra)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
     async def _refuse(self, send: Send, decision: Decision, extra: Headers) -> None:
         if decision.source == "deny":
             dep = self.limiter.dependency
             retry = dep.retry_after if dep is not None else 1
-            status, body = 503, unavailable_body(dep.name if dep is not None else "redis", _DENY_DETAIL)
+            status, body = 503, unavailable_body(dep.name if dep is not None else "redis", DENY_DETAIL)
         else:
-            retry = _retry_seconds(decision)
-            status, body = 429, _rate_limited_body(retry)
+            retry = retry_seconds(decision)
+            status, body = 429, rate_limited_body(retry)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -258,97 +202,3 @@ class RateLimitMiddleware:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class RateLimitExceeded(HTTPException, DegradeError):
-    """Raised by the :func:`rate_limit` dependency when a request is over its limit.
-
-    A Starlette ``HTTPException`` with status 429 and the rate-limit headers, so
-    even without a handler of ours it becomes a 429. Register
-    :func:`ratelimit_exception_handlers` for the shared JSON body
-    ``{"error": "rate_limited", "retry_after": N}``.
-
-    Attributes:
-        decision: The :class:`Decision`.
-        retry_after: Whole seconds to wait (>= 1).
-    """
-
-    def __init__(self, decision: Decision, headers: Mapping[str, str]) -> None:
-        self.decision = decision
-        self.retry_after = _retry_seconds(decision)
-        headers = {**headers, "Retry-After": str(self.retry_after)}
-        super().__init__(429, detail="rate_limited", headers=headers)
-
-
-async def rate_limited_response(request: Request, exc: Exception) -> Response:
-    """The exception handler for :class:`RateLimitExceeded`: 429 JSON with the headers.
-
-    Failure mode: none; any other exception given to it is re-raised unchanged.
-    """
-    if not isinstance(exc, RateLimitExceeded):  # Starlette routes by type; be safe anyway
-        raise exc
-    return Response(
-        _rate_limited_body(exc.retry_after),
-        status_code=429,
-        media_type="application/json",
-        headers={**(exc.headers or {}), "Cache-Control": "no-store"},
-    )
-
-
-def ratelimit_exception_handlers() -> dict[Any, Any]:
-    """``{RateLimitExceeded: rate_limited_response}``, to merge with :func:`degrade.exception_handlers`.
-
-    ``FastAPI(exception_handlers={**exception_handlers(), **ratelimit_exception_handlers()})``.
-    """
-    return {RateLimitExceeded: rate_limited_response}
-
-
-def rate_limit(
-    limiter: RateLimiter,
-    rate: str | Rate,
-    *,
-    key: KeyFunc | None = None,
-    name: str = "default",
-    legacy_headers: bool = False,
-) -> Callable[[Request, Response], Awaitable[Decision]]:
-    """A FastAPI dependency limiting one route: ``Depends(rate_limit(limiter, "5/minute", name="login"))``.
-
-    Needs no FastAPI import: it takes Starlette's ``Request`` and ``Response``,
-    which FastAPI injects. The headers are set on FastAPI's response (routes that
-    return a ``Response`` object themselves must copy them from the returned
-    :class:`Decision`). The bucket is ``name`` + key, separate from the
-    middleware's. Works as a plain function of a Starlette request too.
-
-    Failure mode: over the limit raises :class:`RateLimitExceeded` (429); while
-    Redis is down with ``on_outage="deny"`` raises
-    :class:`~degrade.DependencyUnavailable` (503 through
-    :func:`degrade.exception_handlers`); otherwise the outage policy answers.
-    """
-    if not isinstance(limiter, RateLimiter):
-        raise ConfigurationError(f"limiter must be a degrade RateLimiter; got {limiter!r}")
-    policy = Policy(name, rate)
-    key_of: KeyFunc = key if key is not None else client_ip()
-    legacy = bool(legacy_headers)
-
-    async def dependency(request: Request, response: Response) -> Decision:
-        client = key_of(request.scope)
-        if client is None:
-            return Decision(True, policy.rate.limit, policy.rate.limit, 0.0, 0.0, "memory")
-        decision = await limiter.hit(policy.prefix + client, policy.rate)
-        raw = policy.headers(
-            decision, fallback=limiter.distributed and decision.source != "redis", legacy=legacy
-        )
-        headers = {k.decode(): v.decode() for k, v in raw}
-        if not decision.allowed:
-            if decision.source == "deny":
-                dep = limiter.dependency
-                raise DependencyUnavailable(
-                    dep.name if dep is not None else "redis",
-                    _DENY_DETAIL,
-                    retry_after=dep.retry_after if dep is not None else 1,
-                )
-            raise RateLimitExceeded(decision, headers)
-        response.headers.update(headers)
-        return decision
-
-    return dependency

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from .._gcra import Decision, Rate
 from ..dependency import Dependency
-from ._decisions import US, Decider
+from ._decisions import US
+from ._groups import Groups, group_arg
 from ._stats import OVERFLOW
-from ._wire import SHED_LOOP_LAG, SHED_MAX_PENDING, Call, Pending, Wire, is_outage, rate_arg
+from ._wire import SHED_LOOP_LAG, SHED_MAX_PENDING, Call, Group, Pending, Wire, is_outage, rate_arg
 
 __all__ = ["Pipeline"]
 
 
-class Pipeline(Decider, Wire):
+class Pipeline(Groups, Wire):
     """The limiter's Redis path: direct calls, batches, deadlines and cutting short.
 
     A base of :class:`~degrade.ratelimit.RateLimiter`; the attributes below
@@ -55,11 +57,14 @@ class Pipeline(Decider, Wire):
 
     # -- deciding remotely ---------------------------------------------------
 
-    async def _decide_remotely(self, bucket: str, rate: Rate, cost: int = 1) -> Decision:
-        """Ask Redis: at once when idle, else batched with the other decisions of this tick."""
+    async def _decide_remotely(self, bucket: str, rate: Rate | Group, cost: int = 1) -> Decision:
+        """Ask Redis: at once when idle, else batched with the other decisions of this tick.
+
+        ``rate`` is a :class:`Group` for several limits (``bucket`` is then its first key).
+        """
         dep = self.dependency
         if dep is None:  # pragma: no cover - callers check _decide_locally first
-            return self._memory(bucket, rate, cost)
+            return self._memory_any(bucket, rate, cost)
         if not self._direct and not self._in_flight and not self._pending:
             # Idle: go now, from the caller's own task (no extra loop iterations).
             # Hits arriving while this call is out batch up behind it.
@@ -69,7 +74,7 @@ class Pipeline(Decider, Wire):
             self._counts.overflow += 1
             if OVERFLOW is not None:
                 OVERFLOW.inc()
-            return self._shed(bucket, rate, cost, SHED_MAX_PENDING)
+            return self._shed_any(bucket, rate, cost, SHED_MAX_PENDING)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
         self._pending.append((bucket, rate, cost, future))
@@ -94,37 +99,44 @@ class Pipeline(Decider, Wire):
         self._report_error(exc)
         return True
 
-    async def _call_direct(self, key: str, rate: Rate, cost: int, dep: Dependency) -> Decision:
+    async def _call_direct(self, key: str, rate: Rate | Group, cost: int, dep: Dependency) -> Decision:
         call = Call(None)
         self._direct.add(call)
         now = int(self._clock() * US)
-        text, bulk = rate_arg(rate, cost)
+        if type(rate) is Rate:
+            text, bulk = rate_arg(rate, cost)
+            keys, texts, bulks = [key], [text], [bulk]
+        else:
+            keys = list(rate.buckets)  # type: ignore[union-attr]
+            texts, bulks = group_arg(rate.rates, cost)  # type: ignore[union-attr]
         started = dep.clock() if dep.times_calls else 0.0
         try:
             # redis-py unwinds a cancelled call at once (it drops the connection
             # without waiting), so asyncio.timeout is a hard enough bound here.
             # The dependency going down meanwhile moves its deadline to now.
             async with asyncio.timeout(self.timeout) as call.timeout:
-                reply = await self._eval(call, [key], now, [text], [bulk])
+                reply = await self._eval(call, keys, now, texts, bulks)
         except Exception as exc:
             if call.cut:  # Redis went down meanwhile: the outage is already counted
                 self._counts.cut_short += 1
-                return self._fallback(key, rate, cost)
+                return self._fallback_any(key, rate, cost)
             reason = self._shed_reason(call, exc)
             if reason:
-                return self._shed(key, rate, cost, reason)
+                return self._shed_any(key, rate, cost, reason)
             unexpected = self._failed(exc, dep)
-            return self._fallback(key, rate, cost, unexpected=unexpected)
+            return self._fallback_any(key, rate, cost, unexpected=unexpected)
         finally:
             self._direct.discard(call)
             if self._pending and not self._flush_scheduled:  # decisions waited for this slot
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
         self._succeeded(dep, started)
-        values = self._values(reply, 1)
+        values = self._values(reply, len(keys))
         if values is None:
-            return self._fallback(key, rate, cost, unexpected=True)
-        return self._from_redis(key, rate, now, values, 0)
+            return self._fallback_any(key, rate, cost, unexpected=True)
+        if type(rate) is Rate:
+            return self._from_redis(key, rate, now, values, 0)
+        return self._from_redis_group(rate, now, values, 0)  # type: ignore[arg-type]
 
     # -- batching ------------------------------------------------------------
 
@@ -155,10 +167,17 @@ class Pipeline(Decider, Wire):
         call.now = int(self._clock() * US)
         keys, texts, bulks = call.keys, call.texts, call.bulks
         for key, rate, cost, _ in batch:
-            keys.append(key)
-            text, bulk = rate_arg(rate, cost)
-            texts.append(text)
-            bulks.append(bulk)
+            if type(rate) is Rate:
+                keys.append(key)
+                text, bulk = rate_arg(rate, cost)
+                texts.append(text)
+                bulks.append(bulk)
+            else:
+                call.grouped = True
+                keys += rate.buckets  # type: ignore[union-attr]
+                group_texts, group_bulks = group_arg(rate.rates, cost)  # type: ignore[union-attr]
+                texts += group_texts
+                bulks += group_bulks
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         call = self._in_flight.pop(task, None)
@@ -198,26 +217,42 @@ class Pipeline(Decider, Wire):
             if call.timer is not None:
                 call.timer.cancel()
         self._succeeded(dep, started)
-        values = self._values(reply, len(batch))
+        values = self._values(reply, len(call.keys))
         if values is None:
             self._resolve_fallback(batch, unexpected=True)
             return
+        if call.grouped:
+            self._answer_grouped(batch, now, values)
+            return
         i = 0
         for key, rate, _cost, future in batch:
-            decision = self._from_redis(key, rate, now, values, i)
+            decision = self._from_redis(key, rate, now, values, i)  # type: ignore[arg-type]  # not grouped
             i += 4
+            if not future.done():
+                future.set_result(decision)
+
+    def _answer_grouped(self, batch: list[Pending], now: int, values: list[Any]) -> None:
+        """Answer a batch holding several-limit decisions (4 values per key, several keys per group)."""
+        i = 0
+        for key, rate, _cost, future in batch:
+            if type(rate) is Rate:
+                decision = self._from_redis(key, rate, now, values, i)
+                i += 4
+            else:
+                decision = self._from_redis_group(rate, now, values, i)  # type: ignore[arg-type]
+                i += 4 * len(rate.rates)  # type: ignore[union-attr]
             if not future.done():
                 future.set_result(decision)
 
     def _resolve_fallback(self, batch: list[Pending], *, unexpected: bool = False) -> None:
         for key, rate, cost, future in batch:
             if not future.done():
-                future.set_result(self._fallback(key, rate, cost, unexpected=unexpected))
+                future.set_result(self._fallback_any(key, rate, cost, unexpected=unexpected))
 
     def _resolve_shed(self, batch: list[Pending], reason: str) -> None:
         for key, rate, cost, future in batch:
             if not future.done():
-                future.set_result(self._shed(key, rate, cost, reason))
+                future.set_result(self._shed_any(key, rate, cost, reason))
 
     def _expire(self, call: Call) -> None:
         task = call.task
@@ -271,4 +306,4 @@ class Pipeline(Decider, Wire):
         for key, rate, cost, future in batch:
             if not future.done():
                 self._counts.cut_short += 1
-                future.set_result(self._fallback(key, rate, cost))
+                future.set_result(self._fallback_any(key, rate, cost))

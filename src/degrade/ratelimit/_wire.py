@@ -32,14 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MasterDownError, MaxConnectionsError, NoScriptError, ReadOnlyError, RedisError
 
 from .._classify import is_dependency_error
 from .._compat import redis as compat_redis
-from .._gcra import Decision, Rate
+from .._gcra import Decision, Rate, Rates
 from ._stats import Counts
 
 __all__ = [
@@ -49,8 +49,10 @@ __all__ = [
     "SHED_MAX_PENDING",
     "SHED_POOL",
     "Call",
+    "Group",
     "Pending",
     "Wire",
+    "bulk",
     "is_outage",
     "rate_arg",
 ]
@@ -64,29 +66,74 @@ __all__ = [
 #: Values stay below 2**53, so Lua's doubles are exact. Returns one string of four
 #: integers per key, space-separated: allowed (0/1), remaining, reset_after_us,
 #: retry_after_us (one bulk string parses far faster in redis-py than 4 integers a key).
+#: A group (several limits of one request, ``MemoryStore.hit_all``) starts with an
+#: argument "n|emission capacity increment" and spans n keys: all are read, and all are
+#: written only when all allow (no partial consumption). A single key's step is the
+#: first branch, unchanged: a group costs the single-limit path one failed match only.
 LUA_GCRA = """
 local now = tonumber(ARGV[1])
 local out = {}
-for i = 1, #KEYS do
+local i = 1
+local n = #KEYS
+while i <= n do
   local e, c, inc = string.match(ARGV[i + 1], '^(%d+) (%d+) (%d+)$')
-  local emission, capacity, increment = tonumber(e), tonumber(c), tonumber(inc)
-  local tat = tonumber(redis.call('GET', KEYS[i]))
-  if tat == nil or tat < now then
-    tat = now
-  end
-  local new_tat = tat + increment
-  local allow_at = new_tat - capacity
-  if allow_at <= now then
-    local ahead = new_tat - now
-    redis.call('SET', KEYS[i], string.format('%d', new_tat),
-               'PX', string.format('%d', math.ceil(ahead / 1000)))
-    out[i] = string.format('1 %d %d 0', math.floor((capacity - ahead) / emission), ahead)
-  else
-    local remaining = math.floor((capacity - (tat - now)) / emission)
-    if remaining < 0 then
-      remaining = 0
+  if e then
+    local emission, capacity, increment = tonumber(e), tonumber(c), tonumber(inc)
+    local tat = tonumber(redis.call('GET', KEYS[i]))
+    if tat == nil or tat < now then
+      tat = now
     end
-    out[i] = string.format('0 %d %d %d', remaining, tat - now, allow_at - now)
+    local new_tat = tat + increment
+    local allow_at = new_tat - capacity
+    if allow_at <= now then
+      local ahead = new_tat - now
+      redis.call('SET', KEYS[i], string.format('%d', new_tat),
+                 'PX', string.format('%d', math.ceil(ahead / 1000)))
+      out[i] = string.format('1 %d %d 0', math.floor((capacity - ahead) / emission), ahead)
+    else
+      local remaining = math.floor((capacity - (tat - now)) / emission)
+      if remaining < 0 then
+        remaining = 0
+      end
+      out[i] = string.format('0 %d %d %d', remaining, tat - now, allow_at - now)
+    end
+    i = i + 1
+  else
+    local size = tonumber(string.match(ARGV[i + 1], '^(%d+)|'))
+    local em, cap, held, new = {}, {}, {}, {}
+    local ok = true
+    for j = 0, size - 1 do
+      local ge, gc, ginc = string.match(ARGV[i + j + 1], '(%d+) (%d+) (%d+)$')
+      local tat = tonumber(redis.call('GET', KEYS[i + j]))
+      if tat == nil or tat < now then
+        tat = now
+      end
+      em[j], cap[j], held[j] = tonumber(ge), tonumber(gc), tat
+      new[j] = tat + tonumber(ginc)
+      if new[j] - cap[j] > now then
+        ok = false
+      end
+    end
+    for j = 0, size - 1 do
+      if ok then
+        local ahead = new[j] - now
+        redis.call('SET', KEYS[i + j], string.format('%d', new[j]),
+                   'PX', string.format('%d', math.ceil(ahead / 1000)))
+        out[i + j] = string.format('1 %d %d 0', math.floor((cap[j] - ahead) / em[j]), ahead)
+      else
+        local remaining = math.floor((cap[j] - (held[j] - now)) / em[j])
+        if remaining < 0 then
+          remaining = 0
+        end
+        local allow_at = new[j] - cap[j]
+        if allow_at <= now then
+          out[i + j] = string.format('1 %d %d 0', remaining, held[j] - now)
+        else
+          out[i + j] = string.format('0 %d %d %d', remaining, held[j] - now, allow_at - now)
+        end
+      end
+    end
+    i = i + size
   end
 end
 return table.concat(out, ' ')
@@ -101,7 +148,18 @@ _NO_READ_TIMEOUT = math.inf
 #: Connections of the client's pool the limiter keeps between calls (the rest go back).
 _KEEP_CONNECTIONS = 2
 
-Pending = tuple[str, Rate, int, "asyncio.Future[Decision]"]
+
+class Group(NamedTuple):
+    """Several limits of one request, decided together (one script group, or ``hit_all`` in memory)."""
+
+    #: One storage key per limit, in the order of ``rates``.
+    buckets: tuple[str, ...]
+    rates: Rates
+
+
+#: One decision waiting for Redis: (bucket, rate, cost, future); for several limits
+#: (bucket of the first, Group, cost, future).
+Pending = tuple[str, "Rate | Group", int, "asyncio.Future[Decision]"]
 
 #: ``Site.shed`` reasons: local capacity ran out (saturation, never a failure of Redis).
 SHED_MAX_PENDING = "max-pending"
@@ -135,7 +193,8 @@ def rate_arg(rate: Rate, cost: int) -> tuple[str, bytes]:
     return arg
 
 
-def _bulk(data: bytes) -> bytes:
+def bulk(data: bytes) -> bytes:
+    """``data`` as a RESP bulk string."""
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
@@ -173,6 +232,7 @@ class Call:
         "conn",
         "cut",
         "expired",
+        "grouped",
         "keys",
         "now",
         "phase",
@@ -202,6 +262,8 @@ class Call:
         #: The command was written from the flush callback, on ``conn``: only the reply is awaited.
         self.written = False
         self.now = 0
+        #: The batch holds a Group (its keys and replies are not one per decision).
+        self.grouped = False
         self.keys: list[str] = []
         self.texts: list[str] = []
         self.bulks: list[bytes] = []
@@ -264,7 +326,7 @@ class Wire:
 
     def _set_sha(self, sha: Any) -> None:
         self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
-        self._sha_bulk = _bulk(self._sha.encode())
+        self._sha_bulk = bulk(self._sha.encode())
 
     def _pack(self, conn: Any, keys: list[str], now: int, bulks: list[bytes]) -> bytes:
         """``EVALSHA sha n key... now arg...`` in RESP, built directly (keys in the client's encoding).
@@ -278,11 +340,11 @@ class Wire:
         encoder = conn.encoder
         encoding, errors = encoder.encoding, encoder.encoding_errors
         n = len(keys)
-        parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 2 * n), self._sha_bulk, _bulk(b"%d" % n)]
+        parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 2 * n), self._sha_bulk, bulk(b"%d" % n)]
         for key in keys:
             data = key.encode(encoding, errors)
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        parts.append(_bulk(b"%d" % now))
+        parts.append(bulk(b"%d" % now))
         parts += bulks
         return b"".join(parts)
 

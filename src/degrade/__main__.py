@@ -107,7 +107,9 @@ def _registry_command(args: argparse.Namespace) -> int:
     """``runbook`` and ``alerts``: import the Registry, render it."""
     if not structlog.is_configured():
         # This process is ours: keep what the imported app logs off the generated output.
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        # (sys.stderr looked up per logger: main() run in-process, by a test capturing stderr,
+        # must not leave structlog writing to a stream that is closed afterwards)
+        structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
     try:
         registry = load_registry(args.registry)
     except UsageError as exc:

@@ -414,6 +414,20 @@ class TestOutages:
         assert sum(d.source == "memory" for d in decisions) <= 1
         assert not dep.is_down
 
+    async def test_connections_cut_while_idle_cost_nothing_after_the_outage(
+        self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, dep: Dependency, make: Any
+    ) -> None:
+        """A kept connection reset during an outage is dropped unused: no failure, no fallback after it."""
+        limiter = make(redis_proxied, dep)
+        assert (await limiter.hit("k", "50/minute")).source == "redis"  # leaves a kept connection
+        redis_proxy.refuse()  # resets the open connections
+        await asyncio.sleep(0.1)  # the kept connection's transport sees the reset
+        redis_proxy.up()
+        decision = await limiter.hit("k", "50/minute")
+        assert decision.source == "redis"
+        assert (dep.failures, dep.state) == (0, "ok")
+        assert limiter.stats().discarded_idle >= 1
+
     async def test_recovery_by_probe(
         self, redis_proxy: FaultProxy, redis_proxied: aioredis.Redis, registry: Registry, make: Any
     ) -> None:

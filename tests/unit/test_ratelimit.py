@@ -433,6 +433,7 @@ class TestStats:
             "cut_short": 0,
             "errors": 0,
             "noscript": 0,
+            "discarded_idle": 0,
         }
         with pytest.raises(dataclasses.FrozenInstanceError):
             after.fallback = 0  # type: ignore[misc]

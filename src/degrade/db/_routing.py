@@ -204,7 +204,7 @@ class ReadPolicy:
         raise Overloaded(
             name,
             "primary-guard",
-            "the read replica is down and the primary's share for reads is in use: retry shortly",
+            "the read replica is down and the primary's share for reads is busy: retry shortly",
             retry_after=1,
         )
 

@@ -54,6 +54,8 @@ class LimiterStats:
         cut_short: Decisions in flight answered by the outage policy the moment Redis went down.
         errors: Unexpected errors (not outages) on the Redis path.
         noscript: Scripts reloaded after NOSCRIPT (a Redis restart, failover or SCRIPT FLUSH).
+        discarded_idle: Kept connections found reset while idle (an outage or a
+            Redis restart cut them) and dropped before use: not failures.
     """
 
     redis: int = 0
@@ -64,12 +66,23 @@ class LimiterStats:
     cut_short: int = 0
     errors: int = 0
     noscript: int = 0
+    discarded_idle: int = 0
 
 
 class Counts:
     """The live counters of one limiter (the fields of :class:`LimiterStats`, counted in place)."""
 
-    __slots__ = ("batches", "cut_short", "errors", "fallback", "noscript", "overflow", "redis", "shed")
+    __slots__ = (
+        "batches",
+        "cut_short",
+        "discarded_idle",
+        "errors",
+        "fallback",
+        "noscript",
+        "overflow",
+        "redis",
+        "shed",
+    )
 
     def __init__(self) -> None:
         self.redis = 0
@@ -80,6 +93,7 @@ class Counts:
         self.cut_short = 0
         self.errors = 0
         self.noscript = 0
+        self.discarded_idle = 0
 
     def snapshot(self) -> LimiterStats:
         """The counters now, frozen."""
@@ -92,6 +106,7 @@ class Counts:
             cut_short=self.cut_short,
             errors=self.errors,
             noscript=self.noscript,
+            discarded_idle=self.discarded_idle,
         )
 
 

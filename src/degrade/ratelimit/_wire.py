@@ -212,6 +212,12 @@ def _no_connection(exc: BaseException) -> bool:
     )
 
 
+def _cut_while_idle(conn: Any) -> bool:
+    """Did a kept connection lose its socket while idle (its transport saw the reset)?"""
+    writer = compat_redis.writer(conn)
+    return not conn.is_connected or (writer is not None and writer.transport.is_closing())
+
+
 def _health_check_due(conn: Any) -> bool:
     """Would redis-py PING this connection before its next command (its health_check_interval)?"""
     interval = getattr(conn, "health_check_interval", 0)
@@ -293,7 +299,16 @@ class Wire:
         # calls, one packed EVALSHA, one reply. It skips redis-py's per-command
         # retry and bookkeeping (the Dependency is the retry policy), which is
         # what lets one decision cost no more than one PING.
-        conn = call.conn if call.written else self._idle.pop() if self._idle else None
+        conn = call.conn if call.written else None
+        while conn is None and self._idle:
+            kept = self._idle.pop()
+            if not _cut_while_idle(kept):
+                conn = kept
+                break
+            # Reset while idle (an outage cut it): not evidence. Used, each failed right
+            # after a recovery and marked Redis down again (make chaos, Redis / refuse).
+            self._counts.discarded_idle += 1
+            await self._discard(kept)
         if conn is None:
             can_get = getattr(pool, "can_get_connection", None)
             if can_get is not None and not can_get():

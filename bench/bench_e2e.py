@@ -81,6 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS, format_table, run_meta, write_section  # noqa: E402
 
 SECTION = "## End to end (uvicorn + wrk)"
+#: The same run with ``gc.freeze()`` after start-up in every server (``--gc-freeze``).
+SECTION_FROZEN = "## End to end, gc.freeze() after start-up (uvicorn + wrk)"
 REDIS_URL = os.environ.get("DEGRADE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("DEGRADE_BENCH_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 #: Never reached: every request does the limiter's full work and none is refused.
@@ -482,6 +484,9 @@ def serve(kind: str, port: int, opts: dict[str, Any]) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     gc.callbacks.append(GC_WATCH)
     app = APPS[kind](opts)
+    if opts.get("gc_freeze"):  # --gc-freeze: the start-up objects out of the collector's way
+        gc.collect()
+        gc.freeze()
     uvicorn.run(app, host="127.0.0.1", port=port, **UVICORN)  # type: ignore[arg-type]
 
 
@@ -1110,6 +1115,9 @@ def main(args: argparse.Namespace) -> int:
                 v.opts["limiter"] = json.loads(args.limiter)
     if args.only:
         todo = [todo[0], *(v for v in todo[1:] if any(s in v.name for s in args.only))]
+    if args.gc_freeze:  # the same for every variant, bare included
+        for v in todo:
+            v.opts["gc_freeze"] = True
     load_before = os.getloadavg()
     rounds = 1 if args.smoke else args.rounds
     by_round = run_rounds(todo, rounds, duration=duration, warmup=warmup)
@@ -1117,7 +1125,8 @@ def main(args: argparse.Namespace) -> int:
     load_after = os.getloadavg()
     meta = run_meta(
         ".venv/bin/python bench/bench_e2e.py"
-        + (" --smoke" if args.smoke else f" --duration {duration:g} --rounds {rounds}"),
+        + (" --smoke" if args.smoke else f" --duration {duration:g} --rounds {rounds}")
+        + (" --gc-freeze" if args.gc_freeze else ""),
         load_before,
         load_after,
         {"duration": f"{duration:g} s per variant and round, {rounds} round(s), wrk -t{WRK_THREADS}"},
@@ -1132,8 +1141,9 @@ def main(args: argparse.Namespace) -> int:
     if failed:
         print("\nvariants that did not answer: " + ", ".join(r.variant.name for r in failed))
     if args.write_results and not args.smoke:
-        write_section(SECTION, f"{report}\n\n{NOTES}", written_by="bench/bench_e2e.py --write-results")
-        print(f"\nwrote section {SECTION!r} of {RESULTS}")
+        section = SECTION_FROZEN if args.gc_freeze else SECTION
+        write_section(section, f"{report}\n\n{NOTES}", written_by="bench/bench_e2e.py --write-results")
+        print(f"\nwrote section {section!r} of {RESULTS}")
     if failed:
         return 1
     if args.smoke:
@@ -1154,6 +1164,12 @@ if __name__ == "__main__":
     parser.add_argument("--only", nargs="*", help="run only the variants whose name contains one of these")
     parser.add_argument(
         "--limiter", help="JSON RateLimiter options for the degrade limiter variants (experiments)"
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="every server calls gc.freeze() after start-up (the docs/operations.md recipe); "
+        "--write-results then writes its own section",
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -165,7 +165,7 @@ def expectations(token: str, track_id: int) -> dict[tuple[str, str], list[Expect
     """
     from examples.drill import scenarios
 
-    plan = scenarios(token, track_id, _Hatch())
+    plan = scenarios(token, track_id, track_id, _Hatch())  # one track stands for "unseen" too
     by_fault: dict[str, dict[str, dict[str, Expect]]] = defaultdict(lambda: defaultdict(dict))
     always: dict[str, Expect] = {}
     for scenario in plan:
@@ -423,6 +423,21 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
+async def _drop_outbox(db_url: str, prefix: str) -> None:
+    """Drop the outbox table (and its trigger function) the example app made for this run's prefix."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    table = f"{prefix.replace('-', '_')}_outbox"
+    engine = create_async_engine(db_url)
+    try:
+        async with asyncio.timeout(10), engine.begin() as conn:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            await conn.execute(text(f"DROP FUNCTION IF EXISTS {table}_notify()"))
+    finally:
+        await engine.dispose()
+
+
 async def stack(
     logdir: Path,
     *,
@@ -441,6 +456,7 @@ async def stack(
     prefix = f"degrade-chaos-{name}-{uuid.uuid4().hex[:8]}"
     secret = uuid.uuid4().hex
     async with contextlib.AsyncExitStack() as st:
+        st.push_async_callback(_drop_outbox, urls["db"], prefix)  # the example's per-run outbox table
         if proxies is None:
             scanner = await st.enter_async_context(await stubs.start("scanner"))
             turn = await st.enter_async_context(await stubs.start("turn"))

@@ -159,7 +159,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 ]
             )
             if label == "POST /tracks" and status == 202:
-                samples[-1][6] = json.loads(body).get("transcode", "")
+                samples[-1][6] = json.loads(body).get("event", "")
         for conn in conns.values():
             await conn.close()
 

@@ -15,7 +15,12 @@ environment, with defaults that point at the local services:
 ``PODS``               pods sharing the rate limit (``1``)
 ``CLAMAV_REQUIRED``    ``false`` opens the scanner's escape hatch (uploads unscanned)
 ``APP_SECRET``         key that signs access tokens
+``RYW_SECRET``         key that signs the read-your-writes cookie (16+ bytes)
+``SECURE_COOKIES``     ``true`` marks that cookie ``Secure`` (set it behind HTTPS)
 =====================  ==========================================================
+
+The secrets' defaults are for development only: set both in production (the
+same on every instance). They are never logged or shown (``repr=False``).
 
 What each outage does is in the registry below and in the generated runbook
 (``python -m degrade runbook examples.app:registry``, committed as docs/runbook.md).
@@ -54,9 +59,9 @@ from degrade import (
     health_routes,
 )
 from degrade import redis as dredis
-from degrade.cache import FailSoftCache
-from degrade.db import DBHealthMiddleware, ReadReplicaRouter, engine_options
-from degrade.eventbus import EventPublisher
+from degrade.cache import FailSoftCache, StaleTier
+from degrade.db import DBHealthMiddleware, ReadReplicaRouter, ReadYourWritesMiddleware, engine_options
+from degrade.eventbus import EventPublisher, Outbox, OutboxRelay
 from degrade.ratelimit import RateLimiter, RateLimitMiddleware
 from degrade.revocation import RevocationList
 
@@ -79,6 +84,10 @@ class Settings:
     turn_addr: tuple[str, int] = ("127.0.0.1", 3478)
     pods: int = 1
     secret: bytes = field(default=b"dev-secret-change-me", repr=False)
+    #: Signs the read-your-writes cookie (a client cannot pin its reads to the primary).
+    ryw_secret: bytes = field(default=b"dev-ryw-secret-change-me", repr=False)
+    #: Mark that cookie ``Secure``: browsers then send it over HTTPS only.
+    secure_cookies: bool = False
     version: str = "1.0.0"
     key_prefix: str = "degrade-example"
     #: Rate limits: every route, the feed (per user), login (per client).
@@ -108,6 +117,8 @@ class Settings:
             turn_addr=addr("TURN_ADDR", defaults.turn_addr),
             pods=int(env.get("PODS", "1")),
             secret=env.get("APP_SECRET", "dev-secret-change-me").encode(),
+            ryw_secret=env.get("RYW_SECRET", "dev-ryw-secret-change-me").encode(),
+            secure_cookies=env.get("SECURE_COOKIES", "false").lower() in {"1", "true", "yes"},
         )
 
 
@@ -186,7 +197,8 @@ class Example:
         self.db = registry.dependency(
             "db",
             severity=Severity.SEV1,
-            impact="All writes and most reads fail (503); GETs are served from the replica while it is up",
+            impact="All writes and most reads fail (503); GETs are served from the replica while it is up "
+            "(a client's own last write may not show yet)",
             runbook="docs/runbooks/db-failover.md",
             check=checks.sqlalchemy(self.primary),
         )
@@ -196,21 +208,38 @@ class Example:
             impact="Read-only routes slower: reads fall back to the primary",
             runbook="docs/runbooks/db-failover.md",
         )
+        # read_your_writes: a client that wrote reads from the primary until the replica has
+        # replayed its write (the position travels in a signed cookie: middleware() below).
         self.router = ReadReplicaRouter(
-            primary=self.primary, replica=self.replica, dependency=db_replica, primary_dependency=self.db
+            primary=self.primary,
+            replica=self.replica,
+            dependency=db_replica,
+            primary_dependency=self.db,
+            read_your_writes=True,
         )
-        self.schema = _Schema(self.primary)
+        # Events are rows written in the write's own transaction; the relay (below) publishes them.
+        self.outbox = Outbox(f"{prefix.replace('-', '_')}_outbox")
+        self.schema = _Schema(self.primary, self.outbox)
 
         # -- Redis: sessions (fail-loud), cache and rate limits (fail-soft), revocations ----
         self.redis = registry.owns(dredis.client(settings.redis_url, timeout=0.25))
         redis_dep = registry.dependency(
             "redis",
             severity=Severity.SEV1,
-            impact="Login and refresh fail (503); rate limits per pod; cache misses read Postgres",
+            impact="Login and refresh fail (503); rate limits per pod; tracks read in the last 5 minutes "
+            "are served stale from memory, other cache misses read Postgres",
             runbook="docs/runbooks/redis-down.md",
             check=checks.redis(self.redis),
         )
-        self.cache = FailSoftCache(self.redis, redis_dep, ttl=60, prefix=f"{prefix}:cache:")
+        # stale=: while Redis is down, tracks this pod saw in Redis are served from a bounded
+        # copy in memory (marked stale) instead of all going to Postgres.
+        self.cache = FailSoftCache(
+            self.redis,
+            redis_dep,
+            ttl=60,
+            prefix=f"{prefix}:cache:",
+            stale=StaleTier(max_bytes=16 * 2**20, stale_for=300),
+        )
         self.limiter = RateLimiter(
             redis=self.redis,
             dependency=redis_dep,
@@ -228,13 +257,16 @@ class Example:
         amqp = registry.dependency(
             "rabbitmq",
             severity=Severity.SEV2,
-            impact="Async jobs (transcode) queue in memory, then are dropped and reported after 30 s",
+            impact="New tracks' events (transcode) wait in the outbox table; published once it is back",
             runbook="docs/runbooks/rabbitmq-down.md",
             check=checks.amqp(settings.amqp_url),
         )
-        self.bus = registry.manage(
-            EventPublisher(settings.amqp_url, exchange=f"{prefix}.events", dependency=amqp)
-        )
+        self.bus = EventPublisher(settings.amqp_url, exchange=f"{prefix}.events", dependency=amqp)
+        registry.manage(self.bus)
+        # Publishes committed outbox rows through the bus's broker and exchange; started and
+        # stopped by the lifespan. backlog_interval: the backlog in /health/deep within a second.
+        self.relay = OutboxRelay(self.outbox, self.primary, self.bus, db=self.db, backlog_interval=1.0)
+        registry.manage(self.relay)
 
         # -- The virus scanner, with the CLAMAV_REQUIRED escape hatch ------------------------
         scanner = registry.dependency(
@@ -337,27 +369,41 @@ class Example:
             ).first()
         return None if row is None else {"id": row.id, "title": row.title}
 
-    async def track(self, track_id: int) -> dict[str, Any] | None:
-        """A track from the cache, else the replica, else the primary."""
-        await self.schema.ready()
-        return await self.cache.get_or_load(f"track:{track_id}", lambda: self._load_track(track_id))
+    async def track(self, track_id: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """A track from the cache, else the replica, else the primary; and the response headers.
 
-    async def _insert(self, title: str) -> int:
+        ``X-Cache`` says where it came from (``hit``, ``miss``, ``unavailable``:
+        Redis down, read from Postgres; ``stale``: Redis down, the copy this
+        pod last saw, ``Age`` seconds old).
+        """
+        await self.schema.ready()
+        entry = await self.cache.get_entry(f"track:{track_id}", lambda: self._load_track(track_id))
+        headers: dict[str, str] = {"X-Cache": entry.source}
+        if entry.stale and entry.age is not None:
+            headers["Age"] = str(int(entry.age))
+        return entry.value, headers
+
+    async def _insert(self, title: str, event: dict[str, Any] | None = None) -> int:
+        """Insert a track, and its ``track.created`` event in the same transaction (both or neither)."""
         await self.schema.ready()
         async with self.router.for_write() as session:
-            track_id = (
-                await session.execute(
-                    text("INSERT INTO degrade_example_tracks (title) VALUES (:t) RETURNING id"), {"t": title}
-                )
-            ).scalar_one()
+            track_id = int(
+                (
+                    await session.execute(
+                        text("INSERT INTO degrade_example_tracks (title) VALUES (:t) RETURNING id"),
+                        {"t": title},
+                    )
+                ).scalar_one()
+            )
+            if event is not None:
+                await self.outbox.add(session, "track.created", {"track_id": track_id, **event})
             await session.commit()
-        return int(track_id)
+        return track_id
 
     async def create_track(self, user: str, title: str) -> dict[str, Any]:
-        """Write on the primary, then publish ``track.transcode`` (never blocks)."""
-        track_id = await self._insert(title[:200])
-        event = await self.bus.publish("track.transcode", {"track_id": track_id, "user": user})
-        return {"id": track_id, "transcode": event.value}
+        """Write the track and its ``track.created`` event on the primary (RabbitMQ is not on the path)."""
+        track_id = await self._insert(title[:200], {"user": user})
+        return {"id": track_id, "event": "outbox"}
 
     async def feed(self) -> dict[str, Any]:
         """The latest tracks, read on the replica (or the primary)."""
@@ -387,7 +433,7 @@ class Example:
         return {"hasTurn": available, "iceServers": servers}
 
     def middleware(self, api: str) -> list[Middleware]:
-        """Rate limits (outermost), then the database gate."""
+        """Rate limits (outermost), read-your-writes, then the database gate."""
         settings = self.settings
         return [
             Middleware(
@@ -397,6 +443,12 @@ class Example:
                 key=_user_or_ip(self.tokens),
                 exclude=(f"{api}/health", "/metrics"),
                 routes={f"GET {api}/feed": settings.feed_rate, f"POST {api}/auth/login": settings.login_rate},
+            ),
+            # The client's last write position, in a signed cookie: its next reads see its writes.
+            Middleware(
+                ReadYourWritesMiddleware,
+                secret=settings.ryw_secret,
+                secure=settings.secure_cookies,
             ),
             Middleware(
                 DBHealthMiddleware,
@@ -411,10 +463,11 @@ class Example:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
-        """Create the table (bounded: the app starts with Postgres down).
+        """Create the tables (bounded: the app starts with Postgres down).
 
-        The registry closes the clients and engines it owns after this returns
-        and after its components (the publisher, the limiter) stopped.
+        The registry starts its components (the publisher, the outbox relay)
+        after this, and closes the clients and engines it owns after this
+        returns and after its components stopped.
         """
         await self.schema.ready(wait=2.0)
         yield
@@ -444,8 +497,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def get_track(request: Request) -> Response:
         await user(request)
-        track = await ex.track(request.path_params["track_id"])
-        return JSONResponse(track or {"error": "not found"}, status_code=200 if track else 404)
+        track, headers = await ex.track(request.path_params["track_id"])
+        if track is None:
+            return JSONResponse({"error": "not found"}, status_code=404, headers=headers)
+        return JSONResponse(track, headers=headers)
 
     async def create_track(request: Request) -> Response:
         name, _ = await user(request)
@@ -527,10 +582,11 @@ async def _json(request: Request) -> dict[str, Any]:
 
 
 class _Schema:
-    """Creates the example's table once; bounded, so a down database never blocks start-up."""
+    """Creates the example's tables once; bounded, so a down database never blocks start-up."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, outbox: Outbox) -> None:
         self._engine = engine
+        self._outbox = outbox
         self._done = False
         self._lock = asyncio.Lock()
 
@@ -541,13 +597,16 @@ class _Schema:
             if self._done:
                 return
             try:
-                async with asyncio.timeout(wait), self._engine.begin() as conn:
-                    await conn.execute(
-                        text(
-                            "CREATE TABLE IF NOT EXISTS degrade_example_tracks"
-                            " (id serial PRIMARY KEY, title text NOT NULL)"
+                async with asyncio.timeout(wait):
+                    async with self._engine.begin() as conn:
+                        await conn.execute(
+                            text(
+                                "CREATE TABLE IF NOT EXISTS degrade_example_tracks"
+                                " (id serial PRIMARY KEY, title text NOT NULL)"
+                            )
                         )
-                    )
+                    # The outbox table, its index and NOTIFY trigger (idempotent; a migration in a real app).
+                    await self._outbox.create_table(self._engine, timeout=wait)
             except Exception as exc:  # the request's own query reports the outage
                 log.warning("example.schema_not_ready", error=type(exc).__name__)
                 return

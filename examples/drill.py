@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `examples` as a package
 
@@ -43,7 +44,31 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
-def scenarios(token: str, track_id: int, hatch: object) -> list[Scenario]:
+def _outbox(response: Any) -> dict[str, Any]:
+    """The outbox relay's entry in /health/deep's ``components`` (the example has one relay)."""
+    components = response.json()["components"]
+    return next(value for name, value in components.items() if name.startswith("outbox:"))
+
+
+class OutboxWatch:
+    """Checks of the outbox relay in /health/deep: a backlog while the broker is down, drained after."""
+
+    def __init__(self) -> None:
+        self.published = 0
+
+    def waiting(self, response: Any) -> bool:
+        """Broker down: the events of the 202s wait in the table (the relay's backlog count)."""
+        relay = _outbox(response)
+        self.published = max(self.published, relay["published"])
+        return bool(relay["backlog"] > 0)
+
+    def delivered(self, response: Any) -> bool:
+        """Broker back: the backlog is 0, nothing dropped, and the relay published more than before."""
+        relay = _outbox(response)
+        return bool(relay["backlog"] == 0 and not relay["dropped"] and relay["published"] > self.published)
+
+
+def scenarios(token: str, track_id: int, unseen_id: int, hatch: object) -> list[Scenario]:
     auth = {"authorization": f"Bearer {token}"}
 
     def p(method: str, path: str, expect: int, healthy: int = 200, **kw: object) -> Probe:
@@ -57,6 +82,24 @@ def scenarios(token: str, track_id: int, hatch: object) -> list[Scenario]:
     deep_ok = p("GET", "/health/deep", 200)
     open_hatch = getattr(hatch, "open")  # noqa: B009 - a callable taken once
     close_hatch = getattr(hatch, "close")  # noqa: B009
+    outbox = OutboxWatch()
+    # Redis down: a track this pod read from Redis comes from the stale tier (X-Cache: stale);
+    # one it never saw comes from Postgres (X-Cache: unavailable).
+    stale = p(
+        "GET",
+        f"/tracks/{track_id}",
+        200,
+        check=lambda r: r.headers["x-cache"] == "stale" and int(r.headers["age"]) >= 0,
+        recovered=lambda r: r.headers["x-cache"] != "stale",
+        note="seen: stale, marked",
+    )
+    unseen = p(
+        "GET",
+        f"/tracks/{unseen_id}",
+        200,
+        check=lambda r: r.headers["x-cache"] == "unavailable",
+        note="unseen: from Postgres",
+    )
     every = dict.fromkeys(("db", "db-replica", "redis", "rabbitmq", "scanner", "turn"), "refuse")
     return [
         # Postgres primary: writes 503 at once; GETs served read-only from the replica.
@@ -76,7 +119,8 @@ def scenarios(token: str, track_id: int, hatch: object) -> list[Scenario]:
             [
                 p("POST", "/auth/login", 503, json={"user": "drill"}),
                 p("POST", "/auth/refresh", 503, 401, json={"refresh_token": "x"}),
-                read,
+                stale,
+                unseen,
                 feed,
                 deep_503,
             ],
@@ -86,11 +130,22 @@ def scenarios(token: str, track_id: int, hatch: object) -> list[Scenario]:
             {"redis": "blackhole"},
             [p("POST", "/auth/login", 503, json={"user": "drill"}), read, feed],
         ),
-        # RabbitMQ: publishing never blocks; the write still answers 202.
+        # RabbitMQ: the write and its event commit together in Postgres (the outbox); the
+        # relay publishes the backlog once the broker is back.
         Scenario(
             "RabbitMQ refused",
             {"rabbitmq": "refuse"},
-            [p("POST", "/tracks", 202, 202, json={"title": "q"}), deep_ok],
+            [
+                p("POST", "/tracks", 202, 202, json={"title": "q"}),
+                p(
+                    "GET",
+                    "/health/deep",
+                    200,
+                    check=outbox.waiting,
+                    recovered=outbox.delivered,
+                    note="outbox backlog > 0, then delivered",
+                ),
+            ],
         ),
         Scenario(
             "RabbitMQ blackholed",
@@ -176,8 +231,9 @@ async def main(argv: list[str]) -> int:
         await stack.enter_async_context(_worker_queue(Settings.amqp_url, f"{settings.key_prefix}.events"))
         app = create_app(settings)
         token = app.state.tokens.mint("drill")
-        track_id = await _seed_track(app, token)
-        plan = scenarios(token, track_id, app.state.registry.hatches["CLAMAV_REQUIRED"])
+        stack.push_async_callback(_drop_outbox, app.state.example.outbox)
+        track_id, unseen_id = await _seed_tracks(app)
+        plan = scenarios(token, track_id, unseen_id, app.state.registry.hatches["CLAMAV_REQUIRED"])
         kind = "FastAPI" if "--fastapi" in argv else "Starlette"
         print(f"drill: {len(plan)} scenarios against the example app ({kind})\n", flush=True)
         report = await run_drill(
@@ -209,23 +265,35 @@ async def _worker_queue(url: str, exchange: str):
         await connection.close()
 
 
-async def _seed_track(app: object, token: str) -> int:
-    import httpx
+async def _seed_tracks(app: Any) -> tuple[int, int]:
+    """Two tracks: one the drill reads (seen by the cache), one it reads only while Redis is down.
 
-    from degrade.testing.drill import _running
+    Written through the app's own code (the write and its outbox row), before its lifespan starts:
+    the relay publishes their events once the drill runs it.
+    """
+    example = app.state.example
+    try:
+        seen = await example.create_track("drill", "seed")
+        unseen = await example.create_track("drill", "unseen")
+    except Exception as exc:
+        raise SystemExit(f"drill: the healthy app could not write a track ({type(exc).__name__})") from None
+    return int(seen["id"]), int(unseen["id"])
 
-    async with (
-        _running(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://drill") as c,
-    ):  # type: ignore[arg-type]
-        response = await c.post(
-            f"{API}/tracks", json={"title": "seed"}, headers={"authorization": f"Bearer {token}"}
-        )
-        if response.status_code != 202:
-            raise SystemExit(
-                f"drill: the healthy app answered {response.status_code} to a write: {response.text}"
-            )
-        return int(response.json()["id"])
+
+async def _drop_outbox(outbox: Any) -> None:
+    """Drop the drill's outbox table and its trigger function (the table is named after the drill's pid)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from examples.app import Settings
+
+    engine = create_async_engine(Settings.database_url)
+    try:
+        async with asyncio.timeout(10), engine.begin() as conn:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {outbox.table}"))
+            await conn.execute(text(f"DROP FUNCTION IF EXISTS {outbox.table}_notify()"))
+    finally:
+        await engine.dispose()
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get(f"{API}/tracks/{{track_id}}", response_model=None)
     async def get_track(track_id: int, user: User) -> Any:
-        track = await ex.track(track_id)
-        return track or JSONResponse({"error": "not found"}, status_code=404)
+        track, headers = await ex.track(track_id)
+        if track is None:
+            return JSONResponse({"error": "not found"}, status_code=404, headers=headers)
+        return JSONResponse(track, headers=headers)
 
     @app.post(f"{API}/tracks", status_code=202)
     async def create_track(

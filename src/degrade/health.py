@@ -6,6 +6,11 @@ caches the outcome (failures too) for ``cache_ttl`` seconds and lets concurrent
 callers share one run. A dependency already known down is reported down without
 being probed. Answers: 200 ``ok``; 200 ``degraded`` when only non-critical
 dependencies are down; 503 ``down`` when a critical one is.
+
+With details on, a component the registry manages (``registry.manage()``)
+that has a ``health_details()`` method adds what it returns under
+``components``, keyed by its ``name`` (an outbox relay's backlog, say): read at
+render time, so it must not do I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +30,7 @@ from starlette.routing import Route
 
 from .dependency import CheckResult, Dependency, transitions
 from .exceptions import ConfigurationError
+from .observe import logger
 from .registry import Registry
 
 __all__ = ["DeepHealth", "HealthReport", "health_routes"]
@@ -158,6 +164,52 @@ def _details(registry: Registry, report: HealthReport) -> dict[str, Any]:
     return out
 
 
+def _json_mapping(found: object) -> dict[str, Any]:
+    """``found`` as a dict, checked now: a value json cannot encode must not fail the whole body."""
+    if not isinstance(found, Mapping):
+        raise TypeError(type(found).__name__)
+    value = dict(found)
+    json.dumps(value)
+    return value
+
+
+#: Component names whose ``health_details()`` failure was logged (once each).
+_warned: set[str] = set()
+
+
+def _component_details(registry: Registry) -> dict[str, Any]:
+    """What managed components with a ``health_details()`` method report, by name.
+
+    The name is the component's ``name`` attribute when it is a non-empty
+    ``str``, else its class name; a repeated name gets ``#2``, ``#3``... A
+    method that raises or returns something that is not a JSON-able mapping is
+    shown as ``{"error": "<class name>"}`` and logged once per name
+    (``health.component_details_failed``): one component never breaks
+    ``/health/deep``, nor floods the log at each call.
+    """
+    out: dict[str, Any] = {}
+    for component in registry._all_components():
+        report = getattr(component, "health_details", None)
+        if not callable(report):
+            continue
+        name = getattr(component, "name", None)
+        if not isinstance(name, str) or not name:
+            name = type(component).__name__
+        key, n = name, 1
+        while key in out:
+            n += 1
+            key = f"{name}#{n}"
+        try:
+            value = _json_mapping(report())
+        except Exception as exc:  # a component's bug is its own row, never a 500
+            if key not in _warned and len(_warned) < 64:  # bounded: once per name
+                _warned.add(key)
+                logger.warning("health.component_details_failed", component=key, error=type(exc).__name__)
+            value = {"error": type(exc).__name__}
+        out[key] = value
+    return out
+
+
 _IETF_STATUS = {"ok": "pass", "degraded": "warn", "down": "fail"}
 
 
@@ -210,6 +262,9 @@ def _render(registry: Registry, report: HealthReport, *, ietf: bool, details: bo
         }
         if details:
             body["details"] = _details(registry, report)
+            components = _component_details(registry)
+            if components:
+                body["components"] = components
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -299,8 +354,10 @@ def health_routes(
         prefix: e.g. ``"/api/v1"``; no trailing slash.
         details: Add per-dependency details (severity, latency, since, error
             class, impact, runbook, escape hatches and whether they are open)
-            to ``/health/deep``: ``True``, or a callable given the request that
-            says whether this caller may see them.
+            to ``/health/deep``, and ``components``: what each managed
+            component with a ``health_details()`` method reports (an
+            :class:`~degrade.eventbus.OutboxRelay`'s backlog): ``True``, or a
+            callable given the request that says whether this caller may see them.
             Raw exception text and credentials are never shown.
         cache_ttl: Seconds a deep result (failures too) is reused.
 

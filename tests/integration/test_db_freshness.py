@@ -226,6 +226,45 @@ class TestReadYourWritesAcrossRequests:
             await router.aclose()
 
 
+class TestPrimaryDown:
+    async def test_the_replica_answers_when_the_primary_cannot(
+        self,
+        cluster: PgCluster,
+        pair: tuple[AsyncEngine, str],
+        replica: tuple[AsyncEngine, FaultProxy],
+        registry: Registry,
+    ) -> None:
+        """Primary known down: a client's read goes to the replica although it lacks that write (counted)."""
+        primary, table = pair
+        db = registry.dependency("db", severity=Severity.SEV1)
+        router = ReadReplicaRouter(
+            primary=primary,
+            replica=replica[0],
+            dependency=replica_dep(registry),
+            primary_dependency=db,
+            read_your_writes=True,
+            lag_interval=0.1,
+            sticky_after_write=0,
+        )
+        app = items_app(router, db, table, gated=False, via="header")
+        await router.start()
+        try:
+            await wait_for(lambda: router.replay_lsn is not None)
+            cluster.psql(cluster.standby_port, "SELECT pg_wal_replay_pause()")
+            async with client(app) as c:
+                position = (await c.post("/api/items/3")).headers["x-degrade-lsn"]
+                with db.forced_down():
+                    read = await c.get("/api/items/3", headers={"x-degrade-lsn": position})
+                assert read.status_code == 200
+                assert read.json() == {"name": None, "standby": True}  # an answer, without the write
+                assert (router.fresh_waived, router.fresh_on_primary) == (1, 0)
+                read = await c.get("/api/items/3", headers={"x-degrade-lsn": position})
+                assert read.json() == {"name": "n3", "standby": False}  # primary back: fresh again
+                assert router.fresh_on_primary == 1
+        finally:
+            await router.aclose()
+
+
 class TestPrimaryGuard:
     async def test_replica_down_reads_over_the_share_are_shed_writes_proceed(
         self,

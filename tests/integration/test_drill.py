@@ -108,3 +108,59 @@ class TestRunDrill:
             await run_drill(
                 app, {"redis": proxy}, [Scenario("x", {"redis": "melt"}, [Probe("GET", "/", expect=404)])]
             )
+
+
+class TestProbeChecks:
+    async def test_a_check_asserts_more_than_the_status(
+        self, app: Starlette, redis_proxy: FaultProxy
+    ) -> None:
+        """Each answer while the fault is on goes through check: rejected ones fail the row, counted."""
+        proxy = redis_proxy
+        probes = [
+            Probe("GET", "/feed", expect=200, check=lambda r: r.json()["cached"] is False, note="cold"),
+            Probe("GET", "/feed", expect=200, check=lambda r: r.json()["cached"] is True, note="warm"),
+            Probe("GET", "/feed", expect=200, check=lambda r: r.json()["missing"], note="raises"),
+        ]
+        report = await run_drill(
+            app, {"redis": proxy}, [Scenario("Redis refused", {"redis": "refuse"}, probes)], requests=4
+        )
+        cold, warm, raises = report.results
+        assert (cold.passed, cold.check_failures) == (True, 0)
+        assert (warm.passed, warm.check_failures) == (False, 4)  # status 200 each time, check failed
+        assert (raises.passed, raises.check_failures) == (False, 4)  # a KeyError is a failed check
+        assert not report.passed
+        table = report.table()
+        assert "GET /feed [warm]" in table
+        assert "200 (4 failed check)" in table
+
+    async def test_recovery_waits_for_the_recovered_check(
+        self, app: Starlette, redis_proxy: FaultProxy
+    ) -> None:
+        """Recovery is timed until an answer has the healthy status and passes recovered; never: FAIL."""
+        proxy = redis_proxy
+        seen: list[int] = []
+
+        def third_answer(response: Any) -> bool:
+            seen.append(response.status_code)
+            return len(seen) >= 3
+
+        report = await run_drill(
+            app,
+            {"redis": proxy},
+            [
+                Scenario(
+                    "Redis refused",
+                    {"redis": "refuse"},
+                    [
+                        Probe("GET", "/feed", expect=200, recovered=third_answer),
+                        Probe("GET", "/feed", expect=200, recovered=lambda r: False),
+                    ],
+                )
+            ],
+            requests=2,
+            recover_timeout=1.0,
+        )
+        later, never = report.results
+        assert len(seen) == 3  # called after the fault cleared, until it passed
+        assert (later.passed, later.recover_s is not None) == (True, True)
+        assert (never.passed, never.recover_s) == (False, None)

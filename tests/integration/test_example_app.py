@@ -140,8 +140,12 @@ class TestUnderUvicorn:
             auth = {"authorization": f"Bearer {login.json()['access_token']}"}
             created = await http.post(f"{api}/tracks", json={"title": "e2e"}, headers=auth)
             assert created.status_code == 202
+            assert created.json()["event"] == "outbox"  # written in the insert's transaction
+            assert http.cookies.get("degrade_lsn")  # read-your-writes: the write's position, signed
             track = f"{api}/tracks/{created.json()['id']}"
-            assert (await http.get(track, headers=auth)).json()["title"] == "e2e"
+            first = await http.get(track, headers=auth)
+            assert (first.json()["title"], first.headers["x-cache"]) == ("e2e", "miss")
+            assert (await http.get(track, headers=auth)).headers["x-cache"] == "hit"
 
             async def status(method: str, url: str, expect: int, **kw: Any) -> Callable[[], Awaitable[bool]]:
                 async def check() -> bool:
@@ -188,6 +192,8 @@ class TestUnderUvicorn:
             deep = await http.get(f"{api}/health/deep")
             assert deep.status_code in {200, 503}
             assert set(deep.json()["checks"]) == {"db", "db-replica", "redis", "rabbitmq", "scanner", "turn"}
+            relay = deep.json()["components"]["outbox:degrade_example_outbox"]
+            assert set(relay) >= {"backlog", "published", "dropped", "phase"}
 
 
 class TestDrill:

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from structlog.testing import capture_logs
 
-from degrade import ConfigurationError, Registry, Severity, health_routes
+from degrade import ConfigurationError, Registry, Severity, health, health_routes
 from degrade.health import DeepHealth
 
 PASSWORD = "hunter2-s3cret"
@@ -380,3 +380,103 @@ class TestNoSecrets:
         assert "ConnectionRefusedError" in responses[0].text
         assert [e["event"] for e in logs] == ["dependency.down"]
         assert PASSWORD not in repr(logs)
+
+
+class Reporting:
+    """A managed component that reports ``details`` (or raises them) through ``health_details()``."""
+
+    def __init__(self, details: Any, name: str | None = None) -> None:
+        self.details = details
+        if name is not None:
+            self.name = name
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def health_details(self) -> Any:
+        if isinstance(self.details, Exception):
+            raise self.details
+        return self.details
+
+
+class TestComponentDetails:
+    async def test_a_managed_component_reports_under_its_name(self, registry: Registry) -> None:
+        """With details, a managed component's health_details() is under components, keyed by its name."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.manage(Reporting({"backlog": 3}, name="outbox:events"))
+        body = (await get(registry, details=True)).json()
+        assert body["components"] == {"outbox:events": {"backlog": 3}}
+        assert set(body["details"]) == {"db"}  # dependencies only: components are their own section
+
+    async def test_hidden_without_details(self, registry: Registry) -> None:
+        """Without details (or for a caller not allowed them), no components section."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.manage(Reporting({"backlog": 3}, name="outbox:events"))
+        assert "components" not in (await get(registry)).json()
+        shown = (await get(registry, details=lambda request: False)).json()
+        assert "components" not in shown
+
+    async def test_absent_when_no_component_reports(self, registry: Registry) -> None:
+        """Components without health_details() add nothing: the body is as before."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.manage(_Quiet())
+        assert "components" not in (await get(registry, details=True)).json()
+
+    async def test_read_at_each_call_not_cached_with_the_report(self, registry: Registry) -> None:
+        """The deep report is cached, but what a component reports is read at each call (live backlog)."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        relay = registry.manage(Reporting({"backlog": 5}, name="relay"))
+        async with client_for(registry, details=True, cache_ttl=60) as client:
+            first = (await client.get("/health/deep")).json()["components"]["relay"]
+            relay.details = {"backlog": 0}
+            second = (await client.get("/health/deep")).json()["components"]["relay"]
+        assert (first, second) == ({"backlog": 5}, {"backlog": 0})
+
+    async def test_unnamed_components_use_the_class_name_and_repeats_are_numbered(
+        self, registry: Registry
+    ) -> None:
+        """No str name: the class name; a repeated name gets #2."""
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.manage(Reporting({"n": 1}))
+        registry.manage(Reporting({"n": 2}))
+        registry.manage(Reporting({"n": 3}, name="x"))
+        registry.manage(Reporting({"n": 4}, name="x"))
+        components = (await get(registry, details=True)).json()["components"]
+        assert components == {"Reporting": {"n": 1}, "Reporting#2": {"n": 2}, "x": {"n": 3}, "x#2": {"n": 4}}
+
+    async def test_a_failing_component_is_its_own_row_logged_once(
+        self, registry: Registry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Raising, a non-mapping or a value JSON cannot encode: {"error": class}, the rest still shown."""
+        monkeypatch.setattr(health, "_warned", set())
+        registry.dependency("db", severity=Severity.SEV1, check=Check())
+        registry.manage(Reporting(RuntimeError(f"boom {DSN}"), name="raises"))
+        registry.manage(Reporting([1, 2], name="not-a-mapping"))
+        registry.manage(Reporting({"at": object()}, name="not-json"))
+        registry.manage(Reporting({"ok": True}, name="fine"))
+        with capture_logs() as logs:
+            async with client_for(registry, details=True) as client:
+                answers = [await client.get("/health/deep") for _ in range(3)]
+        assert {r.status_code for r in answers} == {200}
+        assert PASSWORD not in answers[-1].text
+        assert answers[-1].json()["components"] == {
+            "raises": {"error": "RuntimeError"},
+            "not-a-mapping": {"error": "TypeError"},
+            "not-json": {"error": "TypeError"},
+            "fine": {"ok": True},
+        }
+        failed = [e["component"] for e in logs if e["event"] == "health.component_details_failed"]
+        assert sorted(failed) == ["not-a-mapping", "not-json", "raises"]  # once each, not per call
+
+
+class _Quiet:
+    """A managed component without health_details()."""
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass

@@ -43,7 +43,9 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
     * read-your-writes across requests (``read_your_writes=True`` with
       :class:`~degrade.db.ReadYourWritesMiddleware`): the primary while the
       replica has not replayed the client's last write (its position at the
-      lag monitor's last measurement; counted in ``fresh_on_primary``);
+      lag monitor's last measurement; counted in ``fresh_on_primary``); with
+      the primary known down, the replica anyway (FAIL-SOFT: it may lack the
+      write; counted in ``fresh_waived``);
     * the replica is known down: the primary at once, no connect attempt,
       within the primary guard: at most ``primary_read_cap`` such reads at
       once, the excess shed (:class:`~degrade.Overloaded`, 503);

@@ -80,6 +80,8 @@ class ReadPolicy:
         self._primary_reads = Slots(self.primary_read_cap)
         #: Reads sent to the primary because the replica had not replayed their client's last write.
         self.fresh_on_primary = 0
+        #: Such reads served by the replica anyway because the primary was down (maybe stale).
+        self.fresh_waived = 0
         #: Positions the primary did not give after a commit (that response carried none).
         self.positions_failed = 0
         #: Fallback reads shed by the primary guard.
@@ -97,6 +99,12 @@ class ReadPolicy:
             return False
         replayed = self.replay_lsn
         if replayed is not None and replayed >= need:
+            return False
+        primary = self.primary_dependency
+        if primary is not None and primary.is_down:
+            # The primary cannot serve it: the replica's answer (maybe without the
+            # client's write) beats a 503. Availability first, counted.
+            self.fresh_waived += 1
             return False
         self.fresh_on_primary += 1
         return True

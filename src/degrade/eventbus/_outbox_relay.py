@@ -136,6 +136,8 @@ class OutboxRelay:
             raise ConfigurationError(f"message_id_prefix must be a str; got {message_id_prefix!r}")
         self.outbox = outbox
         self.table = outbox.table
+        #: ``outbox:<table>``: the relay's key under ``components`` in ``/health/deep``.
+        self.name = f"outbox:{self.table}"
         self.publisher = publisher
         self.db = db
         self.broker = publisher.dependency
@@ -183,6 +185,10 @@ class OutboxRelay:
         return self.counts.snapshot(
             connected=self._link is not None, listening=self._listener.listening, phase=self.phase
         )
+
+    def health_details(self) -> dict[str, Any]:
+        """The backlog and counters ``/health/deep`` shows with details (no I/O). Failure mode: none."""
+        return self.stats().health_details()
 
     # -- lifecycle ---------------------------------------------------------------
 

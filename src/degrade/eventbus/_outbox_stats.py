@@ -44,6 +44,10 @@ class RelayStats:
     listening: bool = False
     phase: str = "idle"
 
+    def health_details(self) -> dict[str, Any]:
+        """What ``/health/deep`` shows of the relay (with details): backlog, age, counts, phase."""
+        return {k: getattr(self, k) for k in ("backlog", "oldest_s", "published", "dropped", "phase")}
+
 
 class RelayCounts:
     """The counters of one relay (mutable, read by :meth:`snapshot` and the collector)."""

@@ -12,6 +12,11 @@ takes to answer normally again::
     print(report.table())
     assert report.passed
 
+A probe can assert more than a status: ``check`` is given each answer while
+the fault is on (an ``httpx.Response``: a header, a field of the body) and
+``recovered`` each answer after, so a row can say "served stale, marked" or
+"the backlog drains once the broker is back".
+
 Needs httpx (extra ``http``). Failure mode: a drill never raises because the
 app or a service misbehaves; it reports FAIL rows. Every wait is bounded
 (``settle_timeout``, ``recover_timeout``, ``request_timeout``).
@@ -58,6 +63,12 @@ class Probe:
         json: JSON body to send, if any.
         headers: Extra request headers.
         content: Raw body to send, if any (instead of ``json``).
+        check: Called with each answer (an ``httpx.Response``) while the fault
+            is on: an answer with the expected status that it rejects (False,
+            or an exception) fails the probe.
+        recovered: Called with each answer once the fault is cleared: recovery
+            is timed until an answer has the ``healthy`` status and passes it.
+        note: What ``check`` and ``recovered`` assert, shown after the route.
     """
 
     method: str
@@ -67,11 +78,15 @@ class Probe:
     json: Any = None
     headers: Mapping[str, str] | None = None
     content: bytes | None = None
+    check: Callable[[Any], bool] | None = None
+    recovered: Callable[[Any], bool] | None = None
+    note: str = ""
 
     @property
     def route(self) -> str:
-        """``"GET /path"``."""
-        return f"{self.method} {self.path}"
+        """``"GET /path"``, and the note in brackets when there is one."""
+        route = f"{self.method} {self.path}"
+        return f"{route} [{self.note}]" if self.note else route
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,8 @@ class ProbeResult:
     p99_ms: float
     recover_s: float | None  # None: not back to `healthy` within recover_timeout
     passed: bool
+    #: Answers with the expected status that the probe's ``check`` rejected.
+    check_failures: int = 0
 
 
 @dataclass
@@ -131,7 +148,8 @@ class DrillReport:
                     r.fault,
                     r.route,
                     str(r.expected),
-                    "-" if r.observed is None else str(r.observed),
+                    ("-" if r.observed is None else str(r.observed))
+                    + (f" ({r.check_failures} failed check)" if r.check_failures else ""),
                     f"{r.p50_ms:.1f}",
                     f"{r.p99_ms:.1f}",
                     "-" if r.recover_s is None else f"{r.recover_s:.2f}",
@@ -172,6 +190,16 @@ async def _running(app: Any) -> AsyncIterator[None]:
         return
     async with lifespan(app):
         yield
+
+
+def _passes(predicate: Callable[[Any], bool] | None, response: Any) -> bool:
+    """``predicate(response)``; an exception (a missing header or field) is a failed check, not a crash."""
+    if predicate is None:
+        return True
+    try:
+        return bool(predicate(response))
+    except Exception:  # the app's answer is under test: a malformed one fails the row
+        return False
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -216,39 +244,46 @@ async def run_drill(
     report = DrillReport()
     transport = httpx.ASGITransport(app=app)
 
-    async def fire(client: Any, probe: Probe) -> tuple[int, float]:
+    async def fire(
+        client: Any, probe: Probe, predicate: Callable[[Any], bool] | None = None
+    ) -> tuple[int, float, bool]:
+        """Status (0: no answer in time), seconds taken, and whether ``predicate`` passed."""
         start = time.perf_counter()
         try:
             response = await client.request(
                 probe.method, probe.path, json=probe.json, content=probe.content, headers=probe.headers
             )
-            status = response.status_code
         except httpx.TimeoutException:
-            status = 0
-        return status, time.perf_counter() - start
+            return 0, time.perf_counter() - start, predicate is None
+        took = time.perf_counter() - start
+        return response.status_code, took, _passes(predicate, response)
 
     async def settle(client: Any, scenario: Scenario) -> None:
         deadline = time.monotonic() + settle_timeout
         while time.monotonic() < deadline:
-            seen = [(await fire(client, p))[0] for p in scenario.probes]
-            if all(s == p.expect for s, p in zip(seen, scenario.probes, strict=True)):
+            seen = [await fire(client, p, p.check) for p in scenario.probes]
+            if all(s == p.expect and ok for (s, _, ok), p in zip(seen, scenario.probes, strict=True)):
                 return
             await asyncio.sleep(POLL_INTERVAL)
 
-    async def measure(client: Any, probe: Probe) -> tuple[list[int], list[float]]:
-        statuses, latencies = [], []
+    async def measure(client: Any, probe: Probe) -> tuple[list[int], list[float], int]:
+        statuses, latencies, rejected = [], [], 0
         for _ in range(requests):
-            status, took = await fire(client, probe)
+            status, took, ok = await fire(client, probe, probe.check)
             statuses.append(status)
             latencies.append(took * 1000)
-        return statuses, latencies
+            rejected += status == probe.expect and not ok
+        return statuses, latencies, rejected
 
     async def recover(client: Any, scenario: Scenario) -> dict[int, float]:
         recovered: dict[int, float] = {}
         start = time.monotonic()
         while len(recovered) < len(scenario.probes) and time.monotonic() - start < recover_timeout:
             for i, probe in enumerate(scenario.probes):
-                if i not in recovered and (await fire(client, probe))[0] == probe.healthy:
+                if i in recovered:
+                    continue
+                status, _, ok = await fire(client, probe, probe.recovered)
+                if status == probe.healthy and ok:
                     recovered[i] = time.monotonic() - start
             # An in-process request to a dependency known down never suspends: without
             # this sleep the loop would starve the probe that is to bring it back.
@@ -275,14 +310,20 @@ async def run_drill(
                     scenario.after()
             recovered = await recover(client, scenario)
             report.results += [
-                _result(scenario, probe, statuses, latencies, recovered.get(i))
-                for i, (probe, statuses, latencies) in enumerate(measured)
+                _result(scenario, probe, statuses, latencies, recovered.get(i), rejected=rejected)
+                for i, (probe, statuses, latencies, rejected) in enumerate(measured)
             ]
     return report
 
 
 def _result(
-    scenario: Scenario, probe: Probe, statuses: list[int], latencies: list[float], recover: float | None
+    scenario: Scenario,
+    probe: Probe,
+    statuses: list[int],
+    latencies: list[float],
+    recover: float | None,
+    *,
+    rejected: int = 0,
 ) -> ProbeResult:
     counts = Counter(statuses)
     observed = counts.most_common(1)[0][0]
@@ -297,5 +338,6 @@ def _result(
         p50_ms=_percentile(latencies, 50),
         p99_ms=_percentile(latencies, 99),
         recover_s=recover,
-        passed=all(s == probe.expect for s in statuses) and recover is not None,
+        passed=all(s == probe.expect for s in statuses) and not rejected and recover is not None,
+        check_failures=rejected,
     )

@@ -120,3 +120,8 @@ clean:
 SOAK ?= 120
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py --soak $(SOAK) $(CHAOS_FLAGS)
+
+# The integration tests at their long durations (the outbox's 60 s broker blackhole); CI runs them short.
+.PHONY: test-long
+test-long: $(STAMP)
+	DEGRADE_LONG=1 $(BIN)/pytest tests/integration/test_outbox.py -k blackhole

@@ -55,6 +55,7 @@ cannot judge them.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -1100,6 +1101,21 @@ def run_rounds(todo: list[Variant], rounds: int, *, duration: float, warmup: flo
     return by_round
 
 
+async def _drop_example_outbox(prefix: str) -> None:
+    """Drop the outbox table the example app variants made for this run's prefix."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from degrade.eventbus import Outbox
+
+    engine = create_async_engine(PG_URL)
+    try:
+        await Outbox(f"{prefix.replace('-', '_')}_outbox").drop_table(engine, timeout=10)
+    except Exception as exc:  # a bench's clean-up: say so, never hide the results
+        print(f"could not drop the example's outbox table: {type(exc).__name__}", file=sys.stderr)
+    finally:
+        await engine.dispose()
+
+
 def main(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk  (https://github.com/wg/wrk)", file=sys.stderr)
@@ -1120,7 +1136,10 @@ def main(args: argparse.Namespace) -> int:
             v.opts["gc_freeze"] = True
     load_before = os.getloadavg()
     rounds = 1 if args.smoke else args.rounds
-    by_round = run_rounds(todo, rounds, duration=duration, warmup=warmup)
+    try:
+        by_round = run_rounds(todo, rounds, duration=duration, warmup=warmup)
+    finally:
+        asyncio.run(_drop_example_outbox(f"bench-e2e-{uid}-"))
     results = merge_rounds(by_round)
     load_after = os.getloadavg()
     meta = run_meta(

@@ -422,22 +422,20 @@ class Stack:
     consumer_base: int = 0
 
 
-@contextlib.asynccontextmanager
 async def _drop_outbox(db_url: str, prefix: str) -> None:
     """Drop the outbox table (and its trigger function) the example app made for this run's prefix."""
-    from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    table = f"{prefix.replace('-', '_')}_outbox"
+    from degrade.eventbus import Outbox
+
     engine = create_async_engine(db_url)
     try:
-        async with asyncio.timeout(10), engine.begin() as conn:
-            await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
-            await conn.execute(text(f"DROP FUNCTION IF EXISTS {table}_notify()"))
+        await Outbox(f"{prefix.replace('-', '_')}_outbox").drop_table(engine, timeout=10)
     finally:
         await engine.dispose()
 
 
+@contextlib.asynccontextmanager
 async def stack(
     logdir: Path,
     *,
@@ -1341,6 +1339,9 @@ async def secret_services(logdir: Path) -> AsyncIterator[tuple[dict[str, str], l
         )
         await conn.execute(f"GRANT SELECT, INSERT ON degrade_example_tracks TO {role}")
         await conn.execute(f"GRANT USAGE ON SEQUENCE degrade_example_tracks_id_seq TO {role}")
+        # The app creates its outbox table and trigger function (PostgreSQL 15 no longer lets
+        # every role create in public); DROP OWNED removes them with the role.
+        await conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
         redis_port = free_port()
         redis_proc = subprocess.Popen(
             [
@@ -1392,6 +1393,8 @@ async def secret_services(logdir: Path) -> AsyncIterator[tuple[dict[str, str], l
         with contextlib.suppress(Exception):
             await conn.execute(f"REVOKE ALL ON degrade_example_tracks FROM {role}")
             await conn.execute(f"REVOKE ALL ON SEQUENCE degrade_example_tracks_id_seq FROM {role}")
+            await conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}")
+            await conn.execute(f"DROP OWNED BY {role}")
             await conn.execute(f"DROP ROLE IF EXISTS {role}")
         await conn.close()
 

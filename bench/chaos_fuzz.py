@@ -304,6 +304,9 @@ def run(examples: int, redis_url: str, db_url: str, amqp_url: str) -> FuzzResult
         result.seconds = time.monotonic() - start
         loop.run_until_complete(client.aclose())
         loop.run_until_complete(lifespan.__aexit__(None, None, None))
+        example = app.state.example  # its per-run outbox table goes with the run
+        loop.run_until_complete(example.outbox.drop_table(example.primary, timeout=10))
+        loop.run_until_complete(example.primary.dispose())
         scanner.close()
         loop.close()
     allowed = LOGIN_LIMIT + LOGIN_LIMIT * result.seconds / 60

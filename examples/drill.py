@@ -282,16 +282,13 @@ async def _seed_tracks(app: Any) -> tuple[int, int]:
 
 async def _drop_outbox(outbox: Any) -> None:
     """Drop the drill's outbox table and its trigger function (the table is named after the drill's pid)."""
-    from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from examples.app import Settings
 
     engine = create_async_engine(Settings.database_url)
     try:
-        async with asyncio.timeout(10), engine.begin() as conn:
-            await conn.execute(text(f"DROP TABLE IF EXISTS {outbox.table}"))
-            await conn.execute(text(f"DROP FUNCTION IF EXISTS {outbox.table}_notify()"))
+        await outbox.drop_table(engine, timeout=10)
     finally:
         await engine.dispose()
 

@@ -55,9 +55,10 @@ async def outbox(engine: AsyncEngine, unique: str) -> AsyncIterator[Outbox]:
     box = Outbox(f"{unique}_outbox")
     await box.create_table(engine)
     yield box
-    async with engine.begin() as conn:
-        await conn.execute(text(f"DROP TABLE IF EXISTS {box.table}"))
-        await conn.execute(text(f"DROP FUNCTION IF EXISTS {box.table}_notify()"))
+    await box.drop_table(engine)
+    async with engine.connect() as conn:  # drop_table leaves nothing behind
+        left = "SELECT to_regclass(:t) IS NULL AND to_regproc(:f) IS NULL"
+        assert (await conn.execute(text(left), {"t": box.table, "f": f"{box.table}_notify"})).scalar()
 
 
 @pytest.fixture

@@ -248,14 +248,16 @@ class TestSiteKinds:
         db = registry.dependency("db", severity=Severity.SEV1, retry_after=7)
         db.add_site("degrade.db.DBHealthMiddleware", "fail_loud", "503")
         db.add_site("degrade.db.ReadReplicaRouter.for_write", "fail_loud", "writes 503")
-        redis = registry.dependency("redis", severity=Severity.SEV2)
+        # Not "redis": a module imported earlier in this process (examples/app_factory.py) may
+        # declare sites by that name, and they are listed under every registry that has it.
+        redis = registry.dependency("redis-kinds", severity=Severity.SEV2)
         redis.add_site("degrade.ratelimit.RateLimiter[rl:]", "fail_soft", "memory", fallback="in-memory GCRA")
         redis.add_site("degrade.cache.FailSoftCache[c].read", "fail_soft", "miss", fallback="miss")
         redis.add_site("degrade.revocation.RevocationList[r].revoke", "fail_loud", "503")
         redis.add_site("degrade.revocation.RevocationList[r].is_revoked", "fail_soft", "x", fallback="deny")
         redis.add_site("app.views.profile", "fail_soft", "default profile", fallback="None")
         text = render_runbook(registry)
-        db_section, redis_section = _section(text, "db"), _section(text, "redis")
+        db_section, redis_section = _section(text, "db"), _section(text, "redis-kinds")
         assert "- Responses: its 503s carry `Retry-After: 7`" in db_section
         assert "    - DB gate: gated requests answer 503 at once, without touching the pool" in db_section
         assert "    - replica router: routed writes answer 503" in db_section

@@ -139,6 +139,11 @@ class Outbox:
         )
         self._lock = sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))")
         self._ddl = [sa.text(statement) for statement in ddl_statements(self.table)]
+        prefix, name = _split(self.table)
+        self._drop = [
+            sa.text(f"DROP TABLE IF EXISTS {self.table}"),
+            sa.text(f"DROP FUNCTION IF EXISTS {prefix}{name}_notify()"),
+        ]
 
     def ddl(self) -> str:
         """The SQL that creates the table, its index and its NOTIFY trigger (idempotent; for Alembic)."""
@@ -166,6 +171,23 @@ class Outbox:
             async with engine.begin() as conn:
                 await conn.execute(self._lock, {"name": f"degrade.outbox:{self.table}"})
                 for statement in self._ddl:
+                    await conn.execute(statement)
+
+        await hard_timeout(run(), timeout)
+
+    async def drop_table(self, engine: Any, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - the bound
+        """Drop the table (its rows, index and trigger) and its NOTIFY function, if present.
+
+        For tests and tear-downs: what :meth:`create_table` made goes in one
+        transaction. Failure mode: as :meth:`create_table`.
+        """
+        timeout = _validate.seconds("timeout", timeout)
+        if not hasattr(engine, "begin"):
+            raise ConfigurationError(f"engine must be an SQLAlchemy AsyncEngine; got {type(engine).__name__}")
+
+        async def run() -> None:
+            async with engine.begin() as conn:
+                for statement in self._drop:
                     await conn.execute(statement)
 
         await hard_timeout(run(), timeout)

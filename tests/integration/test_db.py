@@ -28,6 +28,7 @@ from degrade.db import (
     DBHealthMiddleware,
     NotAStandby,
     ReadReplicaRouter,
+    ReadYourWritesMiddleware,
     _conn,
     connection,
     current_connection,
@@ -518,6 +519,52 @@ class TestMidRequest:
             assert response.status_code == 503
             assert (db.state, db.failures, db.stale_failures) == ("ok", 0, 1)
             assert (await c.get("/api/ping")).status_code == 200
+        await settle(engine)
+
+    async def test_a_commit_cut_under_read_your_writes_is_a_503_not_a_500(
+        self,
+        engine: AsyncEngine,
+        db: Dependency,
+        table: str,
+        pg_proxy: FaultProxy,
+        registry: Registry,
+    ) -> None:
+        """The connection dies under COMMIT: 503 as ever; the WAL position is skipped, not a 500."""
+        replica = create_async_engine(engine.url, **engine_options(command_timeout=2.0))  # not read here
+        router = ReadReplicaRouter(
+            primary=engine,
+            replica=replica,
+            dependency=replica_dep(registry),
+            primary_dependency=db,
+            read_your_writes=True,
+            sticky_after_write=0,
+        )
+
+        async def cut(request: Request) -> Response:
+            async with router.for_write() as session:
+                await session.execute(text(f"INSERT INTO {table} VALUES (1, 'x')"))  # noqa: S608 - the test's table
+                pg_proxy.reset()
+                await session.commit()
+            return JSONResponse({})
+
+        app = Starlette(
+            routes=[Route("/api/cut", cut, methods=["POST"])],
+            middleware=[
+                Middleware(ReadYourWritesMiddleware, secret=b"0123456789abcdef0123", secure=False),
+                Middleware(
+                    DBHealthMiddleware, engine=engine, dependency=db, acquire_timeout=ACQUIRE, router=router
+                ),
+            ],
+        )
+        try:
+            async with client(app) as c:
+                response = await c.post("/api/cut")
+            assert response.status_code == 503
+            assert response.json()["dependency"] == "db"
+            assert router.positions_failed == 1
+        finally:
+            await router.aclose()
+            await replica.dispose()
         await settle(engine)
 
     async def test_bugs_propagate(self, engine: AsyncEngine, db: Dependency, table: str) -> None:

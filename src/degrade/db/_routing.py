@@ -26,6 +26,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import _validate
@@ -128,17 +129,26 @@ class ReadPolicy:
             return
         position.pending = False
         try:
-            if lease is not None and lease.conn is not None and not lease.conn.closed:
-                lsn = await primary_position(lease.conn, self.close_timeout)
+            conn = lease.conn if lease is not None else None
+            if conn is not None and (conn.closed or conn.invalidated or conn.in_transaction()):
+                # The block failed (its connection cut, or its transaction left to roll
+                # back): whether it committed is unknown here; the response carries none.
+                self.positions_failed += 1
+                return
+            if conn is not None:
+                lsn = await primary_position(conn, self.close_timeout)
             else:
                 async with self.primary.connect() as conn:
                     lsn = await primary_position(conn, self.close_timeout)
         except Exception as exc:
-            if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
+            # Auxiliary to a write that is already over: never fails the request. Counted;
+            # only a failure of the database itself feeds its dependency below.
+            if not (isinstance(exc, TimeoutError | SQLAlchemyError) or is_database_failure(exc)):
                 raise
             self.positions_failed += 1
-            if self.primary_dependency is not None and not isinstance(exc, TimeoutError):
-                self.primary_dependency.record_failure(exc)
+            dep = self.primary_dependency
+            if dep is not None and is_database_failure(exc) and not isinstance(exc, TimeoutError):
+                dep.record_failure(exc)
             return
         position.wrote(lsn)
 

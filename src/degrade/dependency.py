@@ -345,7 +345,8 @@ class Dependency(Probing):
         service still answered recently) is not counted: the worker was
         saturated, the service was not shown to fail (:attr:`timeouts_excused`).
 
-        A call that ``started`` (on :attr:`clock`) before the last recovery
+        A call that ``started`` (on :attr:`clock`; :attr:`since` read when the
+        call began will do, and costs no clock read) before the last recovery
         was in flight during the outage: its failure is old news, not counted
         (:attr:`stale_failures`), so it cannot knock a dependency that just
         recovered straight back down.

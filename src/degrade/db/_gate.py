@@ -125,7 +125,7 @@ class GateCore:
             raise self._unavailable()
         clock = self._clock
         started = clock()
-        began = dep.clock()
+        began = dep.since  # the last transition before this call: stale if a recovery follows
         if lease.began is None:
             lease.began = began
         budget = self.acquire_timeout - lease.waited

@@ -228,7 +228,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             return
         request_context()  # so the commit listener has somewhere to record
         primary = self.primary_dependency
-        started = primary.clock() if primary is not None else None
+        started = primary.since if primary is not None else None
         session, lease = await self._primary_session()
         token = ACTIVE_WRITE.set(session)
         try:
@@ -262,11 +262,11 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             return
         conn = None
         guard: float | None = None  # a place among the fallback reads on the primary
-        # When this read began, on each dependency's clock: a failure of a read that was
+        # Each dependency's last transition when this read began: a failure of a read that was
         # in flight through an outage and its recovery is stale (Dependency.record_failure).
         replica_dep, primary_dep = self.dependency, self.primary_dependency
-        replica_started = replica_dep.clock() if replica_dep is not None else None
-        primary_started = primary_dep.clock() if primary_dep is not None else None
+        replica_started = replica_dep.since if replica_dep is not None else None
+        primary_started = primary_dep.since if primary_dep is not None else None
         if self.replica is not None:
             ctx = REQUEST.get()
             if ctx is None or not ctx.wrote_within(self.sticky_after_write):

@@ -77,13 +77,20 @@ class TestSaturationIsNotAnOutage:
     async def test_fair_line_serves_everyone_within_the_work(
         self, small_pool: AsyncEngine, registry: Registry, sentry_events: list[dict[str, Any]]
     ) -> None:
-        """50 concurrent requests, pool 2, 20 ms each: all 200 in arrival order, the dependency stays ok."""
+        """40 concurrent requests, pool 2, 20 ms each: all 200 in arrival order, the dependency stays ok.
+
+        The pool is warmed first: a cold pool's first holds include opening the
+        connections, and the line plans with what it measured. 0.4 s of work
+        leaves the 1 s budget room for a loaded CI machine (the line admits
+        until its planned wait fills 70 % of the budget).
+        """
         db = registry.dependency("db", severity=Severity.SEV1, check=checks.sqlalchemy(small_pool))
         async with client(sleeping_app(small_pool, db, 0.02)) as c:
-            results = await asyncio.gather(*(timed(c, "/api/work") for _ in range(50)))
+            await asyncio.gather(*(c.get("/api/work") for _ in range(2)))
+            results = await asyncio.gather(*(timed(c, "/api/work") for _ in range(40)))
         statuses = [status for status, _ in results]
-        assert statuses == [200] * 50
-        total_work = 50 * 0.02 / 2
+        assert statuses == [200] * 40
+        total_work = 40 * 0.02 / 2
         assert max(seconds for _, seconds in results) <= total_work + MARGIN
         assert db.state == "ok"
         assert db.failures == 0
@@ -269,6 +276,11 @@ class TestReadOnlyFallbackWindow:
         try:
             async with client(app) as c:
                 assert (await c.post("/api/write")).status_code == 200
+                # the replica's pool and line warmed before the outage: a cold pool opening its
+                # connections under CI's load makes long first holds, and a read the replica's line
+                # sheds runs on the (silent) primary
+                warm = await asyncio.gather(*(c.get("/api/read") for _ in range(20)))
+                assert {r.status_code for r in warm} == {200}
                 pg_proxy.blackhole()
                 writes = [asyncio.ensure_future(c.post("/api/write")) for _ in range(3)]
                 reads = await asyncio.gather(*(c.get("/api/read") for _ in range(20)))
@@ -392,6 +404,9 @@ class TestReplicaSaturation:
         try:
             db.mark_down(reason="test")
             async with client(app) as c:
+                # the replica's connection opened first: the line plans with the holds it measured,
+                # and a cold first hold (connect included) made it trim the tail under CI's load
+                assert (await c.get("/api/read")).status_code == 200
                 results = await asyncio.gather(*(timed(c, "/api/read") for _ in range(8)))
             assert [status for status, _ in results] == [200] * 8
             assert max(seconds for _, seconds in results) <= 8 * 0.06 + MARGIN

@@ -665,13 +665,51 @@ class TestSameServerReplica:
             await primary.dispose()
             await replica.dispose()
 
+    async def test_reads_in_flight_survive_a_replica_back_within_the_grace(
+        self, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Down and closed again by a success at once (a saturated replica): reads in flight go on.
+
+        Still down END_READS_AFTER later: they are ended then (503), not before.
+        """
+        primary = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
+        replica = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
+        dep = replica_dep(registry, failure_threshold=1, recovery_interval=5.0)  # no probe in the test
+        router = ReadReplicaRouter(primary=primary, replica=replica, dependency=dep)
+        try:
+            async with router.for_read() as session:
+                await session.execute(text("SELECT 1"))
+                dep.mark_down()
+                dep.record_success()  # another read answered: back within the grace
+                await asyncio.sleep(router.END_READS_AFTER + 0.1)
+                assert (await session.execute(text("SELECT 2"))).scalar() == 2
+            assert router.terminated == 0
+
+            async def cut_read() -> None:
+                async with router.for_read() as session:
+                    await session.execute(text("SELECT 1"))
+                    dep.mark_down()  # and it stays down
+                    start = time.monotonic()
+                    await session.execute(text("SELECT pg_sleep(1)"))
+                    pytest.fail(f"the read went on for {time.monotonic() - start:.2f} s")
+
+            start = time.monotonic()
+            with pytest.raises(DependencyUnavailable):
+                await cut_read()
+            assert router.END_READS_AFTER - 0.05 <= time.monotonic() - start < 0.9
+            assert router.terminated == 1
+        finally:
+            await router.aclose()
+            await primary.dispose()
+            await replica.dispose()
+
     async def test_a_read_cut_by_an_outage_that_ended_does_not_trip_it_again(
         self, postgres_dsn: str, registry: Registry
     ) -> None:
         """A read in flight through the replica's outage and recovery fails as stale news, not a failure."""
         primary = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
         replica = create_async_engine(postgres_dsn, **engine_options(command_timeout=2.0))
-        dep = replica_dep(registry, failure_threshold=1)
+        dep = replica_dep(registry, failure_threshold=1, recovery_interval=5.0)  # no probe in the test
         router = ReadReplicaRouter(primary=primary, replica=replica, dependency=dep)
         try:
 
@@ -679,6 +717,7 @@ class TestSameServerReplica:
                 async with router.for_read() as session:
                     assert (await session.execute(text("SELECT 1"))).scalar() == 1
                     dep.mark_down()  # ends the reads in flight on the replica (their connections cut)
+                    await asyncio.sleep(router.END_READS_AFTER + 0.05)  # ...once still down after that
                     dep.record_success()  # ...and it is back before this one notices
                     await session.execute(text("SELECT 1"))
 

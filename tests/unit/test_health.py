@@ -210,6 +210,29 @@ class TestDeepCache:
         assert response.status_code == 503
         assert response.json()["details"]["db"]["status"] == "down"
 
+    async def test_a_recovery_during_the_run_makes_its_report_stale(self, registry: Registry) -> None:
+        """A dependency back while another's check still runs: that run's "down" is not cached.
+
+        Counted at the end of the run, the transition was taken as seen, and
+        /health/deep said 503 for a whole cache_ttl after the recovery.
+        """
+        release = asyncio.Event()
+
+        async def slow_check() -> None:
+            await release.wait()
+
+        registry.dependency("db", severity=Severity.SEV1, check=slow_check)
+        cache = registry.dependency("cache", severity=Severity.SEV1)
+        cache.mark_down(reason="traffic")
+        deep = DeepHealth(registry, cache_ttl=60)
+        run = asyncio.ensure_future(deep.report())
+        await asyncio.sleep(0.01)  # the run has read "cache" down and waits on db's check
+        cache.record_success()  # cache is back
+        release.set()
+        assert (await run).status == "down"
+        assert deep.fresh() is None
+        assert (await deep.report()).status == "ok"
+
     async def test_failures_are_cached_too(self, registry: Registry) -> None:
         """A failed run is cached as well: a blackholed service costs one timeout per ttl."""
         check = Check("hang")

@@ -342,18 +342,6 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             self.dependency.record_failure(exc, started=started)
         self._fell_back(type(exc).__name__)
 
-    def _on_replica_transition(self, dep: Dependency) -> None:
-        """The replica went down: end the reads in flight on it now (they answer as a replica failure)."""
-        if not dep.is_down:
-            return
-        if self._replica_slots is not None:
-            self._replica_slots.refuse_all("down")
-        for conn in list(self._replica_active):
-            driver = _driver(conn)
-            if driver is not None:
-                driver.terminate()
-                self.terminated += 1
-
     def _fell_back(self, error: str) -> None:
         if self._site is not None:
             self._site.count()

@@ -68,6 +68,8 @@ class ReadPolicy:
     _site: Site | None
     _on_primary: bool
     _replica_slots: Slots | None
+    _replica_active: dict[AsyncConnection, float]
+    terminated: int
 
     def _init_read_policy(self, read_your_writes: object, primary_read_share: object) -> None:
         if not isinstance(read_your_writes, bool):
@@ -195,6 +197,41 @@ class ReadPolicy:
         if primary is None or not primary.is_down or lease is None:
             return self.connect_timeout
         return max(self.connect_timeout, lease.source.acquire_timeout - lease.waited)
+
+    # -- the replica's reads in flight when it goes down ----------------------------
+
+    #: Seconds a replica that went down has to be back before the reads in flight on it are ended.
+    END_READS_AFTER = 0.25
+
+    def _on_replica_transition(self, dep: Dependency) -> None:
+        """The replica went down: its line reads elsewhere now, its reads in flight end shortly after.
+
+        Unless it is back within :attr:`END_READS_AFTER`: under ``make chaos``
+        three connect timeouts of a saturated replica took it down while other
+        reads were still being answered, their successes closed it again 3 ms
+        later, and the reads in flight had been cut for nothing (503s). A
+        replica that is really gone stays down, and its reads end 0.25 s later.
+        """
+        if not dep.is_down:
+            return
+        if self._replica_slots is not None:
+            self._replica_slots.refuse_all("down")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._end_reads(dep, dep.since)
+            return
+        loop.call_later(self.END_READS_AFTER, self._end_reads, dep, dep.since)
+
+    def _end_reads(self, dep: Dependency, since: float) -> None:
+        """End the reads in flight on the replica, if it is still down since ``since``."""
+        if not dep.is_down or dep.since != since:
+            return
+        for conn in list(self._replica_active):
+            driver = _driver(conn)
+            if driver is not None:
+                driver.terminate()
+                self.terminated += 1
 
     # -- the primary guard -------------------------------------------------------
 

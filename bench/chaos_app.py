@@ -21,7 +21,9 @@ Nothing here changes what the example app does: the wrapper only
   publisher's counters, every dependency's state and its transitions
   (``time.monotonic()`` of each, recorded by a listener), every call site's
   degraded and shed counts (the DB gate's among them), the gate's
-  ``acquire_timeout`` and terminated connections, the Redis client's timeout.
+  ``acquire_timeout`` and terminated connections, the Redis client's timeout,
+  and how long the primary's and the replica's connections were held (pool
+  check-out to check-in events: count, seconds, holds of 0.25 s or more).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 #: Every dependency transition of this process: ``[time.monotonic(), name, "down" | "ok"]``.
 TRANSITIONS: collections.deque[list[Any]] = collections.deque(maxlen=2000)
+#: Per pool ("primary", "replica"): [check-ins, seconds held in all, holds of at least LONG_HOLD s].
+HOLDS: dict[str, list[float]] = {"primary": [0, 0.0, 0], "replica": [0, 0.0, 0]}
+#: A hold this long could have waited on a slow Redis call (the example's Redis timeout).
+LONG_HOLD = 0.25
 
 
 def _settings() -> Settings:
@@ -149,6 +155,7 @@ def state(app: Any) -> dict[str, Any]:
         else {"acquire_timeout": gate.acquire_timeout, "terminated": gate.terminated},
         "redis_timeout": ex.redis.connection_pool.connection_kwargs.get("socket_timeout"),
         "transitions": list(TRANSITIONS),
+        "holds": {name: list(totals) for name, totals in HOLDS.items()},
         "monotonic": time.monotonic(),
     }
 
@@ -192,6 +199,27 @@ def wrap(app: Any) -> Any:
     return wrapper
 
 
+def _time_holds(engine: Any, name: str) -> None:
+    """Count how long each connection of ``engine``'s pool is held (check-out to check-in)."""
+    from sqlalchemy import event
+
+    totals = HOLDS[name]
+
+    def checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        record.info["chaos_out"] = time.perf_counter()
+
+    def checkin(dbapi_conn: Any, record: Any) -> None:
+        out = record.info.pop("chaos_out", None)
+        if out is not None:
+            held = time.perf_counter() - out
+            totals[0] += 1
+            totals[1] += held
+            totals[2] += held >= LONG_HOLD
+
+    event.listen(engine.sync_engine.pool, "checkout", checkout)
+    event.listen(engine.sync_engine.pool, "checkin", checkin)
+
+
 def _record(dep: Any) -> None:
     TRANSITIONS.append([time.monotonic(), dep.name, "down" if dep.is_down else "ok"])
 
@@ -201,6 +229,8 @@ def build() -> Any:
     app = create_app(_settings())
     for dep in app.state.example.registry.dependencies.values():
         dep.subscribe(_record)  # a plain function: held strongly
+    _time_holds(app.state.example.primary, "primary")
+    _time_holds(app.state.example.replica, "replica")
     return wrap(app)
 
 

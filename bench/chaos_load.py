@@ -159,7 +159,8 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 ]
             )
             if label == "POST /tracks" and status == 202:
-                samples[-1][6] = json.loads(body).get("event", "")
+                answer = json.loads(body)  # "outbox:<track id>": the harness matches it to its event
+                samples[-1][6] = f"{answer.get('event', '')}:{answer.get('id', '')}"
         for conn in conns.values():
             await conn.close()
 

@@ -65,12 +65,21 @@ def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") ->
     async def check() -> None:
         async def run() -> None:
             own_engine = private()
+            if own_engine is engine:  # an unusual pool: the engine's own, as a request uses it
+                async with engine.connect() as conn:
+                    await conn.execute(statement)
+                return
+            from .db._conn import close_own
+
             try:
                 async with own_engine.connect() as conn:
-                    await conn.execute(statement)
+                    try:
+                        await conn.execution_options(isolation_level="AUTOCOMMIT")
+                        await conn.execute(statement)
+                    finally:
+                        await close_own(conn, timeout)  # keep no idle connection between runs
             finally:
-                if own_engine is not engine:
-                    await own_engine.dispose()  # keep no idle connection between runs
+                await own_engine.dispose()  # nothing left to close: no I/O
 
         await hard_timeout(run(), timeout)
 

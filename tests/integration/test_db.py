@@ -1056,6 +1056,43 @@ class TestReadOnlyFallback:
             await primary.dispose()
 
 
+class TestClosingOwnConnections:
+    async def test_a_silent_server_costs_the_bound_and_no_error_log(
+        self, pg_proxy: FaultProxy, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """close_own on a blackholed server: aborted by asyncpg at its bound, under an outer bound too.
+
+        The pool's graceful close, cancelled from outside instead, logged
+        "Exception closing connection" with a CancelledError traceback (ERROR)
+        though nothing leaked: the checks' and lag monitor's private pools did
+        it whenever the server went silent between the query and the close.
+        """
+        engine = create_async_engine(pg_proxy.url_for(postgres_dsn))
+        try:
+            for outer in (5.0, 0.2):  # asyncpg's own bound, then a cancellation landing in the close
+                async with engine.connect() as conn:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    await conn.execute(text("SELECT 1"))
+                    driver = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+                    pg_proxy.blackhole()
+                    start = time.monotonic()
+                    with caplog.at_level("DEBUG", logger="sqlalchemy.pool"):
+                        try:
+                            await _bounded.hard_timeout(_conn.close_own(conn, 0.3), outer)
+                        except TimeoutError:
+                            assert outer < 0.3
+                    assert time.monotonic() - start < 0.6
+                    assert driver.is_closed()
+                pg_proxy.up()
+            await _bounded.settle_abandoned(2.0)
+            errors = [r for r in caplog.records if r.levelname == "ERROR"]
+            assert errors == []
+            assert engine.sync_engine.pool.checkedout() == 0
+        finally:
+            pg_proxy.up()
+            await engine.dispose()
+
+
 class TestErrorChain:
     async def test_a_wrong_database_name_is_named_by_its_driver_class(
         self, postgres_dsn: str, registry: Registry

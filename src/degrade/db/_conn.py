@@ -24,6 +24,7 @@ graceful close that follows finds the socket already gone. No task, no shield.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from typing import Any
 
@@ -34,7 +35,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from .._bounded import hard_timeout
 from .._compat.sqlalchemy import idle_checkout_is_free, lazy_begin, max_overflow
 
-__all__ = ["acquire", "discard", "pool_capacity", "pool_full", "release"]
+__all__ = ["acquire", "close_own", "discard", "pool_capacity", "pool_full", "release"]
 
 
 #: Slots of a pool without a limit (overflow -1, NullPool): the line never forms.
@@ -244,3 +245,27 @@ async def release(conn: AsyncConnection, timeout: float) -> None:  # noqa: ASYNC
     finally:
         if not conn.closed:
             await discard(conn)
+
+
+async def close_own(conn: AsyncConnection, timeout: float) -> None:  # noqa: ASYNC109 - the bound
+    """Close ``conn`` for good (not back to its pool): gracefully within ``timeout``, else aborted.
+
+    For the connections of a check's private pool, in ``AUTOCOMMIT`` (no
+    transaction is left for SQLAlchemy to roll back on a closed connection
+    when the block exits). asyncpg's own
+    ``close(timeout=...)`` aborts the connection at its bound (the asyncpg
+    maintainers' advice, sqlalchemy/sqlalchemy#10717), and a cancellation
+    landing in it aborts it too. The pool's graceful close, bounded from
+    outside instead (``hard_timeout`` around ``engine.dispose()``), logged
+    an ERROR with a traceback ("Exception closing connection ...
+    CancelledError") whenever the server went silent in between, though
+    nothing leaked (``make chaos``'s log check found them). Then the pool
+    forgets the connection (invalidated: nothing is left for it to close).
+
+    Failure mode: never raises on the server's account; cancellation propagates.
+    """
+    driver = _driver(conn)
+    if driver is not None:
+        with contextlib.suppress(Exception):
+            await driver.close(timeout=timeout)
+    await conn.invalidate()

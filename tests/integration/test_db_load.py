@@ -24,6 +24,7 @@ from starlette.routing import Route
 from degrade import Dependency, Registry, Severity, _bounded, checks, fail_soft
 from degrade import redis as dredis
 from degrade.db import DBHealthMiddleware, ReadReplicaRouter, connection, engine_options
+from degrade.policies import Consecutive
 from degrade.testing import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -360,6 +361,46 @@ class TestReplicaSaturation:
             assert replica_dep.failures == 0
         finally:
             await _bounded.settle_abandoned(5.0)
+            await primary.dispose()
+            await replica.dispose()
+
+    async def test_a_slow_replica_that_still_answers_is_shed_not_marked_down(
+        self, pg_proxy: FaultProxy, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """A checkout timeout while the replica proved another read's connection: shed ("slow").
+
+        Two reads at once through 0.12 s of latency each way: one takes the
+        idle connection and is answered (its proof, one round trip, 0.24 s),
+        the other must open a connection (several round trips) and times out
+        at connect_timeout (0.3 s). That read runs on the primary and the
+        replica stays up, even with a trip rule of one failure. (A silent
+        replica answers nothing meanwhile: TestReplicaOutage.)
+        """
+        primary = create_async_engine(postgres_dsn, **engine_options(acquire_timeout=1.0))
+        replica = create_async_engine(pg_proxy.url_for(postgres_dsn), **engine_options(acquire_timeout=2.0))
+        replica_dep = registry.dependency(
+            "db-replica", severity=Severity.SEV3, trip=Consecutive(1), recovery_interval=5.0
+        )
+        router = ReadReplicaRouter(
+            primary=primary, replica=replica, dependency=replica_dep, connect_timeout=0.3
+        )
+
+        async def read() -> int:
+            async with router.for_read() as session:
+                return int((await session.execute(text("SELECT 1"))).scalar_one())
+
+        try:
+            async with router.for_read() as session:  # one idle replica connection
+                await session.execute(text("SELECT 1"))
+            pg_proxy.latency(0.12)
+            assert await asyncio.gather(read(), read()) == [1, 1]
+            site = next(s for s in replica_dep.sites if s.name.endswith("for_read"))
+            assert site.shed_calls == {"slow": 1}
+            assert (replica_dep.state, replica_dep.failures) == ("ok", 0)
+        finally:
+            pg_proxy.up()
+            await _bounded.settle_abandoned(5.0)
+            await router.aclose()
             await primary.dispose()
             await replica.dispose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -15,7 +16,7 @@ from .. import _validate, checks, observe
 from ..dependency import Dependency
 from ..exceptions import ConfigurationError, DependencyUnavailable, scrubbed
 from ..observe import logger
-from ._conn import _driver, _killing_after, acquire, discard, pool_capacity, pool_full, release
+from ._conn import _driver, _killing_after, acquire, discard, pool_capacity, release
 from ._context import ACTIVE_WRITE, LEASE, REQUEST, Lease, request_context
 from ._errors import is_database_failure
 from ._lag import LagMonitor, position_check
@@ -160,6 +161,8 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
         self._replica_slots = Slots(pool_capacity(replica.sync_engine)) if replica is not None else None
         #: Replica connections of reads in flight terminated because the replica went down.
         self.terminated = 0
+        #: When the replica last handed a read a proven connection (``time.monotonic()``).
+        self._answered_at = -math.inf
         if dependency is not None:
             dependency.subscribe(self._on_replica_transition)
         if replica is not None and dependency is not None:
@@ -325,22 +328,12 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             self._replica_refused(exc, replica, started)
             return None
         dep.record_success()
+        self._answered_at = time.monotonic()
         if self._on_primary:
             self._on_primary = False
             logger.info("db.replica.restored", replica=dep.name)
         self._replica_active[conn] = slot_at
         return conn
-
-    def _replica_refused(self, exc: Exception, replica: AsyncEngine, started: float | None = None) -> None:
-        """A replica checkout failed: shed when its pool is saturated, else a failure of the replica."""
-        if isinstance(exc, TimeoutError) and pool_full(replica.sync_engine):
-            # Every replica connection is out (to users outside the router too): saturation.
-            if self._site is not None:
-                self._site.shed("pool-saturated")
-            return
-        if self.dependency is not None:
-            self.dependency.record_failure(exc, started=started)
-        self._fell_back(type(exc).__name__)
 
     def _fell_back(self, error: str) -> None:
         if self._site is not None:

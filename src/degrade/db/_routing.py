@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import _validate
 from ..exceptions import ConfigurationError, Overloaded
-from ._conn import _driver, pool_capacity
+from ._conn import _driver, pool_capacity, pool_full
 from ._context import LEASE
 from ._errors import is_database_failure
 from ._freshness import POSITION, parse_lsn
@@ -69,7 +69,13 @@ class ReadPolicy:
     _on_primary: bool
     _replica_slots: Slots | None
     _replica_active: dict[AsyncConnection, float]
+    _answered_at: float
     terminated: int
+
+    if TYPE_CHECKING:
+
+        def _fell_back(self, error: str) -> None:
+            """Reads run on the primary from now on (the router's)."""
 
     def _init_read_policy(self, read_your_writes: object, primary_read_share: object) -> None:
         if not isinstance(read_your_writes, bool):
@@ -183,6 +189,34 @@ class ReadPolicy:
                 retry_after=1,
             )
         return None
+
+    def _replica_refused(self, exc: Exception, replica: AsyncEngine, started: float | None = None) -> None:
+        """A replica checkout failed: shed when it is saturation, else a failure of the replica.
+
+        Saturation: a timeout with every replica connection out (to users
+        outside the router too), or the timeout of a checkout during which
+        the replica proved another read's connection (``"slow"``: it began at
+        ``started``, on the monotonic clock, before that answer): a busy server
+        answering late, not a gone one. Under ``make chaos`` (200 clients and
+        Postgres on 2 CPUs) such timeouts came three in a row while the
+        replica answered other reads; it was marked down, came back within a
+        second, and flap damping then held it down longer each time (21 s in
+        one run), sending every read to the primary. A silent replica answers
+        nothing after a checkout begins, so its timeouts count as before.
+        """
+        if isinstance(exc, TimeoutError):
+            reason = None
+            if pool_full(replica.sync_engine):
+                reason = "pool-saturated"
+            elif started is not None and self._answered_at > started:
+                reason = "slow"
+            if reason is not None:
+                if self._site is not None:
+                    self._site.shed(reason)
+                return
+        if self.dependency is not None:
+            self.dependency.record_failure(exc, started=started)
+        self._fell_back(type(exc).__name__)
 
     def _replica_budget(self) -> float:
         """How long a read may wait for the replica: ``connect_timeout``, or more when it is the only way.

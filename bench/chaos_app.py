@@ -22,14 +22,18 @@ Nothing here changes what the example app does: the wrapper only
   (``time.monotonic()`` of each, recorded by a listener), every call site's
   degraded and shed counts (the DB gate's among them), the gate's
   ``acquire_timeout`` and terminated connections, the Redis client's timeout,
-  and how long the primary's and the replica's connections were held (pool
-  check-out to check-in events: count, seconds, holds of 0.25 s or more).
+  how long the primary's and the replica's connections were held (pool
+  check-out to check-in events: count, seconds, holds of 0.25 s or more), and
+  how many Redis commands were sent while the request held a database
+  connection (inside a router session, or with the gate's lease checked out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -156,6 +160,7 @@ def state(app: Any) -> dict[str, Any]:
         "redis_timeout": ex.redis.connection_pool.connection_kwargs.get("socket_timeout"),
         "transitions": list(TRANSITIONS),
         "holds": {name: list(totals) for name, totals in HOLDS.items()},
+        "redis_while_holding": REDIS_WHILE_HOLDING[0],
         "monotonic": time.monotonic(),
     }
 
@@ -220,6 +225,48 @@ def _time_holds(engine: Any, name: str) -> None:
     event.listen(engine.sync_engine.pool, "checkin", checkin)
 
 
+#: Redis commands sent while the request held a database connection (the cascade to rule out).
+REDIS_WHILE_HOLDING = [0]
+_IN_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar("chaos_in_session", default=False)
+
+
+def _holding() -> bool:
+    """Does this task hold a database connection now (a router session, or the gate's lease)?"""
+    from degrade.db._context import LEASE
+
+    lease = LEASE.get()
+    return _IN_SESSION.get() or (lease is not None and lease.conn is not None)
+
+
+def _watch_cascades(ex: Any) -> None:
+    """Count Redis commands sent while a database connection is held (sessions and the gate's lease)."""
+    router = ex.router
+    for name in ("for_read", "for_write"):
+        original = getattr(router, name)
+
+        def session(original: Any = original) -> Any:
+            @contextlib.asynccontextmanager
+            async def held() -> Any:
+                async with original() as s:
+                    token = _IN_SESSION.set(True)
+                    try:
+                        yield s
+                    finally:
+                        _IN_SESSION.reset(token)
+
+            return held()
+
+        setattr(router, name, session)
+    send = ex.redis.execute_command
+
+    async def execute_command(*args: Any, **kwargs: Any) -> Any:
+        if _holding():
+            REDIS_WHILE_HOLDING[0] += 1
+        return await send(*args, **kwargs)
+
+    ex.redis.execute_command = execute_command
+
+
 def _record(dep: Any) -> None:
     TRANSITIONS.append([time.monotonic(), dep.name, "down" if dep.is_down else "ok"])
 
@@ -231,6 +278,7 @@ def build() -> Any:
         dep.subscribe(_record)  # a plain function: held strongly
     _time_holds(app.state.example.primary, "primary")
     _time_holds(app.state.example.replica, "replica")
+    _watch_cascades(app.state.example)
     return wrap(app)
 
 

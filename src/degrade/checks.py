@@ -12,8 +12,9 @@ Failure mode: a check raises (``TimeoutError``, the driver's error, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from . import _validate
@@ -48,6 +49,33 @@ def _private_engine(engine: Any) -> Callable[[], Any]:
     return private
 
 
+@contextlib.asynccontextmanager
+async def _own_connection(engine: Any, private: Callable[[], Any], close_within: float) -> AsyncIterator[Any]:
+    """A connection of the check's private pool (see :func:`_private_engine`), closed for good on exit.
+
+    It runs in ``AUTOCOMMIT`` and is closed with asyncpg's own bounded close
+    (``degrade.db._conn.close_own``): a pool close cancelled from outside when
+    the server went silent made SQLAlchemy log an ERROR with a traceback.
+    With the engine's own pool (an unusual pool), the connection goes back to it.
+    """
+    own_engine = private()
+    if own_engine is engine:
+        async with engine.connect() as conn:
+            yield conn
+        return
+    from .db._conn import close_own
+
+    try:
+        async with own_engine.connect() as conn:
+            try:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield conn
+            finally:
+                await close_own(conn, close_within)  # keep no idle connection between runs
+    finally:
+        await own_engine.dispose()  # nothing left to close: no I/O
+
+
 def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") -> Check:
     """Check a SQLAlchemy ``AsyncEngine``: run ``query`` on a connection of the check's own.
 
@@ -64,22 +92,8 @@ def sqlalchemy(engine: Any, *, timeout: float = 0.8, query: str = "SELECT 1") ->
 
     async def check() -> None:
         async def run() -> None:
-            own_engine = private()
-            if own_engine is engine:  # an unusual pool: the engine's own, as a request uses it
-                async with engine.connect() as conn:
-                    await conn.execute(statement)
-                return
-            from .db._conn import close_own
-
-            try:
-                async with own_engine.connect() as conn:
-                    try:
-                        await conn.execution_options(isolation_level="AUTOCOMMIT")
-                        await conn.execute(statement)
-                    finally:
-                        await close_own(conn, timeout)  # keep no idle connection between runs
-            finally:
-                await own_engine.dispose()  # nothing left to close: no I/O
+            async with _own_connection(engine, private, timeout) as conn:
+                await conn.execute(statement)
 
         await hard_timeout(run(), timeout)
 
@@ -269,16 +283,11 @@ def replica(engine: Any, *, max_lag: float | None = None, timeout: float = 0.8) 
     async def run() -> None:
         from .db._lag import standby_lag
 
-        own_engine = private()
-        try:
-            async with own_engine.connect() as conn:
-                if max_lag is None:
-                    await conn.execute(ping)
-                    return
-                lag = await standby_lag(conn)  # NotAStandby: its own failure, not lag
-        finally:
-            if own_engine is not engine:
-                await own_engine.dispose()
+        async with _own_connection(engine, private, timeout) as conn:
+            if max_lag is None:
+                await conn.execute(ping)
+                return
+            lag = await standby_lag(conn)  # NotAStandby: its own failure, not lag
         if lag is None:
             raise CheckFailed("replication lag is unknown (the standby has replayed nothing yet)")
         if lag > max_lag:

@@ -16,7 +16,6 @@ from .. import checks
 from .._bounded import hard_timeout
 from ..exceptions import CheckFailed
 from ..observe import logger
-from ._conn import close_own
 from ._freshness import parse_lsn
 
 if TYPE_CHECKING:
@@ -142,23 +141,13 @@ def position_check(
     private = checks._private_engine(engine)
 
     async def run() -> int | None:
-        own_engine = private()
-        try:
-            async with own_engine.connect() as conn:
-                try:
-                    if own_engine is not engine:  # nothing to roll back when close_own ends it
-                        await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    lag, position = await standby_position(conn)
-                except NotAStandby:
-                    if max_lag is not None:
-                        raise
-                    return None  # without max_lag a primary passes, as in checks.replica
-                finally:
-                    if own_engine is not engine:
-                        await close_own(conn, timeout)  # bounded by asyncpg itself: no cancelled close
-        finally:
-            if own_engine is not engine:
-                await own_engine.dispose()  # nothing left to close: no I/O
+        async with checks._own_connection(engine, private, timeout) as conn:
+            try:
+                lag, position = await standby_position(conn)
+            except NotAStandby:
+                if max_lag is not None:
+                    raise
+                return None  # without max_lag a primary passes, as in checks.replica
         if max_lag is not None:
             if lag is None:
                 raise CheckFailed("replication lag is unknown (the standby has replayed nothing yet)")

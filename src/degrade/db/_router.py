@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -161,8 +160,6 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
         self._replica_slots = Slots(pool_capacity(replica.sync_engine)) if replica is not None else None
         #: Replica connections of reads in flight terminated because the replica went down.
         self.terminated = 0
-        #: When the replica last handed a read a proven connection (``time.monotonic()``).
-        self._answered_at = -math.inf
         if dependency is not None:
             dependency.subscribe(self._on_replica_transition)
         if replica is not None and dependency is not None:
@@ -315,6 +312,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             return None
         slots = self._replica_slots
         started = time.monotonic()
+        answered = dep.answered  # the replica's successes so far: did it answer others meanwhile?
         budget = self._replica_budget()
         slot_at = await self._replica_slot(budget, started)
         if slots is None or slot_at is None:
@@ -325,10 +323,9 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
             slots.release(None)
             if not isinstance(exc, Exception):
                 raise
-            self._replica_refused(exc, replica, started)
+            self._replica_refused(exc, replica, started, answered)
             return None
         dep.record_success()
-        self._answered_at = time.monotonic()
         if self._on_primary:
             self._on_primary = False
             logger.info("db.replica.restored", replica=dep.name)

@@ -69,7 +69,6 @@ class ReadPolicy:
     _on_primary: bool
     _replica_slots: Slots | None
     _replica_active: dict[AsyncConnection, float]
-    _answered_at: float
     terminated: int
 
     if TYPE_CHECKING:
@@ -190,13 +189,16 @@ class ReadPolicy:
             )
         return None
 
-    def _replica_refused(self, exc: Exception, replica: AsyncEngine, started: float | None = None) -> None:
+    def _replica_refused(
+        self, exc: Exception, replica: AsyncEngine, started: float | None = None, answered: int | None = None
+    ) -> None:
         """A replica checkout failed: shed when it is saturation, else a failure of the replica.
 
         Saturation: a timeout with every replica connection out (to users
         outside the router too), or the timeout of a checkout during which
-        the replica proved another read's connection (``"slow"``: it began at
-        ``started``, on the monotonic clock, before that answer): a busy server
+        the replica answered something else (``"slow"``: its dependency's
+        successes moved past ``answered``, their count when the checkout
+        began, ``started`` on the monotonic clock): a busy server
         answering late, not a gone one. Under ``make chaos`` (200 clients and
         Postgres on 2 CPUs) such timeouts came three in a row while the
         replica answered other reads; it was marked down, came back within a
@@ -208,7 +210,7 @@ class ReadPolicy:
             reason = None
             if pool_full(replica.sync_engine):
                 reason = "pool-saturated"
-            elif started is not None and self._answered_at > started:
+            elif answered is not None and self.dependency is not None and self.dependency.answered > answered:
                 reason = "slow"
             if reason is not None:
                 if self._site is not None:

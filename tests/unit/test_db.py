@@ -551,8 +551,16 @@ class TestLagDecision:
                 return SimpleNamespace(**{"replay_lsn": None, **row})  # LAG_SQL's position column
 
         class Conn:
+            sync_connection = None  # no driver: close_own has no socket to close
+
             async def execute(self, statement: Any) -> Result:
                 return Result()
+
+            async def execution_options(self, **options: Any) -> Conn:
+                return self
+
+            async def invalidate(self) -> None:
+                return None
 
         return Conn()
 
@@ -694,6 +702,14 @@ class TestLagDecision:
                         return None
 
                 return Ctx()
+
+            sync_connection = None  # the fake is its own connection too, with no driver to close
+
+            async def execution_options(self, **options: Any) -> Any:
+                return self
+
+            async def invalidate(self) -> None:
+                return None
 
             async def dispose(self) -> None:
                 return None

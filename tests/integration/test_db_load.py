@@ -78,20 +78,22 @@ class TestSaturationIsNotAnOutage:
     async def test_fair_line_serves_everyone_within_the_work(
         self, small_pool: AsyncEngine, registry: Registry, sentry_events: list[dict[str, Any]]
     ) -> None:
-        """40 concurrent requests, pool 2, 20 ms each: all 200 in arrival order, the dependency stays ok.
+        """30 concurrent requests, pool 2, 20 ms each: all 200 in arrival order, the dependency stays ok.
 
         The pool is warmed first: a cold pool's first holds include opening the
-        connections, and the line plans with what it measured. 0.4 s of work
-        leaves the 1 s budget room for a loaded CI machine (the line admits
-        until its planned wait fills 70 % of the budget).
+        connections, and the line plans with what it measured. The line admits
+        until its planned wait fills 70 % of the 1 s budget: the last of 30
+        plans 14.5 holds, so it is admitted while a hold measures up to 48 ms,
+        2.4x the query (one CI run of 40 requests on a loaded machine measured
+        holds over 36 ms, and the 40th was rightly shed).
         """
         db = registry.dependency("db", severity=Severity.SEV1, check=checks.sqlalchemy(small_pool))
         async with client(sleeping_app(small_pool, db, 0.02)) as c:
             await asyncio.gather(*(c.get("/api/work") for _ in range(2)))
-            results = await asyncio.gather(*(timed(c, "/api/work") for _ in range(40)))
+            results = await asyncio.gather(*(timed(c, "/api/work") for _ in range(30)))
         statuses = [status for status, _ in results]
-        assert statuses == [200] * 40
-        total_work = 40 * 0.02 / 2
+        assert statuses == [200] * 30
+        total_work = 30 * 0.02 / 2
         assert max(seconds for _, seconds in results) <= total_work + MARGIN
         assert db.state == "ok"
         assert db.failures == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
 import random
 import time
 import weakref
@@ -147,8 +148,10 @@ class Dependency(Probing):
         self._forced = 0
         #: Consecutive failures seen since the last success (read it; record_* set it).
         self.failures = 0
-        #: Successes recorded so far (vouches for timeouts on a late event loop).
+        #: Successes recorded so far.
         self.answered = 0
+        #: Clock reading of the last success (vouches for timeouts on a late event loop).
+        self.answered_at = -math.inf
         #: Failures not counted because their call started before the last recovery.
         self.stale_failures = 0
         self._excuse = TimeoutExcuse(name, clock)
@@ -356,7 +359,7 @@ class Dependency(Probing):
             if recovered is not None and started < recovered:
                 self.stale_failures += 1
                 return
-        if reason == "traffic" and error is not None and self._excuse(error, self.answered):
+        if reason == "traffic" and error is not None and self._excuse(error, self.answered_at):
             return
         self.failures += 1
         self._trial_at = None
@@ -374,6 +377,7 @@ class Dependency(Probing):
         """
         self.failures = 0
         self.answered += 1
+        self.answered_at = self._clock()
         if self._trial_at is not None:
             self._trial_at = None
         if self._tracker.success(duration) and not self.is_down:

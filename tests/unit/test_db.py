@@ -29,6 +29,7 @@ from structlog.testing import capture_logs
 from degrade import (
     CheckFailed,
     ConfigurationError,
+    Dependency,
     DependencyUnavailable,
     MissingExtraError,
     Registry,
@@ -902,6 +903,66 @@ class TestDeadlines:
         await asyncio.sleep(0.02)
         assert terminated == []
         assert deadlines.ops == set()
+
+
+class TestStallCheck:
+    """The gate's stall check: every slot held, none back for half the bound, and a fresh connection fails."""
+
+    @staticmethod
+    def _stalled_gate(engine: AsyncEngine, dep: Dependency) -> DBHealthMiddleware:
+        gate = DBHealthMiddleware(_Recorder(), engine=engine, dependency=dep)
+        slots = gate._slots
+        while slots.try_take():
+            pass
+        slots.last_release = time.monotonic() - 1.0  # nothing back for a second
+        assert slots.stalled(gate._stall_window)
+        return gate
+
+    async def test_a_slot_given_back_during_the_check_does_not_clear_a_silent_server(
+        self, engine: AsyncEngine, registry: Registry
+    ) -> None:
+        """A request that failed on something else gives its slot back meanwhile; nothing answered: down."""
+        gates: list[DBHealthMiddleware] = []
+
+        async def check() -> None:
+            gates[0]._slots.release(0.01)
+            raise TimeoutError
+
+        dep = registry.dependency("db", severity=Severity.SEV1, check=check, failure_threshold=5)
+        gates.append(self._stalled_gate(engine, dep))
+        with capture_logs() as logs:
+            await gates[0]._confirm_stall()
+        assert not gates[0]._slots.stalled(gates[0]._stall_window)
+        assert dep.is_down
+        assert [e["reason"] for e in logs if e["event"] == "dependency.down"] == ["stalled"]
+
+    async def test_a_checkout_that_succeeded_during_the_check_clears_it(
+        self, engine: AsyncEngine, registry: Registry
+    ) -> None:
+        """The pool moved (a checkout answered) and a slot came back: a slow pool, not a silent server."""
+        gates: list[DBHealthMiddleware] = []
+
+        async def check() -> None:
+            gates[0]._slots.release(0.01)
+            dep.record_success()
+            raise TimeoutError
+
+        dep = registry.dependency("db", severity=Severity.SEV1, check=check, failure_threshold=5)
+        gates.append(self._stalled_gate(engine, dep))
+        await gates[0]._confirm_stall()
+        assert not dep.is_down
+
+    async def test_still_stalled_is_proof_enough(self, engine: AsyncEngine, registry: Registry) -> None:
+        """No slot back at all while the check failed: down, even if some success was recorded."""
+
+        async def check() -> None:
+            dep.record_success()
+            raise TimeoutError
+
+        dep = registry.dependency("db", severity=Severity.SEV1, check=check, failure_threshold=5)
+        gate = self._stalled_gate(engine, dep)
+        await gate._confirm_stall()
+        assert dep.is_down
 
 
 class TestInstantCheckout:

@@ -153,18 +153,33 @@ class TestDependencyExcusesTimeoutsOnALateLoop:
         assert dep.timeouts_excused == 0
 
     async def test_the_excuse_runs_out_once_the_service_stops_answering(self) -> None:
-        """Vouched by an answer 2 s ago at most: a real outage on a busy worker still trips."""
+        """Vouched by an answer 1 s ago at most: a real outage on a busy worker still trips."""
         clock = FakeClock()
         dep = Registry(clock=clock).dependency("redis", severity=Severity.SEV1, failure_threshold=1)
         dep.record_success()
         await self.late_loop()
         dep.record_failure(TimeoutError())
         assert dep.state == "ok"  # vouched by the answer just now
-        clock.advance(2.5)
+        clock.advance(1.5)
         await self.late_loop()
         dep.record_failure(TimeoutError())
         assert dep.state == "down"
         assert dep.timeouts_excused == 1
+
+    async def test_the_excuse_dates_from_the_answer_not_from_the_timeout_that_noticed_it(self) -> None:
+        """An answer 1.5 s ago, never looked at since, vouches for nothing now (VOUCH is 1 s).
+
+        Dating it from the first timeout to see the count move kept a silent
+        primary excused ~2.4 s after its last answer under ``make chaos``.
+        """
+        clock = FakeClock()
+        dep = Registry(clock=clock).dependency("redis", severity=Severity.SEV1, failure_threshold=1)
+        dep.record_success()
+        clock.advance(1.5)
+        await self.late_loop()
+        dep.record_failure(TimeoutError())
+        assert dep.state == "down"
+        assert dep.timeouts_excused == 0
 
     async def test_only_traffic_timeouts(self) -> None:
         """A refused connection, or a failed probe, counts whatever the loop did."""

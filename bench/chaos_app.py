@@ -13,9 +13,11 @@ Nothing here changes what the example app does: the wrapper only
 
 * adds ``x-chaos-took`` (seconds from the request reaching the app to its
   response start: the server-side wait, free of the load generator's own queueing)
-  and ``x-chaos-at`` (``time.monotonic()`` at the response start: the clock is
+  ``x-chaos-at`` (``time.monotonic()`` at the response start: the clock is
   system-wide, so the harness places each answer against the moment it broke a
-  dependency);
+  dependency) and, for a request the DB gate let in, ``x-chaos-waited`` (the
+  seconds it waited for a primary connection, the gate's ``Lease.waited``: the
+  gate's own bound is on that wait, the rest is the route's work);
 * answers ``GET /_chaos/state`` itself, outside the app's middleware (never rate
   limited or gated): pool check-outs, asyncio tasks, open fds, RSS, the event
   publisher's counters, every dependency's state and its transitions
@@ -47,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from examples.app import Settings, create_app  # noqa: E402
+
+from degrade.db._context import LEASE  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -192,11 +196,11 @@ def wrap(app: Any) -> Any:
             if message["type"] == "http.response.start":
                 took = f"{time.perf_counter() - started:.4f}".encode()
                 at = f"{time.monotonic():.6f}".encode()
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (b"x-chaos-took", took),
-                    (b"x-chaos-at", at),
-                ]
+                headers = [*message.get("headers", ()), (b"x-chaos-took", took), (b"x-chaos-at", at)]
+                lease = LEASE.get()  # set while the gate serves this request (we are inside it)
+                if lease is not None:
+                    headers.append((b"x-chaos-waited", f"{lease.waited:.4f}".encode()))
+                message["headers"] = headers
             await send(message)
 
         await app(scope, receive, timed)
@@ -232,8 +236,6 @@ _IN_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar("chaos_in_ses
 
 def _holding() -> bool:
     """Does this task hold a database connection now (a router session, or the gate's lease)?"""
-    from degrade.db._context import LEASE
-
     lease = LEASE.get()
     return _IN_SESSION.get() or (lease is not None and lease.conn is not None)
 

@@ -13,7 +13,8 @@ headers, body]``), ``secrets`` (strings that must never appear in an answer),
 OUT gets one JSON document: ``samples`` as ``[label, t_send, t_recv, status,
 took, retry_after, note, port, at]`` (status 0: no answer; note: the error, or the
 503/429 body's kind; took and at: the server's ``x-chaos-took`` and
-``x-chaos-at``, None when absent) and ``secret_hits``.
+``x-chaos-at``, None when absent; waited: its ``x-chaos-waited``, the DB gate's
+wait for a connection, None outside the gate) and ``secret_hits``.
 """
 
 from __future__ import annotations
@@ -131,16 +132,18 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 status, headers, body, head = await asyncio.wait_for(conn.request(raw), timeout)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 await conn.close()
-                samples.append([label, t0, time.monotonic(), 0, None, None, type(exc).__name__, port, None])
+                error = type(exc).__name__
+                samples.append([label, t0, time.monotonic(), 0, None, None, error, port, None, None])
                 await asyncio.sleep(0.01)
                 continue
             except TimeoutError:
                 await conn.close()
-                samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port, None])
+                samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port, None, None])
                 continue
             t1 = time.monotonic()
             took = headers.get(b"x-chaos-took")
             at = headers.get(b"x-chaos-at")
+            waited = headers.get(b"x-chaos-waited")
             retry = headers.get(b"retry-after")
             for secret in secrets:
                 if secret in head or secret in body:
@@ -156,6 +159,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                     kind_of(status, body),
                     port,
                     float(at) if at else None,
+                    float(waited) if waited else None,
                 ]
             )
             if label == "POST /tracks" and status == 202:

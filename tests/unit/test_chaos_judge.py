@@ -1,0 +1,76 @@
+"""bench/chaos.py's judge of one matrix cell: the wait bounds of gated routes, on made-up samples.
+
+No services: the judge reads samples only. A gated request's wait in the DB
+gate's line (``x-chaos-waited``) is held to the gate's bound, the rest of its
+time to the failing dependency's bound plus the route's healthy worst.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def chaos() -> ModuleType:
+    path = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("chaos_judged", BENCH / "chaos.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path
+    return module
+
+
+T_ON, T_OFF = 100.0, 110.0
+
+
+def _cell(chaos: ModuleType, faulted: list[tuple[float, float]]) -> list[str]:
+    """A RabbitMQ reset cell: 200 healthy POST /tracks (0.1 s in line, up to 0.2 s of work), then ``faulted``.
+
+    ``faulted``: (took, waited) of requests sent while the fault was on.
+    """
+    samples = []
+    for i in range(200):
+        t0 = 95.0 + i * 0.02
+        took, waited = 0.1 + 0.2 * (i % 10) / 9, 0.1
+        samples.append(
+            chaos.Sample("POST /tracks", t0, t0 + took, 202, took, None, "outbox:1", 1, t0 + took, waited)
+        )
+    for took, waited in faulted:
+        samples.append(
+            chaos.Sample("POST /tracks", 105.0, 105.0 + took, 202, took, None, "outbox:2", 1, 106.0, waited)
+        )
+    routes = [chaos.Expect("POST /tracks", "POST", "/api/v1/tracks", 202, 202, "{}")]
+    durations = chaos.Durations(5.0, 10.0, 10.0, 2.0, 1.0)
+    _, violations = chaos.judge_cell("rabbitmq", "reset", routes, samples, T_ON, T_OFF, durations)
+    return list(violations)
+
+
+class TestGatedWaits:
+    def test_a_long_line_then_usual_work_is_within_the_bounds(self, chaos: ModuleType) -> None:
+        """1.05 s in the gate's line (bound 1 + 0.1 s), then 0.25 s of work (healthy worst 0.2 + 0.1 s)."""
+        assert _cell(chaos, [(1.3, 1.05)]) == []
+
+    def test_a_line_over_the_gates_bound_is_a_violation(self, chaos: ModuleType) -> None:
+        violations = _cell(chaos, [(1.35, 1.2)])
+        assert len(violations) == 1
+        assert "waited in the DB gate's line over its bound (1.0+0.1s)" in violations[0]
+
+    def test_work_over_the_healthy_worst_is_a_violation(self, chaos: ModuleType) -> None:
+        """RabbitMQ is not on the path (bound 0): 0.45 s of work is over 0 + 0.1 + 0.2 s."""
+        violations = _cell(chaos, [(0.55, 0.1)])
+        assert len(violations) == 1
+        assert (
+            "its work after the DB gate's line over its bound (0.0+0.1+healthy worst 0.20s)" in violations[0]
+        )

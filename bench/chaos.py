@@ -752,7 +752,8 @@ def judge_cell(
                 base[label] = max(base[label], ACQUIRE + _pct(healthy, 50))
     # recovery: per route whose fault status differs, the first healthy answer to a request sent after
     # t_off, when the server gave it (its response start, x-chaos-at: the load generator's own lag in
-    # reading the answer is not the app's; the client's receipt when the server did not say)
+    # reading the answer is not the app's; the client's receipt when the server did not say), less
+    # its wait in the DB gate's line (the gate let it in: db was seen up; the line is the load's)
     recovered: dict[str, float | None] = {}
     for label, e in by_label.items():
         if e.expect == e.healthy:
@@ -761,7 +762,7 @@ def judge_cell(
         # so a shed answer says db is seen back and this request met the load's saturation (which
         # the healthy phase shows as well); without it a saturated write route looked unrecovered
         first = [
-            s.t1 if s.at is None else s.at
+            s.t1 if s.at is None else s.at - (s.waited or 0.0)  # the gate's line is the load's wait
             for s in samples
             if s.label == label and s.t0 >= t_off and (s.status == e.healthy or s.note == GATE_SHED)
         ]
@@ -1302,6 +1303,10 @@ async def run_soak(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
                 {
                     "t": time.monotonic() - start,
                     "rss_mib": st["rss"] / 2**20,
+                    # Python's small-object blocks (thousands) and glibc malloc's MiB in use / free
+                    "blocks_k": st["memory"]["blocks"] / 1000,
+                    "malloc_mib": (st["memory"]["malloc_used"] or 0) / 2**20,
+                    "malloc_free_mib": (st["memory"]["malloc_free"] or 0) / 2**20,
                     "fds": st["fds"],
                     "tasks": st["tasks"],
                     "pool": st["pool"]["checkedout"],
@@ -1380,11 +1385,24 @@ def soak_table(samples: list[dict[str, Any]]) -> str:
     from _util import format_table
 
     return format_table(
-        ("t (s)", "RSS MiB", "fds", "tasks", "pool out", "replica out", "events buffered", "fault"),
+        (
+            "t (s)",
+            "RSS MiB",
+            "py blocks (k)",
+            "malloc used/free MiB",
+            "fds",
+            "tasks",
+            "pool out",
+            "replica out",
+            "events buffered",
+            "fault",
+        ),
         [
             (
                 f"{x['t']:.0f}",
                 f"{x['rss_mib']:.1f}",
+                f"{x['blocks_k']:.0f}",
+                f"{x['malloc_mib']:.1f}/{x['malloc_free_mib']:.1f}",
                 str(x["fds"]),
                 str(x["tasks"]),
                 str(x["pool"]),

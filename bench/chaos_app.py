@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import ctypes
 import dataclasses
 import json
 import os
@@ -78,6 +79,50 @@ def rss_bytes() -> int:
     """Resident set size of this process, from /proc."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _mallinfo() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        return None
+    return libc.mallinfo2
+
+
+_MALLINFO = _mallinfo()
+
+
+def memory() -> dict[str, int | None]:
+    """Where the memory is: Python's small-object blocks in use, and glibc malloc's bytes in use and free.
+
+    RSS that grows while these stay flat is memory the allocators keep after a
+    peak (freed, not returned to the system), not objects kept alive.
+    """
+    info = _MALLINFO() if _MALLINFO is not None else None
+    return {
+        "blocks": sys.getallocatedblocks(),
+        "malloc_used": None if info is None else info.uordblks + info.hblkhd,
+        "malloc_free": None if info is None else info.fordblks,
+    }
 
 
 def open_fds() -> int:
@@ -138,6 +183,7 @@ def state(app: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "time": time.time(),
         "rss": rss_bytes(),
+        "memory": memory(),
         "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "fds": open_fds(),
         "tasks": len(asyncio.all_tasks()),

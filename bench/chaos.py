@@ -95,6 +95,12 @@ BOUNDS: dict[str, dict[str, float]] = {
     },
     "rabbitmq": {"POST /tracks": 0.0, "GET /health/deep": 1.0},
 }
+#: The servers' environment beyond the stack's (--malloc); a variable set in the harness's own wins.
+SERVER_ENV: dict[str, str] = {}
+#: --malloc fixed: glibc's mmap threshold held at its initial 128 KiB. Left dynamic, the first
+#: large buffer freed (asyncio reads a socket into a 256 KiB bytes) raises it, later ones come
+#: from the heap, and the heap keeps what they leave (docs/operations.md, "Memory").
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 #: Recovery allowed beyond --recover: /health/deep caches its result (failures too) for 1 s.
 RECOVER_EXTRA = {"GET /health/deep": 1.0}
 #: Allowed beyond a route's bound: the issue's 0.1 s.
@@ -501,6 +507,7 @@ async def stack(
             "CHAOS_RATES": rates,
             "PODS": str(pods),
             "PYTHONUNBUFFERED": "1",
+            **{k: v for k, v in SERVER_ENV.items() if k not in os.environ},
             **(extra_env or {}),
         }
         env.pop("CLAMAV_REQUIRED", None)
@@ -1360,6 +1367,17 @@ async def run_soak(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
         violations.append(
             f"RSS: last healed {last['rss_mib']:.1f} MiB > first healed {first['rss_mib']:.1f} + 10 %"
         )
+    # what the process keeps alive, whatever the allocators hold on to: the same 10 %
+    if last["blocks_k"] > first["blocks_k"] * 1.10:
+        violations.append(
+            f"Python blocks: last healed {last['blocks_k']:.0f}k > first healed"
+            f" {first['blocks_k']:.0f}k + 10 %"
+        )
+    if last["malloc_mib"] > first["malloc_mib"] * 1.10:
+        violations.append(
+            f"malloc in use: last healed {last['malloc_mib']:.1f} MiB > first healed"
+            f" {first['malloc_mib']:.1f} + 10 %"
+        )
     if other_fds(quiet) > other_fds(baseline) * 1.10 + 5:
         violations.append(
             f"fds (pools aside): {other_fds(baseline)} before the soak, {other_fds(quiet)} after"
@@ -1371,7 +1389,9 @@ async def run_soak(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
     args.soak_samples = samples_table
     numbers = (
         f"{len(reqs_done)} req, {len(faults)} faults;"
-        f" RSS healed {first['rss_mib']:.1f} -> {last['rss_mib']:.1f} MiB;"
+        f" RSS healed {first['rss_mib']:.1f} -> {last['rss_mib']:.1f} MiB"
+        f" (Python blocks {first['blocks_k']:.0f}k -> {last['blocks_k']:.0f}k,"
+        f" malloc in use {first['malloc_mib']:.1f} -> {last['malloc_mib']:.1f} MiB; malloc {args.malloc});"
         f" quiesced: fds {baseline['fds']} -> {quiet['fds']}, tasks {baseline['tasks']} -> {quiet['tasks']}"
     )
     rows.append(Row("soak", f"{duration:g} s, seed {args.seed}", numbers, violations))
@@ -1709,6 +1729,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--pod-phase", type=float, default=5.0, help="pods: seconds per phase (Redis up, down, back)"
     )
+    p.add_argument(
+        "--malloc",
+        choices=("fixed", "default"),
+        default="fixed",
+        help="the servers' glibc malloc: 'fixed' mmap threshold (128 KiB, as docs/operations.md recommends) "
+        "or glibc's 'default' (a threshold that rises after the first large free)",
+    )
     p.add_argument("--seed", type=int, default=0, help="soak: the fault schedule's seed (0: random)")
     p.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--logdir", default="", help="keep server logs here (default: a temporary directory)")
@@ -1726,6 +1753,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.margins = Margins()
     args.seed = args.seed or random.randrange(1, 10**6)
     args.soak_samples = []
+    SERVER_ENV.clear()
+    if args.malloc == "fixed":
+        SERVER_ENV.update(MALLOC_FIXED)
     return args
 
 

@@ -1077,10 +1077,41 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
     ]
     if args.cells:
         cells = cells[: args.cells]
+    # the FastAPI variant of the example app serves a column of its own (--fastapi-faults)
+    fastapi_cells = [(dep, fault) for fault in args.fastapi_faults for dep in args.deps if fault != "slow"]
+    if args.smoke:
+        fastapi_cells = fastapi_cells[:1]  # one cell: the variant starts, serves and degrades
     say(
-        f"matrix: {len(cells)} cells, {args.clients} clients, {d.healthy:g}/{d.faulted:g}/{d.healed:g} s each"
+        f"matrix: {len(cells)} cells, {len(fastapi_cells)} more on the FastAPI app, {args.clients} clients,"
+        f" {d.healthy:g}/{d.faulted:g}/{d.healed:g} s each"
     )
-    async with stack(logdir, name="matrix") as stk:
+    total = len(cells) + len(fastapi_cells)
+    if cells:
+        await run_cells(args, logdir, rows, d, cells, app="starlette", total=total)
+    if fastapi_cells:
+        await run_cells(
+            args, logdir, rows, d, fastapi_cells, app="fastapi", first=len(cells) + 1, total=total
+        )
+
+
+async def run_cells(
+    args: argparse.Namespace,
+    logdir: Path,
+    rows: list[Row],
+    d: Durations,
+    cells: list[tuple[str, str]],
+    *,
+    app: str,
+    first: int = 1,
+    total: int = 0,
+) -> None:
+    """Run ``cells`` (numbered from ``first`` of ``total``) on one server of ``app``.
+
+    ``app``: ``starlette`` (examples/app.py) or ``fastapi`` (examples/fastapi_app.py).
+    """
+    name = "matrix" if app == "starlette" else "matrix-fastapi"
+    suffix = "" if app == "starlette" else " (FastAPI)"
+    async with stack(logdir, name=name, extra_env={"CHAOS_APP": app}) as stk:
         table = expectations(stk.token, stk.track_id)
         auth = {"authorization": f"Bearer {stk.token}", "content-type": "application/json"}
         # warm up: pools, caches, the first-call costs, so the first cell's baseline is steady
@@ -1094,15 +1125,15 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
             clients=args.clients,
         )
         redis_timeout = float((await stk.server.state()).get("redis_timeout") or 0.25)
-        for index, (dep, fault) in enumerate(cells, 1):
-            case, regime = f"{DEPS[dep]} / {fault}", ""
+        for index, (dep, fault) in enumerate(cells, first):
+            case, regime = f"{DEPS[dep]} / {fault}{suffix}", ""
             if fault == "slow":
                 case = f"{DEPS[dep]} / slow (latency {args.slow_latency:g} s each way)"
                 try:
                     routes, regime = slow_routes(table, args.slow_latency, redis_timeout)
                 except ValueError as exc:
                     rows.append(Row("matrix", case, "not run", [str(exc)]))
-                    say(f"  [{index}/{len(cells)}] {case}: not run: {exc}")
+                    say(f"  [{index}/{total}] {case}: not run: {exc}")
                     continue
                 case += f", {2 * args.slow_latency:g} s round trip {regime} the {redis_timeout:g} s timeout"
             else:
@@ -1139,7 +1170,7 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
             t_off = time.monotonic()
             samples, _ = await job
             # the cell's samples, for a closer look (fields as Sample's; t_on, t_off first)
-            (logdir / f"matrix-{dep}-{fault}.samples.json").write_text(
+            (logdir / f"{name}-{dep}-{fault}.samples.json").write_text(
                 json.dumps({"t_on": t_on, "t_off": t_off, "samples": [astuple(s) for s in samples]})
             )
             info, violations = judge_cell(dep, fault, routes, samples, t_on, t_off, d)
@@ -1177,7 +1208,7 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
             )
             row = Row("matrix", case, numbers, violations)
             rows.append(row)
-            say(f"  [{index}/{len(cells)}] {row.case}: {row.verdict}  {numbers}")
+            say(f"  [{index}/{total}] {row.case}: {row.verdict}  {numbers}")
             say(f"      worst wait vs bound: {info['worst_wait']}")
             for v in violations[:12]:
                 say(f"      ! {v}")
@@ -1229,7 +1260,7 @@ async def run_pods(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
             reqs = [("GET /config/webrtc", "GET", f"{API}/config/webrtc", auth, None)]
             start = time.monotonic() + 0.5
             t_down, t_up = start + phase, start + 2 * phase
-            stop = t_up + phase
+            stop = t_up + phase + 1.0  # the back phase counts from when both pods see Redis back
             job = asyncio.create_task(
                 load(ports, reqs, start=start, stop=stop, clients=min(args.clients, 100))
             )
@@ -1238,6 +1269,14 @@ async def run_pods(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
             await asyncio.sleep(max(0.0, t_up - time.monotonic()))
             stk.proxies["redis"].up()
             samples, _ = await job
+            # when each pod saw Redis back (its probe: an interval and a check after the proxy healed)
+            seen = [
+                min(
+                    (t for t, dep, st in ps["transitions"] if dep == "redis" and st == "ok" and t >= t_up),
+                    default=t_up,
+                )
+                for ps in (await stk.server.state(), await pod2.state())
+            ]
             await pod2.stop()
             problems = log_problems(pod2.log.read_text(errors="replace"))
         await stk.server.stop()
@@ -1248,10 +1287,11 @@ async def run_pods(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
         violations.append(f"statuses other than 200/429: {dict(other)}")
     limit, top = POD_RATE, POD_RATE + POD_BURST
     detail = []
+    back = max(seen)
     for name, lo, hi in (
         ("Redis up", start, t_down),
         ("Redis down", t_down, t_up),
-        ("Redis back", t_up, stop),
+        ("Redis back", back, stop),
     ):
         windows = []
         t = lo
@@ -1263,11 +1303,15 @@ async def run_pods(args: argparse.Namespace, logdir: Path, rows: list[Row]) -> N
             # the first window of a phase may spend a bucket's burst (the pods' own while Redis is down)
             cap = top if i == 0 else (1.1 * limit if name == "Redis down" else top)
             if name == "Redis back" and i == 0:
-                continue  # the global limit holds again within one window
+                continue  # the global limit holds again within one window of the pods seeing it back
             if n > cap:
                 violations.append(f"{name}, window {i + 1}: {n} allowed > {cap:.0f}")
     total = sum(1 for s in samples if s.status == 200)
-    numbers = f"{len(samples)} req, {total} allowed; " + "; ".join(detail)
+    numbers = (
+        f"{len(samples)} req, {total} allowed; "
+        + "; ".join(detail)
+        + f"; pods saw Redis back +{seen[0] - t_up:.2f} s / +{seen[1] - t_up:.2f} s after it healed"
+    )
     rows.append(Row("pods", f"2 pods, limit {limit}/s burst {POD_BURST}", numbers, violations))
     say(f"  {numbers}")
     for v in violations[:20]:
@@ -1730,6 +1774,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--pod-phase", type=float, default=5.0, help="pods: seconds per phase (Redis up, down, back)"
     )
     p.add_argument(
+        "--fastapi-faults",
+        default="blackhole",
+        help="matrix: faults run once more, for every dependency, on the FastAPI variant (empty: none)",
+    )
+    p.add_argument(
         "--malloc",
         choices=("fixed", "default"),
         default="fixed",
@@ -1743,12 +1792,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.smoke:
         args.healthy, args.faulted, args.healed, args.warmup = 1.0, 2.0, 2.0, 1.0
         args.fuzz_examples = min(args.fuzz_examples, 500)
-        args.soak = min(args.soak, 20.0)
+        args.soak = min(args.soak, 60.0)
         args.pod_phase = min(args.pod_phase, 2.0)
         if args.cells == 0 and args.deps == ",".join(DEPS) and args.faults == ",".join(CELL_FAULTS):
             args.deps, args.faults = "db,redis,rabbitmq", "refuse"
     args.deps = [x for x in args.deps.split(",") if x]
     args.faults = [x for x in args.faults.split(",") if x]
+    args.fastapi_faults = [x for x in args.fastapi_faults.split(",") if x]
     args.only = [x for x in args.only.split(",") if x]
     args.margins = Margins()
     args.seed = args.seed or random.randrange(1, 10**6)

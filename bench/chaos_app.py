@@ -7,6 +7,8 @@ configured like examples/app.py through the environment, plus:
 ``CHAOS_RATES``      ``off`` (default): limits that never bite; else
                      ``default|feed|login`` rates, e.g. ``40/second;burst=10|...``
 ``CHAOS_PREFIX``     the Redis key / exchange prefix (one per run)
+``CHAOS_APP``        ``starlette`` (default: examples/app.py) or ``fastapi``
+                     (examples/fastapi_app.py, the same ``Example``)
 ===================  ================================================================
 
 Nothing here changes what the example app does: the wrapper only
@@ -49,7 +51,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples.app import Settings, create_app  # noqa: E402
+from examples.app import Settings  # noqa: E402
+from examples.app import create_app as create_starlette_app  # noqa: E402
 
 from degrade.db._context import LEASE  # noqa: E402
 
@@ -317,6 +320,18 @@ def _watch_cascades(ex: Any) -> None:
 
 def _record(dep: Any) -> None:
     TRANSITIONS.append([time.monotonic(), dep.name, "down" if dep.is_down else "ok"])
+
+
+def create_app(settings: Settings) -> Any:
+    """The example app ``CHAOS_APP`` names: ``starlette`` (examples/app.py, the default) or ``fastapi``."""
+    kind = os.environ.get("CHAOS_APP", "starlette")
+    if kind == "starlette":
+        return create_starlette_app(settings)
+    if kind == "fastapi":
+        from examples.fastapi_app import create_app as create_fastapi_app
+
+        return create_fastapi_app(settings)
+    raise SystemExit(f"CHAOS_APP must be starlette or fastapi; got {kind!r}")
 
 
 def build() -> Any:

@@ -60,6 +60,12 @@ class DeepHealthBody(BaseModel):
     details: dict[str, DependencyDetails] | None = Field(
         default=None, description="Per dependency, when details are enabled for this caller"
     )
+    components: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="What each managed component with a health_details() method reports, by its name "
+        "(an outbox relay's backlog, say), when details are enabled for this caller",
+        examples=[{"outbox:events": {"backlog": 3, "oldest_s": 0.4}}],
+    )
 
 
 class IetfHealthBody(BaseModel):

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 
 import degrade
 from degrade import ConfigurationError, MissingExtraError, Registry, Severity, health_router, health_routes
+from degrade._fastapi import DeepHealthBody
 
 
 async def parked(_: float) -> None:
@@ -36,6 +37,21 @@ async def registry() -> AsyncIterator[Registry]:
         yield reg
     finally:
         await reg.aclose()
+
+
+class _Reporting:
+    """A managed component that reports through ``health_details()`` (an outbox relay, say)."""
+
+    name = "outbox:events"
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def health_details(self) -> dict[str, int]:
+        return {"backlog": 3}
 
 
 def _client(app: Any) -> httpx.AsyncClient:
@@ -78,6 +94,18 @@ class TestOpenAPI:
         assert "application/health+json" in deep["503"]["content"]
         status = schema["components"]["schemas"]["DeepHealthBody"]["properties"]["status"]
         assert set(status["enum"]) == {"ok", "degraded", "down"}
+
+    async def test_the_model_names_every_key_of_a_detailed_body(self, registry: Registry) -> None:
+        """A /health/deep body with details and a component's report: each key is a field of the model."""
+        registry.manage(_Reporting())
+        async with _client(_fastapi(registry, details=True)) as client:
+            body = (await client.get("/health/deep")).json()
+        assert set(body) == {"status", "checks", "version", "uptime_seconds", "details", "components"}
+        assert set(body) <= set(DeepHealthBody.model_fields)
+        parsed = DeepHealthBody.model_validate(body)
+        assert parsed.components == {"outbox:events": {"backlog": 3}}
+        fields = _fastapi(registry).openapi()["components"]["schemas"]["DeepHealthBody"]["properties"]
+        assert "components" in fields
 
     def test_include_in_schema_false_hides_them(self, registry: Registry) -> None:
         """include_in_schema=False keeps the routes out of OpenAPI (they still answer)."""

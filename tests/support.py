@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sentry_sdk.envelope import Envelope
@@ -12,7 +16,30 @@ from sentry_sdk.transport import Transport
 # The shipped fake clock (a clock, and a sleep that advances it), under the name the tests import.
 from degrade.testing import FakeClock
 
-__all__ = ["CapturingTransport", "FakeClock", "FakeRedis", "eventually"]
+__all__ = ["CapturingTransport", "FakeClock", "FakeRedis", "eventually", "load_bench"]
+
+#: The benchmark scripts (not a package: run as ``python bench/NAME.py``).
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(script: str, name: str) -> ModuleType:
+    """Import ``bench/<script>`` as module ``name`` for a test; ``sys.path`` is left as it was.
+
+    The module is registered in ``sys.modules`` while it runs (dataclasses look
+    their module up as the class is built); a script that puts ``bench/`` on
+    ``sys.path`` for its own imports does so only while it loads.
+    """
+    path = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / script)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path
+    return module
 
 
 class CapturingTransport(Transport):

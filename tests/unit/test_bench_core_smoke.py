@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from degrade import Registry
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from ..support import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench_core() -> ModuleType:
     for library in ("aiobreaker", "circuitbreaker", "pybreaker", "purgatory"):
         pytest.importorskip(library)
-    path = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_core_smoke", BENCH / "bench_core.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # puts bench/ on sys.path for its _util
-    finally:
-        sys.path[:] = path
-    return module
+    return load_bench("bench_core.py", "bench_core_smoke")  # it puts bench/ on sys.path for its _util
 
 
 # aiobreaker (an anchor the bench compares against) calls datetime.utcnow(), deprecated

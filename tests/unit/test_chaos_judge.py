@@ -7,29 +7,16 @@ time to the failing dependency's bound plus the route's healthy worst.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from ..support import load_bench
 
 
 @pytest.fixture(scope="module")
 def chaos() -> ModuleType:
-    path = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("chaos_judged", BENCH / "chaos.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = path
-    return module
+    return load_bench("chaos.py", "chaos_judged")
 
 
 T_ON, T_OFF = 100.0, 110.0

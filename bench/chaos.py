@@ -730,8 +730,8 @@ def judge_cell(
     worst_where = ""
     base = baselines(samples, list(by_label), t_on)
     # A gated request's wait for a connection is the gate's own bound (its line); the rest is the
-    # route's work, judged against the same work's healthy p99 (x-chaos-waited says which is which).
-    # In the db cells the gate is the failing dependency's site, and the whole time is judged.
+    # route's work (x-chaos-waited says which is which). In the db cells the gate is the failing
+    # dependency's site, and the whole time is judged.
     split = dep != "db"
     healthy_work = [s.took - (s.waited or 0.0) for s in samples if s.t1 < t_on and s.took is not None]
     # The remainder's allowance is its healthy worst (the loop's queueing under this load shows
@@ -829,8 +829,7 @@ def judge_cell(
         # the wait bound: the site's bound + 0.1 s, over the route's healthy p99 under this load
         if s.took is not None and t_on <= s.t0 <= t_off:
             bound = BOUNDS.get(dep, {}).get(s.label, 0.0)
-            if split and s.label in GATED and _split(s):
-                assert s.waited is not None
+            if split and s.label in GATED and s.waited is not None:
                 line = s.waited - (ACQUIRE + SLACK)
                 if line > 0:
                     key = f"{s.label}: waited in the DB gate's line over its bound ({ACQUIRE}+{SLACK}s)"
@@ -1087,7 +1086,7 @@ async def run_matrix(args: argparse.Namespace, logdir: Path, rows: list[Row]) ->
     )
     total = len(cells) + len(fastapi_cells)
     if cells:
-        await run_cells(args, logdir, rows, d, cells, app="starlette", total=total)
+        await run_cells(args, logdir, rows, d, cells, app="starlette", first=1, total=total)
     if fastapi_cells:
         await run_cells(
             args, logdir, rows, d, fastapi_cells, app="fastapi", first=len(cells) + 1, total=total
@@ -1102,8 +1101,8 @@ async def run_cells(
     cells: list[tuple[str, str]],
     *,
     app: str,
-    first: int = 1,
-    total: int = 0,
+    first: int,
+    total: int,
 ) -> None:
     """Run ``cells`` (numbered from ``first`` of ``total``) on one server of ``app``.
 

@@ -11,7 +11,7 @@ agree), ``timeout`` (per request), ``requests`` (``[label, method, path,
 headers, body]``), ``secrets`` (strings that must never appear in an answer),
 ``hosts`` (optional: ``[port, ...]`` to spread requests over several servers).
 OUT gets one JSON document: ``samples`` as ``[label, t_send, t_recv, status,
-took, retry_after, note, port, at]`` (status 0: no answer; note: the error, or the
+took, retry_after, note, port, at, waited]`` (status 0: no answer; note: the error, or the
 503/429 body's kind; took and at: the server's ``x-chaos-took`` and
 ``x-chaos-at``, None when absent; waited: its ``x-chaos-waited``, the DB gate's
 wait for a connection, None outside the gate) and ``secret_hits``.

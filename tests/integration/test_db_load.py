@@ -55,6 +55,39 @@ def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)
 
 
+class Lateness:
+    """Seconds this event loop ran late, summed over ``tick``-second sleeps: a slow host, not the code."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.tick = tick
+        self.marks: list[tuple[float, float]] = []  # (when, lateness summed up to then)
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        total = 0.0
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            total += max(0.0, now - start - self.tick)
+            self.marks.append((now, total))
+
+    def between(self, start: float, end: float) -> float:
+        """Lateness summed over the ticks that ended in [start, end]."""
+        inside = [total for when, total in self.marks if start <= when <= end]
+        before = [total for when, total in self.marks if when < start]
+        return (inside[-1] if inside else 0.0) - (before[-1] if before else 0.0)
+
+    async def __aenter__(self) -> Lateness:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 async def timed(c: httpx.AsyncClient, path: str) -> tuple[int, float]:
     start = time.monotonic()
     response = await c.get(path)
@@ -204,7 +237,7 @@ class TestInFlightWork:
                 await asyncio.sleep(0.005)
 
         try:
-            async with client(sleeping_app(engine, db, 0.05)) as c:
+            async with client(sleeping_app(engine, db, 0.05)) as c, Lateness() as late:
                 workers = [asyncio.ensure_future(worker(c)) for _ in range(2)]  # two connections opened
                 await asyncio.sleep(0.6)
                 healthy = len(statuses)
@@ -220,10 +253,82 @@ class TestInFlightWork:
             await engine.dispose()
         assert healthy > 5
         assert went_down, "a pool held by queries on a silent server was never found out"
-        # Stall window + check + slack for a loaded host (0.9-1.0 s measured idle, 1.92 s once
-        # with three other test runs on the 2 CPUs); before the fix it never went down.
-        assert went_down[0] - fault <= 0.5 + 0.4 + 1.0 + MARGIN
+        # Stall window + check + slack, plus the time the loop itself ran late: 1.41 s idle; 1.92 s
+        # once with three other test runs on the 2 CPUs, 2.42 s once in CI; before the fix never.
+        lag = late.between(fault, went_down[0])
+        assert went_down[0] - fault <= 0.5 + 0.4 + 1.0 + MARGIN + lag
         assert gate_site(db).degraded_calls > 0  # answered as an outage once known
+
+    async def test_a_connection_whose_return_hangs_is_not_progress(
+        self, pg_proxy: FaultProxy, postgres_dsn: str, registry: Registry
+    ) -> None:
+        """Postgres goes silent while a request gives its connection back: still found out in ~1.4 s.
+
+        That return (the pool's ROLLBACK) hangs until the gate's bound; the slot
+        it then frees served a request, but the server answered nothing. Counted
+        as progress, it hid the stall from the waiters shed just after it, and
+        ``db`` went down a wave (0.5-1 s) later (CI: +2.42 s in the test above).
+        """
+        engine = create_async_engine(
+            pg_proxy.url_for(postgres_dsn),
+            **engine_options(acquire_timeout=1.0, command_timeout=10.0, pool_size=2, max_overflow=0),
+        )
+        db = registry.dependency(
+            "db",
+            severity=Severity.SEV1,
+            check=checks.sqlalchemy(engine),
+            recovery_interval=5.0,
+            check_timeout=0.4,
+        )
+        went_down: list[float] = []
+        db.subscribe(lambda dep: went_down.append(time.monotonic()) if dep.is_down else None)
+        faulted = asyncio.Event()
+        fault: list[float] = []
+
+        async def work(request: Request) -> Response:
+            conn = await connection()
+            if request.query_params.get("then") == "silence":
+                await conn.execute(text("SELECT 1"))
+                pg_proxy.blackhole()  # the gate's checkin (ROLLBACK) goes next, into the silence
+                fault.append(time.monotonic())
+                faulted.set()
+            else:
+                await conn.execute(text("SELECT pg_sleep(0.05)"))
+            return JSONResponse({"ok": True})
+
+        app = Starlette(
+            routes=[Route("/api/work", work)],
+            middleware=[Middleware(DBHealthMiddleware, engine=engine, dependency=db, include=("/api",))],
+        )
+        stop = asyncio.Event()
+
+        async def worker(c: httpx.AsyncClient) -> None:
+            await faulted.wait()
+            await asyncio.sleep(0.05)  # in line after that return began: shed after it times out
+            while not stop.is_set():
+                await c.get("/api/work")
+                await asyncio.sleep(0.005)
+
+        try:
+            async with client(app) as c, Lateness() as late:
+                for _ in range(5):  # both connections opened; holds of ~50 ms measured
+                    await asyncio.gather(c.get("/api/work"), c.get("/api/work"))
+                held = asyncio.ensure_future(c.get("/api/work"))  # a query the silence will hold
+                workers = [asyncio.ensure_future(worker(c)) for _ in range(10)]
+                last = asyncio.ensure_future(c.get("/api/work?then=silence"))
+                await asyncio.sleep(2.6)
+                stop.set()
+                await asyncio.gather(held, last, *workers)
+        finally:
+            pg_proxy.up()
+            await _bounded.settle_abandoned(5.0)
+            await engine.dispose()
+        assert fault
+        assert went_down, "a pool held on a silent server was never found out"
+        lag = late.between(fault[0], went_down[0])
+        # Waiters shed at +1.05 s, then the check (0.4 s): 1.41 s measured (lag 0.06-0.09 s), 1.91 s
+        # before the fix (lag 0.12-0.15 s). The loop's own lateness is added, so the slack is small.
+        assert went_down[0] - fault[0] <= 1.05 + 0.4 + 0.2 + lag, (went_down[0] - fault[0], lag)
 
     async def test_waiters_in_line_are_answered_when_it_goes_down(
         self, small_pool: AsyncEngine, registry: Registry

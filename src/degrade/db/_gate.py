@@ -186,17 +186,21 @@ class GateCore:
         if conn is None:
             return
         self._active.discard(lease)
+        returned = False
         try:
             await release(conn, self.acquire_timeout)
+            returned = True
         except Exception as exc:
             # The work is done; a failed return to the pool only counts as a failure.
             if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
                 raise
             self.dependency.record_failure(exc, started=lease.began)
         finally:
-            # The hold runs from the hand-over to the return: waking the request, its
-            # BEGIN and ROLLBACK occupy the slot as much as its queries do.
-            self._slots.release(self._clock() - lease.slot_at)
+            # The hold runs from the hand-over to the return (waking the request, BEGIN and
+            # ROLLBACK occupy the slot too). A failed return (a ROLLBACK that hung on a silent
+            # server) is no progress and no hold: it hid a stall from the waiters shed just
+            # after it (down 0.5-1 s later) and stretched the hold estimate to the bound.
+            self._slots.release(self._clock() - lease.slot_at if returned else None)
 
     def _unavailable(self) -> DependencyUnavailable:
         dep = self.dependency

@@ -385,6 +385,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
         request); the session's uncommitted work is rolled back here, like any
         session's.
         """
+        closed = False  # a close that failed (hung on a silent replica) served no one: not a hold
         try:
             if conn is not None:  # the replica's
                 await _bounded_close(session, self.close_timeout, conn)
@@ -393,6 +394,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
                 await _bounded_close(session, self.close_timeout, lease.conn)
             else:  # the primary's pool, outside a gated request: bounded by the engine's settings
                 await session.close()
+            closed = True
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) or is_database_failure(exc)):
                 raise
@@ -406,7 +408,7 @@ class ReadReplicaRouter(LagMonitor, ReadPolicy):
                         await discard(conn)
                 finally:
                     if slot_at is not None and self._replica_slots is not None:
-                        self._replica_slots.release(time.monotonic() - slot_at)
+                        self._replica_slots.release(time.monotonic() - slot_at if closed else None)
             if lease is not None:
                 lease.busy = False
                 await lease.give_back()

@@ -313,7 +313,7 @@ def sentinel_client(
         sentinel_kwargs["username"] = sentinel_username
     if sentinel_password is not None:
         sentinel_kwargs["password"] = sentinel_password
-    manager = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    manager = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
     master: Redis = manager.master_for(
         service_name,
         redis_class=_SentinelMaster,

@@ -1738,7 +1738,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--only", default="matrix,pods,fuzz,soak,secrets", help="parts to run, comma separated")
     p.add_argument("--smoke", action="store_true", help="the CI subset: short durations, 3 cells, small fuzz")
-    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--clients", type=int, default=None, help="concurrent clients (200; smoke 100)")
     p.add_argument("--healthy", type=float, default=5.0)
     p.add_argument("--faulted", type=float, default=10.0)
     p.add_argument("--healed", type=float, default=10.0)
@@ -1788,6 +1788,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--logdir", default="", help="keep server logs here (default: a temporary directory)")
     args = p.parse_args(argv)
+    if args.clients is None:
+        # The smoke pass checks that the harness and its judge work end to end, on CI's 2 CPUs
+        # shared by the load generator, the server, six Python proxies and the three services:
+        # at 200 clients on a VM ~25 % slower per core the rig itself oversubscribed them (Redis
+        # replies outran the 0.25 s timeout with the server's loop on time) at the same req/s
+        # as 100 clients give. `make chaos` keeps 200 (docs/chaos.md).
+        args.clients = 100 if args.smoke else 200
+    if args.clients < 1:
+        p.error(f"--clients must be at least 1; got {args.clients}")
     if args.smoke:
         args.healthy, args.faulted, args.healed, args.warmup = 1.0, 2.0, 2.0, 1.0
         args.fuzz_examples = min(args.fuzz_examples, 500)

@@ -964,6 +964,47 @@ class TestStallCheck:
         await gate._confirm_stall()
         assert dep.is_down
 
+    async def test_joining_a_stalled_line_starts_the_check_at_once(
+        self, engine: AsyncEngine, registry: Registry
+    ) -> None:
+        """A newcomer to a line that has not moved starts the check on joining, not when it is refused."""
+        started: list[float] = []
+
+        async def check() -> None:
+            started.append(time.monotonic())
+            raise TimeoutError
+
+        dep = registry.dependency("db", severity=Severity.SEV1, check=check, failure_threshold=5)
+        gate = self._stalled_gate(engine, dep)
+        joined = time.monotonic()
+        with pytest.raises(DependencyUnavailable):
+            await gate._wait_in_line(_context.Lease(gate, gate._sync_engine), 0.3, joined)
+        assert len(started) == 1
+        assert started[0] - joined < 0.1  # on joining, not at the refusal 0.3 s later
+        assert dep.is_down
+        assert time.monotonic() - joined < 0.25  # going down answered the line at once
+
+    async def test_a_passing_check_is_not_repeated_within_the_window(
+        self, engine: AsyncEngine, registry: Registry
+    ) -> None:
+        """A slow but answering pool: one check per stall window, however many join or are refused."""
+        runs: list[float] = []
+
+        async def check() -> None:
+            runs.append(time.monotonic())
+
+        dep = registry.dependency("db", severity=Severity.SEV1, check=check, failure_threshold=5)
+        gate = self._stalled_gate(engine, dep)
+        for _ in range(20):
+            gate._suspect_stall()
+            await asyncio.sleep(0.005)
+        assert len(runs) == 1
+        await asyncio.sleep(gate._stall_window)
+        gate._suspect_stall()
+        await asyncio.sleep(0.01)
+        assert len(runs) == 2
+        assert not dep.is_down
+
 
 class TestInstantCheckout:
     async def test_other_pools_are_never_instant(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -107,6 +108,7 @@ class GateCore:
         self._overloaded_body = unavailable_body(dependency.name, _OVERLOADED_DETAIL)
         self._active: set[Lease] = set()
         self._stall_check: asyncio.Task[None] | None = None
+        self._stall_cleared_at = -math.inf  # when a stall check last found the server answering
         #: Connections of requests in flight terminated because the database went down.
         self.terminated = 0
         dependency.subscribe(self._on_transition)
@@ -172,6 +174,8 @@ class GateCore:
     async def _wait_in_line(self, lease: Lease, budget: float, started: float) -> None:
         """Wait for a slot (sets ``lease.slot_at``); raises the refusal when none comes."""
         slots = self._slots
+        if slots.stalled(self._stall_window):
+            self._suspect_stall()  # a line that has not moved for half the bound: at once, not at its end
         outcome, lease.slot_at = await slots.take_at(budget)
         if outcome == GRANTED:
             return
@@ -233,12 +237,17 @@ class GateCore:
         slot held by queries on a silent server, the line's rate falls and
         newcomers are shed at once, so none waited long enough to notice
         (``make chaos``: ``db`` went down only at +4.96 s, by the health check,
-        and the requests in flight waited for ``command_timeout``). Half the
-        bound: a legitimately slow pool just costs one check.
+        and the requests in flight waited for ``command_timeout``). And when
+        someone joins the line: waiting for the first refusal put the check a
+        whole bound after the last release (``make chaos --smoke`` on a slower
+        VM: down at +1.78 s). Half the bound: a legitimately slow pool costs at
+        most one check per half bound.
         """
         task = self._stall_check
         if task is not None and not task.done():
             return
+        if self._clock() - self._stall_cleared_at < self._stall_window:
+            return  # the server answered a check just now: a slow pool costs a check per window
         self._stall_check = asyncio.get_running_loop().create_task(
             self._confirm_stall(), name=f"degrade.db.stall-check[{self.dependency.name}]"
         )
@@ -247,6 +256,8 @@ class GateCore:
         dep = self.dependency
         answered = dep.answered
         result = await dep.run_check(reason="stalled")
+        if result.ok:
+            self._stall_cleared_at = self._clock()
         if result.ok or dep.is_down:
             return
         if self._slots.stalled(self._stall_window) or dep.answered == answered:

@@ -2,7 +2,7 @@
 
 In CI: four matrix cells (Postgres primary, Redis and RabbitMQ refused on the
 example app, the primary blackholed on its FastAPI variant; 1 s healthy, 2 s
-faulted, 2 s healed under 100 clients), the two pods, 500 fuzzed requests, a
+faulted, 2 s healed under 50 clients), the two pods, 500 fuzzed requests, a
 60 s soak and the secrets scan. Any violation the harness finds fails this
 test, with the harness's table; `make chaos` runs the whole of it.
 """

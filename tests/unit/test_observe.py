@@ -180,6 +180,7 @@ class TestSentry:
         monkeypatch.setattr(observe, "TRANSITION_REPORT_INTERVAL", 0.0)  # two reports in a row allowed
         dep = dependency(name, clock)
         dep.record_failure(ConnectionRefusedError())
+        clock.advance(0.5)  # recovered by a probe, not by a call in flight
         dep.record_success()
         dep.record_failure(TimeoutError())
         downs = [e for e in sentry.events if e["tags"]["degrade.transition"] == "down"]
@@ -298,7 +299,7 @@ class TestFlapping:
         with capture_logs() as logs:
             for _ in range(10):
                 dep.record_failure(ConnectionRefusedError())
-                clock.advance(0.1)
+                clock.advance(0.5)  # recovered by a probe, not by a call in flight
                 dep.record_success()
                 clock.advance(0.1)
         kinds = [e["tags"]["degrade.transition"] for e in sentry.events]
@@ -316,6 +317,7 @@ class TestFlapping:
         dep = dependency(name, clock)
         for _ in range(3):
             dep.record_failure(ConnectionRefusedError())
+            clock.advance(0.5)  # recovered by a probe, not by a call in flight
             dep.record_success()
         monkeypatch.setattr(observe, "TRANSITION_REPORT_INTERVAL", 0.0)
         for kind in ("down", "recovered"):
@@ -331,6 +333,7 @@ class TestFlapping:
         prometheus_client = pytest.importorskip("prometheus_client")
         dep = dependency(name, clock)
         dep.record_failure(ConnectionRefusedError())
+        clock.advance(0.5)  # recovered by a probe, not by a call in flight
         dep.record_success()
         dep.record_failure(ConnectionRefusedError())
         sample = prometheus_client.REGISTRY.get_sample_value(

@@ -113,6 +113,7 @@ class TestDependencySignals:
         """degrade creates the documented instruments, in OTel's naming style, with UCUM units."""
         dep = dependency(name, clock)
         dep.record_failure(ConnectionRefusedError())
+        clock.advance(0.5)  # recovered by a probe, not by a call in flight
         dep.record_success()
         dep.record_failure(ConnectionRefusedError())  # a flap: a synchronous counter shows once it counted
         fail_soft(dep, fallback=None, reason="r")(lambda: None)()
@@ -134,6 +135,7 @@ class TestDependencySignals:
         """Transitions by target state; a quick relapse also counts a flap. Same numbers as Prometheus."""
         dep = dependency(name, clock)
         dep.record_failure(ConnectionRefusedError())
+        clock.advance(0.5)  # recovered by a probe, not by a call in flight
         dep.record_success()
         dep.record_failure(ConnectionRefusedError())  # down again within the flap window
         transitions = otel.points("degrade.dependency.transitions")
@@ -376,6 +378,7 @@ class TestComponentSignals:
         fail_soft(dep, fallback=None, reason="r")(lambda: None)()
         dep.add_site("shedder", "fail_soft", "r").shed("queue")
         dep.record_failure(ConnectionRefusedError())
+        clock.advance(0.5)  # recovered by a probe, not by a call in flight
         dep.record_success()
         dep.record_failure(ConnectionRefusedError())  # a flap
         limiter = RateLimiter(prefix=f"{name}:")

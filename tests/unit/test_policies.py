@@ -118,6 +118,39 @@ class TestDampedRecovery:
         assert dep.flaps == 0
         assert not dep.flapping
 
+    def test_an_outage_closed_by_a_call_in_flight_is_not_a_flap(self) -> None:
+        """Down, then answered before any probe could run (ms later): no flap, no window for the next."""
+        from degrade.testing import FakeClock
+
+        clock = FakeClock()
+        dep = Dependency(
+            "svc",
+            severity=Severity.SEV3,
+            failure_threshold=1,
+            recovery=Probe(interval=0.5, jitter=0.1, backoff=2.0, max_hold=30.0, flap_window=60.0),
+            clock=clock,
+        )
+        for _ in range(5):  # bursts of timeouts on a saturated host, each contradicted at once
+            dep.record_failure(TimeoutError())
+            clock.advance(0.005)
+            dep.record_success()
+            clock.advance(2.0)
+        dep.record_failure(OSError())  # the real outage
+        assert dep.flaps == 0
+        assert dep.recovery_delay == 0.0
+        clock.advance(1.0)
+        dep.record_success()  # closed by a probe's success, a real recovery
+        clock.advance(1.0)
+        dep.record_failure(OSError())  # a relapse within the window: damped
+        assert dep.flaps == 1
+        assert dep.recovery_delay == 1.0
+        clock.advance(0.005)
+        dep.record_success()  # that relapse was itself contradicted at once: not counted
+        assert dep.flaps == 0
+        clock.advance(1.0)
+        dep.record_failure(OSError())  # a relapse of the real recovery again
+        assert dep.flaps == 1
+
     async def test_probe_waits_out_the_hold(self) -> None:
         """A flapping dependency's first probe comes after the hold, not after one interval."""
         from degrade.testing import FakeClock

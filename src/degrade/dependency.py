@@ -167,7 +167,6 @@ class Dependency(Probing):
         self.flaps = 0
         self._recovered_at: float | None = None
         self._flap_from: float | None = None  # the last recovery a relapse is a flap against
-        self._flaps_before = 0  # the count before the current outage's relapse, if it was one
         self._hold_until = 0.0
         # observe's bounded reports: per transition kind, when the next Sentry
         # event may go out and how many were held back meanwhile.
@@ -428,7 +427,6 @@ class Dependency(Probing):
     def _go_down(self, error: BaseException | None, reason: str) -> None:
         now = self._clock()
         recovered = self._flap_from
-        self._flaps_before = self.flaps
         if recovered is not None and now - recovered < self.recovery.flap_window and not self._forced:
             self.flaps += 1
         else:
@@ -458,8 +456,9 @@ class Dependency(Probing):
             # it went down, which the service answered. A misjudged moment (``make chaos`` on a
             # saturated host: 11 of 13 false Redis outages lasted 1-95 ms), not an outage: it
             # neither counts as a flap nor opens a flap window, which had held later real
-            # outages down 7 s, and once 30 s, past their recovery.
-            self.flaps = self._flaps_before
+            # outages down 7 s, and once 30 s, past their recovery. (Counted as a relapse,
+            # it raised the count by one; otherwise the count was reset to 0 on going down.)
+            self.flaps = max(0, self.flaps - 1)
         self._since = now
         self.changed_at = time.time()
         observe.dependency_recovered(self, down_for)

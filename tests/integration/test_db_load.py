@@ -55,6 +55,36 @@ def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)
 
 
+def silenceable_db(
+    pg_proxy: FaultProxy, postgres_dsn: str, registry: Registry, *, max_overflow: int
+) -> tuple[AsyncEngine, Dependency, list[float]]:
+    """Pool 2 (+ ``max_overflow``) through ``pg_proxy``, bound 1 s; a SEV-1 ``db`` with a 0.4 s check.
+
+    Returns the engine, the dependency and the list its listener appends the
+    time of each transition to down to (no probe runs for 5 s: only the stall
+    check or traffic can take it down within a test).
+    """
+    engine = create_async_engine(
+        pg_proxy.url_for(postgres_dsn),
+        **engine_options(acquire_timeout=1.0, command_timeout=10.0, pool_size=2, max_overflow=max_overflow),
+    )
+    db = registry.dependency(
+        "db",
+        severity=Severity.SEV1,
+        check=checks.sqlalchemy(engine),
+        recovery_interval=5.0,
+        check_timeout=0.4,
+    )
+    went_down: list[float] = []
+
+    def listener(dep: Dependency) -> None:
+        if dep.is_down:
+            went_down.append(time.monotonic())
+
+    db.subscribe(listener)
+    return engine, db, went_down
+
+
 class Lateness:
     """Seconds this event loop ran late, summed over ``tick``-second sleeps: a slow host, not the code."""
 
@@ -209,24 +239,7 @@ class TestInFlightWork:
         never looked stalled and ``db`` went down only by its health check
         (``make chaos``: +4.96 s; never, in this test).
         """
-        engine = create_async_engine(
-            pg_proxy.url_for(postgres_dsn),
-            **engine_options(acquire_timeout=1.0, command_timeout=10.0, pool_size=2, max_overflow=2),
-        )
-        db = registry.dependency(
-            "db",
-            severity=Severity.SEV1,
-            check=checks.sqlalchemy(engine),
-            recovery_interval=5.0,
-            check_timeout=0.4,
-        )
-        went_down: list[float] = []
-
-        def listener(dep: Dependency) -> None:
-            if dep.is_down:
-                went_down.append(time.monotonic())
-
-        db.subscribe(listener)
+        engine, db, went_down = silenceable_db(pg_proxy, postgres_dsn, registry, max_overflow=2)
         stop = asyncio.Event()
         statuses: list[int] = []
 
@@ -269,19 +282,7 @@ class TestInFlightWork:
         as progress, it hid the stall from the waiters shed just after it, and
         ``db`` went down a wave (0.5-1 s) later (CI: +2.42 s in the test above).
         """
-        engine = create_async_engine(
-            pg_proxy.url_for(postgres_dsn),
-            **engine_options(acquire_timeout=1.0, command_timeout=10.0, pool_size=2, max_overflow=0),
-        )
-        db = registry.dependency(
-            "db",
-            severity=Severity.SEV1,
-            check=checks.sqlalchemy(engine),
-            recovery_interval=5.0,
-            check_timeout=0.4,
-        )
-        went_down: list[float] = []
-        db.subscribe(lambda dep: went_down.append(time.monotonic()) if dep.is_down else None)
+        engine, db, went_down = silenceable_db(pg_proxy, postgres_dsn, registry, max_overflow=0)
         faulted = asyncio.Event()
         fault: list[float] = []
 

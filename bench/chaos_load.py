@@ -106,6 +106,21 @@ def kind_of(status: int, body: bytes) -> str:
     return kind
 
 
+def detail_of(status: int, body: bytes) -> str | None:
+    """What a 5xx JSON body says went wrong (its ``detail``; a health report's checks down), else None."""
+    if status < 500:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if "error" not in doc and isinstance(doc.get("checks"), dict):  # /health/deep's report: what is down
+        return "down: " + ",".join(sorted(k for k, v in doc["checks"].items() if v != "ok"))
+    return str(doc.get("detail", ""))[:120] if "error" in doc else None
+
+
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
     ports = spec.get("hosts") or [spec["port"]]
     start, stop, timeout = spec["start"], spec["stop"], spec["timeout"]
@@ -133,12 +148,12 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 await conn.close()
                 error = type(exc).__name__
-                samples.append([label, t0, time.monotonic(), 0, None, None, error, port, None, None])
+                samples.append([label, t0, time.monotonic(), 0, None, None, error, port, None, None, None])
                 await asyncio.sleep(0.01)
                 continue
             except TimeoutError:
                 await conn.close()
-                samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port, None, None])
+                samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port] + [None] * 3)
                 continue
             t1 = time.monotonic()
             took = headers.get(b"x-chaos-took")
@@ -160,6 +175,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                     port,
                     float(at) if at else None,
                     float(waited) if waited else None,
+                    detail_of(status, body),
                 ]
             )
             if label == "POST /tracks" and status == 202:

@@ -952,6 +952,27 @@ class TestStallCheck:
         await gates[0]._confirm_stall()
         assert not dep.is_down
 
+    async def test_a_checkout_answered_early_in_a_failed_check_does_not_clear_it(
+        self, engine: AsyncEngine, registry: Registry
+    ) -> None:
+        """A reply read just after the fault, then nothing for the rest of the check: down.
+
+        (A slot came back meanwhile too: a gated request that never touched the primary.)
+        """
+        gates: list[DBHealthMiddleware] = []
+
+        async def check() -> None:
+            dep.record_success()
+            gates[0]._slots.release(0.01)
+            await asyncio.sleep(gates[0]._stall_window / 2 + 0.02)
+            raise TimeoutError
+
+        dep = registry.dependency("db", severity=Severity.SEV1, check=check, failure_threshold=5)
+        gates.append(self._stalled_gate(engine, dep))
+        await gates[0]._confirm_stall()
+        assert not gates[0]._slots.stalled(gates[0]._stall_window)
+        assert dep.is_down
+
     async def test_still_stalled_is_proof_enough(self, engine: AsyncEngine, registry: Registry) -> None:
         """No slot back at all while the check failed: down, even if some success was recorded."""
 

@@ -95,12 +95,16 @@ BOUNDS: dict[str, dict[str, float]] = {
     },
     "rabbitmq": {"POST /tracks": 0.0, "GET /health/deep": 1.0},
 }
-#: The servers' environment beyond the stack's (--malloc); a variable set in the harness's own wins.
+#: The servers' environment beyond the stack's (--malloc, --gc); a variable set in the harness's own wins.
 SERVER_ENV: dict[str, str] = {}
 #: --malloc fixed: glibc's mmap threshold held at its initial 128 KiB. Left dynamic, the first
 #: large buffer freed (asyncio reads a socket into a 256 KiB bytes) raises it, later ones come
 #: from the heap, and the heap keeps what they leave (docs/operations.md, "Memory").
 MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+#: --gc freeze: the servers run docs/operations.md's "Tail latency: garbage collection" remedy
+#: (gc.collect(); gc.freeze() once built). Without it each full collection walked the start-up
+#: objects too: 50-110 ms loop stalls every ~3 s, growing over a run, in one RabbitMQ cell.
+GC_FROZEN = {"CHAOS_GC": "freeze"}
 #: Recovery allowed beyond --recover: /health/deep caches its result (failures too) for 1 s.
 RECOVER_EXTRA = {"GET /health/deep": 1.0}
 #: Allowed beyond a route's bound: the issue's 0.1 s.
@@ -644,7 +648,13 @@ def leak_check(before: dict[str, Any], after: dict[str, Any], m: Margins) -> tup
         )
     if drss > m.rss:
         v.append(f"RSS {before['rss'] / 2**20:.0f} -> {after['rss'] / 2**20:.0f} MiB (margin {m.rss:.0%})")
-    return f"tasks {dt:+d}, fds {dfd:+d}, RSS {drss:+.1%}", v
+    text = f"tasks {dt:+d}, fds {dfd:+d}, RSS {drss:+.1%}"
+    if "full_gcs" in before and "full_gcs" in after:  # the loop's pauses: [count, seconds, longest]
+        n = int(after["full_gcs"][0] - before["full_gcs"][0])
+        spent = after["full_gcs"][1] - before["full_gcs"][1]
+        text += f"; full GCs {n} ({spent * 1000:.0f} ms"
+        text += f", longest so far {after['full_gcs'][2] * 1000:.0f} ms)" if n else ")"
+    return text, v
 
 
 def written(samples: list[Sample]) -> set[int]:
@@ -1810,6 +1820,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="the servers' glibc malloc: 'fixed' mmap threshold (128 KiB, as docs/operations.md recommends) "
         "or glibc's 'default' (a threshold that rises after the first large free)",
     )
+    p.add_argument(
+        "--gc",
+        choices=("freeze", "default"),
+        default="freeze",
+        help="the servers' garbage collector: 'freeze' the start-up objects (gc.collect(); gc.freeze(), "
+        "as docs/operations.md recommends) or leave CPython's 'default'",
+    )
     p.add_argument("--seed", type=int, default=0, help="soak: the fault schedule's seed (0: random)")
     p.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--logdir", default="", help="keep server logs here (default: a temporary directory)")
@@ -1841,6 +1858,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     SERVER_ENV.clear()
     if args.malloc == "fixed":
         SERVER_ENV.update(MALLOC_FIXED)
+    if args.gc == "freeze":
+        SERVER_ENV.update(GC_FROZEN)
     return args
 
 

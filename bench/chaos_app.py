@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import ctypes
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -62,6 +63,24 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 TRANSITIONS: collections.deque[list[Any]] = collections.deque(maxlen=2000)
 #: Per pool ("primary", "replica"): [check-ins, seconds held in all, holds of at least LONG_HOLD s].
 HOLDS: dict[str, list[float]] = {"primary": [0, 0.0, 0], "replica": [0, 0.0, 0]}
+#: Collections of the oldest generation: [count, total seconds, longest seconds].
+FULL_GCS: list[float] = [0, 0.0, 0.0]
+_gc_started = [0.0]
+
+
+def _time_full_gcs(phase: str, info: dict[str, int]) -> None:
+    """gc.callbacks hook: time each full collection (they pause the whole loop)."""
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+        return
+    took = time.perf_counter() - _gc_started[0]
+    FULL_GCS[0] += 1
+    FULL_GCS[1] += took
+    FULL_GCS[2] = max(FULL_GCS[2], took)
+
+
 #: A hold this long could have waited on a slow Redis call (the example's Redis timeout).
 LONG_HOLD = 0.25
 
@@ -214,6 +233,8 @@ def state(app: Any) -> dict[str, Any]:
         "transitions": list(TRANSITIONS),
         "holds": {name: list(totals) for name, totals in HOLDS.items()},
         "redis_while_holding": REDIS_WHILE_HOLDING[0],
+        "full_gcs": list(FULL_GCS),
+        "gc_frozen": gc.get_freeze_count(),
         "monotonic": time.monotonic(),
     }
 
@@ -347,11 +368,42 @@ def build() -> Any:
 
 app: Any = None  # built in main(): importing this module connects nothing
 
+
+def watch_slow_callbacks(threshold: float) -> None:
+    """Print every event-loop callback that runs ``threshold`` seconds or longer (and what it ran).
+
+    A diagnostic for stalls the loop-lag monitor only sees as lateness:
+    ``CHAOS_SLOW_CALLBACK=0.05`` in the server's environment. One clock read
+    per callback, unlike asyncio's debug mode, which records a traceback at
+    every ``call_soon`` and would change the load it measures.
+    """
+    run = asyncio.events.Handle._run
+
+    def timed(handle: asyncio.events.Handle) -> None:
+        started = time.perf_counter()
+        run(handle)
+        took = time.perf_counter() - started
+        if took >= threshold:
+            callback = getattr(handle, "_callback", None)
+            owner = getattr(callback, "__self__", None)
+            what = owner.get_coro() if isinstance(owner, asyncio.Task) else callback
+            print(f"slow callback: {took * 1000:.0f} ms at {time.monotonic():.3f}: {what!r}", file=sys.stderr)
+
+    asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     import uvicorn
 
     port = int(sys.argv[1])
+    if os.environ.get("CHAOS_SLOW_CALLBACK"):
+        watch_slow_callbacks(float(os.environ["CHAOS_SLOW_CALLBACK"]))
     app = build()
+    gc.callbacks.append(_time_full_gcs)
+    if os.environ.get("CHAOS_GC") == "freeze":
+        # docs/operations.md, "Tail latency: garbage collection": the host's remedy, as a host would
+        gc.collect()
+        gc.freeze()
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -1060,7 +1060,10 @@ def judge_cascade(
         v.append(f"DB gate (its site's counts): {degraded} outage 503s while Redis was slow")
     held = after.get("redis_while_holding", 0) - before.get("redis_while_holding", 0)
     if held:
-        v.append(f"{held} Redis commands were sent while the request held a database connection")
+        at = after.get("redis_while_holding_at") or []
+        new = at[len(before.get("redis_while_holding_at") or []) :]
+        where = f" (first: {new[0]})" if new else ""
+        v.append(f"{held} Redis commands were sent while the request held a database connection{where}")
     hold_text = [f"Redis commands while holding a connection {held}"]
     for pool in ("primary", "replica"):
         n_h, mean_h, long_h = holds(before, at_on, pool)

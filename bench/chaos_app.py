@@ -46,6 +46,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,7 @@ def state(app: Any) -> dict[str, Any]:
         "transitions": list(TRANSITIONS),
         "holds": {name: list(totals) for name, totals in HOLDS.items()},
         "redis_while_holding": REDIS_WHILE_HOLDING[0],
+        "redis_while_holding_at": list(HELD_AT),
         "full_gcs": list(FULL_GCS),
         "gc_frozen": gc.get_freeze_count(),
         "monotonic": time.monotonic(),
@@ -301,6 +303,8 @@ def _time_holds(engine: Any, name: str) -> None:
 
 #: Redis commands sent while the request held a database connection (the cascade to rule out).
 REDIS_WHILE_HOLDING = [0]
+#: The first few of them: the command and where it was sent from.
+HELD_AT: list[str] = []
 _IN_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar("chaos_in_session", default=False)
 
 
@@ -334,6 +338,10 @@ def _watch_cascades(ex: Any) -> None:
     async def execute_command(*args: Any, **kwargs: Any) -> Any:
         if _holding():
             REDIS_WHILE_HOLDING[0] += 1
+            if len(HELD_AT) < 5:  # where: the command and the app's frames that sent it
+                frames = [f for f in traceback.extract_stack()[:-1] if "/site-packages/" not in f.filename]
+                where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[:-7:-1])
+                HELD_AT.append(f"{args[0] if args else '?'} from {where}")
         return await send(*args, **kwargs)
 
     ex.redis.execute_command = execute_command

@@ -263,3 +263,23 @@ async def asgi_fetch(
 
     await app(_scope(path, (), client), receive, send)
     return status, headers, body
+
+
+async def delete_keys(redis_url: str, prefix: str) -> int:
+    """Delete this run's Redis keys (sessions live a week; the rest expires sooner); how many."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url, socket_timeout=10)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += await client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += await client.unlink(*batch)
+    finally:
+        await client.aclose()
+    return deleted

@@ -471,6 +471,7 @@ async def stack(
     proxies: dict[str, FaultProxy] | None = None,
 ) -> AsyncIterator[Stack]:
     """Stubs, one FaultProxy per dependency, the consumer, the server; all stopped at exit."""
+    from _util import delete_keys
     from examples import stubs
     from examples.app import Tokens
 
@@ -479,6 +480,7 @@ async def stack(
     secret = uuid.uuid4().hex
     async with contextlib.AsyncExitStack() as st:
         st.push_async_callback(_drop_outbox, urls["db"], prefix)  # the example's per-run outbox table
+        st.push_async_callback(delete_keys, urls["redis"], prefix)  # its sessions, cache, limits
         if proxies is None:
             scanner = await st.enter_async_context(await stubs.start("scanner"))
             turn = await st.enter_async_context(await stubs.start("turn"))

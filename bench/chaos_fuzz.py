@@ -215,6 +215,25 @@ def _origin(exc: BaseException) -> str:
     return f"{type(exc).__name__} raised in {src} code at {loc}"
 
 
+async def _delete_exchange(amqp_url: str, name: str) -> None:
+    """Delete the run's exchange (the example's publisher declared it; nothing else uses it)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+async def _delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete the run's Redis keys (its sessions would otherwise live a week)."""
+    from _util import delete_keys
+
+    await delete_keys(redis_url, prefix)
+
+
 def run(examples: int, redis_url: str, db_url: str, amqp_url: str) -> FuzzResult:
     """Fire ``examples`` generated requests; the result (violations listed)."""
     from examples import stubs
@@ -307,6 +326,8 @@ def run(examples: int, redis_url: str, db_url: str, amqp_url: str) -> FuzzResult
         example = app.state.example  # its per-run outbox table goes with the run
         loop.run_until_complete(example.outbox.drop_table(example.primary, timeout=10))
         loop.run_until_complete(example.primary.dispose())
+        loop.run_until_complete(_delete_exchange(amqp_url, f"{settings_.key_prefix}.events"))
+        loop.run_until_complete(_delete_keys(redis_url, settings_.key_prefix))
         scanner.close()
         loop.close()
     allowed = LOGIN_LIMIT + LOGIN_LIMIT * result.seconds / 60

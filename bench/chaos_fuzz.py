@@ -227,15 +227,9 @@ async def _delete_exchange(amqp_url: str, name: str) -> None:
         await connection.close()
 
 
-async def _delete_keys(redis_url: str, prefix: str) -> None:
-    """Delete the run's Redis keys (its sessions would otherwise live a week)."""
-    from _util import delete_keys
-
-    await delete_keys(redis_url, prefix)
-
-
 def run(examples: int, redis_url: str, db_url: str, amqp_url: str) -> FuzzResult:
     """Fire ``examples`` generated requests; the result (violations listed)."""
+    from _util import delete_keys
     from examples import stubs
     from examples.app import Settings, create_app
 
@@ -327,7 +321,7 @@ def run(examples: int, redis_url: str, db_url: str, amqp_url: str) -> FuzzResult
         loop.run_until_complete(example.outbox.drop_table(example.primary, timeout=10))
         loop.run_until_complete(example.primary.dispose())
         loop.run_until_complete(_delete_exchange(amqp_url, f"{settings_.key_prefix}.events"))
-        loop.run_until_complete(_delete_keys(redis_url, settings_.key_prefix))
+        loop.run_until_complete(delete_keys(redis_url, settings_.key_prefix))  # sessions live a week
         scanner.close()
         loop.close()
     allowed = LOGIN_LIMIT + LOGIN_LIMIT * result.seconds / 60

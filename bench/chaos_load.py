@@ -87,38 +87,36 @@ def encode(method: str, path: str, headers: dict[str, str], body: bytes | None, 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
-def kind_of(status: int, body: bytes) -> str:
-    """The ``error`` field of a JSON error body ('' when none), or 'not-json'."""
+def kind_of(status: int, body: bytes) -> tuple[str, str | None]:
+    """The ``error`` field of a JSON error body ('' when none, or 'not-json'), and what a 5xx says.
+
+    The second part, for a 5xx only (the violations quote it): the body's
+    ``detail``, or the checks a health report has down; else None. One parse
+    for both: the load generator shares the CPUs with the server it measures.
+    """
     if status < 400:
-        return ""
+        return "", None
     try:
         doc = json.loads(body)
     except ValueError:
-        return "not-json"
+        return "not-json", None
     if not isinstance(doc, dict):
-        return "not-json"
-    if "error" not in doc and "status" in doc:
-        return f"health:{doc['status']}"  # /health/deep's documented report
+        return "not-json", None
+    if "error" not in doc and "status" in doc:  # /health/deep's documented report
+        checks = doc.get("checks")
+        down = (
+            "down: " + ",".join(sorted(k for k, v in checks.items() if v != "ok"))
+            if status >= 500 and isinstance(checks, dict)
+            else None
+        )
+        return f"health:{doc['status']}", down
     kind = str(doc.get("error", ""))
     detail = str(doc.get("detail", ""))
+    said = detail[:120] if status >= 500 else None
     if kind == "dependency_unavailable":
-        return f"{kind}:{doc.get('dependency')}:{'shed' if 'capacity' in detail or 'busy' in detail else ''}"
-    return kind
-
-
-def detail_of(status: int, body: bytes) -> str | None:
-    """What a 5xx JSON body says went wrong (its ``detail``; a health report's checks down), else None."""
-    if status < 500:
-        return None
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    if "error" not in doc and isinstance(doc.get("checks"), dict):  # /health/deep's report: what is down
-        return "down: " + ",".join(sorted(k for k, v in doc["checks"].items() if v != "ok"))
-    return str(doc.get("detail", ""))[:120] if "error" in doc else None
+        shed = "shed" if "capacity" in detail or "busy" in detail else ""
+        return f"{kind}:{doc.get('dependency')}:{shed}", said
+    return kind, said
 
 
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +146,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 await conn.close()
                 error = type(exc).__name__
-                samples.append([label, t0, time.monotonic(), 0, None, None, error, port, None, None, None])
+                samples.append([label, t0, time.monotonic(), 0, None, None, error, port] + [None] * 3)
                 await asyncio.sleep(0.01)
                 continue
             except TimeoutError:
@@ -156,6 +154,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 samples.append([label, t0, time.monotonic(), 0, None, None, "timeout", port] + [None] * 3)
                 continue
             t1 = time.monotonic()
+            kind, detail = kind_of(status, body)
             took = headers.get(b"x-chaos-took")
             at = headers.get(b"x-chaos-at")
             waited = headers.get(b"x-chaos-waited")
@@ -171,11 +170,11 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                     status,
                     float(took) if took else None,
                     retry.decode() if retry else None,
-                    kind_of(status, body),
+                    kind,
                     port,
                     float(at) if at else None,
                     float(waited) if waited else None,
-                    detail_of(status, body),
+                    detail,
                 ]
             )
             if label == "POST /tracks" and status == 202:

@@ -8,6 +8,7 @@ time to the failing dependency's bound plus the route's worst without the fault
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 import pytest
@@ -24,7 +25,7 @@ T_ON, T_OFF = 100.0, 110.0
 
 
 def _cell(
-    chaos: ModuleType, faulted: list[tuple[float, float]], healed: list[tuple[float, float, float]] = ()
+    chaos: ModuleType, faulted: list[tuple[float, float]], healed: Sequence[tuple[float, float, float]] = ()
 ) -> list[str]:
     """A RabbitMQ reset cell: 200 healthy POST /tracks (0.1 s in line, up to 0.2 s of work), then ``faulted``.
 

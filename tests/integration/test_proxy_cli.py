@@ -46,13 +46,35 @@ class Cli:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
+        self.errors: list[str] = []
         assert self.process.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
-        self._reader.start()
+        assert self.process.stderr is not None
+        # Each pipe has one reader, to its EOF: communicate() read stdout too, raced this thread for
+        # its lines, then closed it under the thread (ValueError: I/O operation on closed file).
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.process.stdout, self.lines.put), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, self.errors.append), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self, stream: IO[str]) -> None:
+    @staticmethod
+    def _read(stream: IO[str], put: Any) -> None:
         for line in stream:
-            self.lines.put(line.rstrip("\n"))
+            put(line.rstrip("\n"))
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the exit (killed after ``timeout``), for both readers to reach EOF; close the pipes."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=EXIT_WITHIN)
+        for reader in self._readers:
+            reader.join(timeout=EXIT_WITHIN)
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
 
     def expect(self, prefix: str, within: float = START_WITHIN) -> str:
         deadline = time.monotonic() + within
@@ -78,12 +100,8 @@ class Cli:
         start = time.monotonic()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.process.communicate(timeout=EXIT_WITHIN * 3)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, err = self.process.communicate()
-        return self.process.returncode, time.monotonic() - start, err
+        self.wait(EXIT_WITHIN * 3)
+        return self.process.returncode, time.monotonic() - start, "".join(f"{e}\n" for e in self.errors)
 
 
 @pytest.fixture
@@ -101,7 +119,7 @@ def running_cli(*args: str) -> Iterator[Cli]:
     finally:
         if cli.process.poll() is None:
             cli.process.kill()
-            cli.process.communicate()
+        cli.wait(EXIT_WITHIN)
 
 
 def http(method: str, url: str) -> tuple[int, dict[str, Any]]:
